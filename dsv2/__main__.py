@@ -1,0 +1,4 @@
+from dsv2.cli import main
+
+if __name__ == "__main__":
+    main()

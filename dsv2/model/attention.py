@@ -1,0 +1,114 @@
+"""Multi-head Latent Attention (MLA), with two paths over the same weights.
+
+Per token x (H = hidden size, n_h heads, d = qk_nope_head_dim, d_R = qk_rope_head_dim, r = kv_lora_rank):
+  q            = q_proj(x)  or  q_b_proj(q_a_layernorm(q_a_proj(x)))            → [n_h, d + d_R] = q_nope | q_pe
+  latent       = kv_a_layernorm(c) | rope(k_pe),  c | k_pe = kv_a_proj_with_mqa(x) → [r + d_R], what the cache keeps
+*expanded*: k_nope | v = kv_b_proj(c_n) per head; ordinary attention over keys [k_nope ; k_pe] (training, prefill).
+*absorbed*: W_UK folds into the query (q̃ = q_nope·W_UK, r-d), W_UV into the output; attention is then MQA with one
+            (r + d_R)-d key and one r-d value per token, read straight from the latent cache (decoding).
+Both use scale = (d + d_R)^-0.5 · m² (see ModelConfig.softmax_scale).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.cache import LatentCache
+from dsv2.model.norm import RMSNorm
+from dsv2.model.rope import apply_rope
+
+AttentionImpl = Literal["auto", "expanded", "absorbed"]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        self.dropout = config.attention_dropout
+        hidden, bias, qk_dim = config.hidden_size, config.attention_bias, config.qk_head_dim
+        self.q_lora_rank = config.q_lora_rank
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: LatentCache | None = None, impl: AttentionImpl = "auto") -> torch.Tensor:
+        """x [B, T, H], cos/sin [B, T, d_R/2], positions [B, T] → [B, T, H].
+
+        Without a cache the T tokens attend causally to each other. With one, their latents are appended and they
+        attend to every cached entry at a position ≤ their own. ``impl="auto"`` decodes single tokens through the
+        absorbed path and runs everything else expanded.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)  # [B, T, n_h, d + d_R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # [B, T, n_h, d_R]
+
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # [B, T, r], [B, T, d_R]
+        latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
+
+        if cache is None:
+            mask = None  # causal among the T tokens
+        else:
+            latent = cache.update(self.layer_idx, latent)  # [B, S, r + d_R], entry s = position s
+            key_positions = torch.arange(latent.shape[1], device=x.device)  # [S]
+            mask = key_positions <= positions[:, :, None]  # [B, T, S]
+
+        if impl == "absorbed" or (impl == "auto" and cache is not None and T == 1):
+            out = self.absorbed(q_nope, q_pe, latent, mask)
+        else:
+            out = self.expanded(q_nope, q_pe, latent, mask)
+        return self.o_proj(out.flatten(2))  # [B, T, n_h·v] → [B, T, H]
+
+    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-head K/V re-materialized from the latent. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v]."""
+        B, S, _ = latent.shape
+        c, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)  # [B, S, r], [B, S, d_R]
+        kv = self.kv_b_proj(c).view(B, S, self.num_heads, self.nope_dim + self.v_dim)  # [B, S, n_h, d + v]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, n_h, d + d_R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, n_h, d + d_R]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n_h, T|S, ·]
+            attn_mask=None if mask is None else mask[:, None],  # [B, 1, T, S]
+            is_causal=mask is None, scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, n_h, T, v]
+        return out.transpose(1, 2)  # [B, T, n_h, v]
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        """MQA over the latent with W_UK/W_UV folded in. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v]."""
+        B, T, n_h, _ = q_nope.shape
+        S = latent.shape[1]
+        w_kv_b = self.kv_b_proj.weight.view(n_h, self.nope_dim + self.v_dim, self.kv_rank)  # [n_h, d + v, r]
+        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [n_h, d, r], [n_h, v, r]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, n_h, r]
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, T, n_h, r + d_R]
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
+        # Fold the heads into the query length: one key/value head shared by all n_h·T query rows.
+        q = q.transpose(1, 2).reshape(B, 1, n_h * T, self.kv_rank + self.rope_dim)  # [B, 1, n_h·T, r + d_R]
+        mask = mask[:, None].expand(B, n_h, T, S).reshape(B, 1, n_h * T, S)  # [B, 1, n_h·T, S]
+        out_latent = F.scaled_dot_product_attention(
+            q, latent[:, None], latent[:, None, :, : self.kv_rank], attn_mask=mask, scale=self.softmax_scale,
+        )  # [B, 1, n_h·T, r]
+        out_latent = out_latent.view(B, n_h, T, self.kv_rank)  # [B, n_h, T, r]
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, n_h, v]

@@ -1,0 +1,49 @@
+"""The contiguous latent KV cache: per layer, per sequence, the 576 values MLA needs of every past token.
+
+Each entry is the *normalized* latent c_KV (kv_lora_rank values) followed by the *roped* shared key k_pe
+(qk_rope_head_dim values), so decoding never re-projects or re-rotates anything it reads back.
+Entry s of a sequence holds the token at position s; attention masks by position, which also covers ragged batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2.config import ModelConfig
+
+
+class LatentCache:
+    """A [num_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim] buffer filled front to back."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+        self.data = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.latent_dim, dtype=dtype,
+                                device=device)
+        self.seq_len = 0  # tokens stored so far, the same for every sequence of the batch
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[2]
+
+    def update(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store latent [B, T, D] of the new tokens; return the layer's entries so far, [B, seq_len + T, D]."""
+        end = self.seq_len + latent.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + {latent.shape[1]} new tokens > "
+                             f"max_len={self.max_len}")
+        self.data[layer_idx, :, self.seq_len:end] = latent
+        return self.data[layer_idx, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once every layer has stored the step's tokens."""
+        self.seq_len += num_tokens
+
+    def reset(self) -> None:
+        self.seq_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()

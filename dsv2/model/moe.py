@@ -1,0 +1,173 @@
+"""DeepSeekMoE: a softmax gate over fine-grained routed experts, plus always-on shared experts.
+
+Routed experts are stored stacked ([E, ...] per projection) and computed by grouping the token→expert assignments per
+expert (a stable sort) and running one grouped matmul per projection: no Python loop over tokens or experts and no
+device-to-host synchronization (the fallback for torch builds without ``grouped_mm`` loops over experts).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The dense layers and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    scores: torch.Tensor  # [N, E] float32 softmax over all routed experts
+    expert_ids: torch.Tensor  # [N, k] chosen experts
+    weights: torch.Tensor  # [N, k] float32 combine weights
+
+
+class MoEGate(nn.Module):
+    """Softmax router with greedy or group-limited greedy top-k, as the reference MoEGate."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts is not None and config.num_experts_per_tok is not None
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.topk_method, self.n_group, self.topk_group = config.topk_method, config.n_group, config.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [N, H] → routing of each token to top_k experts."""
+        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [N, E]
+        scores = logits.softmax(dim=-1)  # [N, E]
+        candidates = scores
+        if self.topk_method == "group_limited_greedy":
+            N = x.shape[0]
+            group_scores = scores.view(N, self.n_group, -1).max(dim=-1).values  # [N, G]: best expert per group
+            top_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)  # [N, G]
+            expert_mask = group_mask[:, :, None].expand(N, self.n_group, self.num_experts // self.n_group)
+            candidates = scores.masked_fill(~expert_mask.reshape(N, -1), 0.0)  # [N, E]
+        weights, expert_ids = candidates.topk(self.top_k, dim=-1, sorted=False)  # [N, k]
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.routed_scaling_factor
+        return Routing(scores, expert_ids, weights)
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm exists and runs for this device and dtype (it is bf16-only on some CUDA builds)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(4, 8, dtype=dtype, device=device_type)
+        b = torch.zeros(2, 8, 8, dtype=dtype, device=device_type)
+        F.grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([2, 4], dtype=torch.int32, device=device_type))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x [M, in] sorted by expert; rows offsets[e-1]:offsets[e] use weight[e] [out, in]. → [M, out]."""
+    if _grouped_mm_works(x.device.type, x.dtype):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
+    return torch.cat([chunk @ w.T for chunk, w in zip(x.split(counts), weight, strict=True)])
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_proj/up_proj [E, I, H], down_proj [E, H, I].
+
+    Checkpoints store them one by one (``experts.{e}.gate_proj.weight``); dsv2.weights maps between the two.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], expert_ids/weights [N, k] → Σ_k weights·expert(x) [N, H], combined in float32."""
+        N, k = expert_ids.shape
+        flat_ids = expert_ids.flatten()  # [N·k]
+        order = flat_ids.argsort(stable=True)  # [N·k]: assignment slots grouped by expert
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # [E]
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
+        xs = x[order // k]  # [N·k, H]: each slot's token, sorted by expert
+        h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)  # [N·k, I]
+        ys = grouped_linear(h, self.down_proj, offsets)  # [N·k, H]
+        out = torch.empty_like(ys)
+        out[order] = ys  # back to (token, slot) order
+        return (out.view(N, k, -1).to(torch.float32) * weights[:, :, None]).sum(dim=1)  # [N, H]
+
+
+@dataclass
+class MoEStats:
+    """What a training step needs from one MoE layer."""
+
+    balance_loss: torch.Tensor  # scalar, already multiplied by aux_loss_alpha
+    expert_load: torch.Tensor  # [E] float32: tokens routed to each expert
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts is not None and config.num_experts_per_tok is not None
+        self.top_k = config.num_experts_per_tok
+        self.aux_loss_alpha, self.seq_aux = config.aux_loss_alpha, config.seq_aux
+        self.gate = MoEGate(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load."""
+        B, T, H = x.shape
+        tokens = x.reshape(B * T, H)  # [N, H]
+        routing = self.gate(tokens)
+        y = self.experts(tokens, routing.expert_ids, routing.weights).to(x.dtype).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        load = torch.zeros(self.gate.num_experts, dtype=torch.float32, device=x.device)
+        load.scatter_add_(0, routing.expert_ids.flatten(), torch.ones(B * T * self.top_k, device=x.device))  # [E]
+        if self.training and self.aux_loss_alpha > 0:
+            loss = self.balance_loss(routing, load, B, T)
+        else:
+            loss = torch.zeros((), device=x.device)
+        return y, MoEStats(loss, load)
+
+    def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Expert-level balance loss α·Σ_e f_e·P_e, per sequence and averaged (seq_aux) or over the whole batch.
+
+        f_e = (tokens routed to e) / (T·k / E), P_e = mean routing probability of e.
+        """
+        E, k = self.gate.num_experts, self.top_k
+        if self.seq_aux:
+            ids = routing.expert_ids.view(B, T * k)  # [B, T·k]
+            f = torch.zeros(B, E, device=ids.device).scatter_add_(1, ids, torch.ones(B, T * k, device=ids.device))
+            f = f / (T * k / E)  # [B, E]
+            P = routing.scores.view(B, T, E).mean(dim=1)  # [B, E]
+            return (f * P).sum(dim=1).mean() * self.aux_loss_alpha
+        f = load / (B * T * k / E)  # [E]
+        P = routing.scores.mean(dim=0)  # [E]
+        return (f * P).sum() * self.aux_loss_alpha

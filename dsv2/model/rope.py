@@ -1,0 +1,83 @@
+"""Rotary position embedding with YaRN scaling, as DeepSeek-V2 applies it to the 64-d decoupled RoPE part of q and k.
+
+The remote code permutes q_pe/k_pe and then applies rotate-half; that equals rotating *interleaved pairs*
+(x[2i], x[2i+1]) by angle pos·inv_freq[i] on the raw weights (GPT-J style), which is what `apply_rope` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsv2.config import ModelConfig, yarn_get_mscale
+
+
+def yarn_correction_range(dim: int, base: float, original_max: int, beta_fast: float,
+                          beta_slow: float) -> tuple[int, int]:
+    """The rotary dimensions [lo, hi] between which YaRN blends interpolated and original frequencies."""
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original_max / (2 * math.pi * num_rotations)) / (2 * math.log(base))
+
+    lo = max(math.floor(correction_dim(beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    return lo, hi
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [qk_rope_head_dim // 2] in float32, with YaRN blending when rope_scaling says so."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim  # [dim/2]; cpu even under meta
+    inv_freq_extra = 1.0 / (base**exponents)  # [dim/2]
+    rope = config.rope_scaling
+    if rope is None:
+        return inv_freq_extra
+    factor = rope["factor"]
+    inv_freq_inter = 1.0 / (factor * base**exponents)  # [dim/2]
+    lo, hi = yarn_correction_range(dim, base, rope["original_max_position_embeddings"],
+                                   rope.get("beta_fast", 32), rope.get("beta_slow", 1))
+    if lo == hi:
+        hi += 0.001  # avoid a division by zero, as the reference does
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)  # [dim/2]
+    keep = 1.0 - ramp  # [dim/2]: 1 → original frequency, 0 → divided by factor (written as the reference, bit for bit)
+    return inv_freq_inter * (1 - keep) + inv_freq_extra * keep
+
+
+def rope_mscale(config: ModelConfig) -> float:
+    """The factor cos/sin are multiplied by: yarn_get_mscale(s, mscale) / yarn_get_mscale(s, mscale_all_dim)."""
+    rope = config.rope_scaling
+    if rope is None:
+        return 1.0
+    factor = rope["factor"]
+    return yarn_get_mscale(factor, rope.get("mscale", 1)) / yarn_get_mscale(factor, rope.get("mscale_all_dim") or 0)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the positions of one forward pass, computed once and shared by every layer.
+
+    There is no precomputed table: the rows for the positions at hand cost B·T·dim/2 multiplies, are bit-identical to
+    the reference's 163,840-position table (the same float32 product pos·inv_freq), need no host sync to grow, and
+    take no memory between calls.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.inv_freq = rope_inv_freq(config)  # [dim/2] float32, moved to the positions' device on use
+        self.mscale = rope_mscale(config)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (int) → cos, sin [B, T, dim/2] float32."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, T, dim/2]
+        return angles.cos() * self.mscale, angles.sin() * self.mscale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [..., dim] by cos/sin [..., dim/2] (broadcast over heads); float32 math."""
+    pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # [..., dim/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]  # [..., dim/2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [..., dim/2, 2]
+    return rotated.flatten(-2).to(x.dtype)

@@ -1,0 +1,158 @@
+"""The DeepSeek-V2 decoder stack and the causal-LM head. Module names equal the official checkpoint keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
+from dsv2.model.cache import LatentCache
+from dsv2.model.moe import MLP, MoE
+from dsv2.model.norm import RMSNorm
+from dsv2.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: LatentCache | None, attn_impl: AttentionImpl):
+        """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, attn_impl)
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(self.post_attention_layernorm(h))
+            return h + y, stats
+        return h + self.mlp(self.post_attention_layernorm(h)), None
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, vocab] float32
+    aux_loss: torch.Tensor  # scalar: the summed expert-level balance losses (0 outside training)
+    expert_load: torch.Tensor  # [num_moe_layers, n_routed_experts] float32: tokens routed to each expert
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """DeepSeek-V2 / V2-Lite. ``model(input_ids)`` → float32 logits; see ``forward`` for caches and training."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.attn_impl: AttentionImpl = "auto"
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (default config.initializer_range), ones for the norms."""
+        std = self.config.initializer_range if std is None else std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, return_aux: bool | None = None):
+        """input_ids [B, T] → logits [B, T, vocab] (float32).
+
+        positions [B, T] or [T]: defaults to cache.seq_len + arange(T). With a ``cache``, the tokens' latents are
+        appended to it and attention covers every cached entry at a position ≤ the query's.
+        ``return_aux`` (default: ``self.training``) returns a CausalLMOutput with the balance loss and expert load.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache.seq_len
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        positions = positions.expand(B, T)  # [B, T]
+        cos, sin = self.model.rotary(positions)  # [B, T, d_R/2] each
+        h = self.model.embed_tokens(input_ids)  # [B, T, H]
+        moe_stats = []
+        for layer in self.model.layers:
+            h, stats = layer(h, cos, sin, positions, cache, self.attn_impl)
+            if stats is not None:
+                moe_stats.append(stats)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.model.norm(h)).float()  # [B, T, vocab]
+        if not (self.training if return_aux is None else return_aux):
+            return logits
+        if moe_stats:
+            aux_loss = torch.stack([s.balance_loss for s in moe_stats]).sum()
+            expert_load = torch.stack([s.expert_load for s in moe_stats])  # [num_moe_layers, E]
+        else:
+            aux_loss, expert_load = torch.zeros((), device=logits.device), torch.zeros(0, 0, device=logits.device)
+        return CausalLMOutput(logits, aux_loss, expert_load)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> DeepseekV2ForCausalLM:
+        """A randomly initialized model (``init_weights``), built directly in the target dtype and device."""
+        model = cls.empty(config, dtype, device)
+        model.init_weights()
+        return model
+
+    @classmethod
+    def empty(cls, config: ModelConfig, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> DeepseekV2ForCausalLM:
+        """A model with uninitialized parameters in ``dtype`` on ``device``, to be filled by a loader."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to(dtype or torch.float32)  # free on the meta device
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty replaces parameters one module at a time, which unties them
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, progress: bool | None = None,
+                        allow_pickle: bool = False) -> DeepseekV2ForCausalLM:
+        """Load an official checkpoint folder (config.json + safetensors, single file or shards with an index).
+
+        Tensors are read one at a time from memory-mapped files straight into the target ``dtype`` (default: the
+        checkpoint's ``torch_dtype``) and ``device``. Pickled ``.bin`` weights are read only with ``allow_pickle``.
+        """
+        from dsv2.weights import load_weights
+
+        config = ModelConfig.from_pretrained(path)
+        model = cls.empty(config, dtype or config.dtype, device)
+        load_weights(model, path, progress=progress, allow_pickle=allow_pickle)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | None = None) -> None:
+        """Write config.json + safetensors (sharded with an index beyond ``max_shard_size``), official key names."""
+        from dsv2.weights import save_weights
+
+        save_weights(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,57 @@
+"""Tiny configs, random weights and a greedy decoding loop shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2 import DeepseekV2ForCausalLM, LatentCache, ModelConfig
+
+YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+
+# Lite-shaped: no query compression, greedy routing, one dense layer, YaRN with mscale_all_dim.
+# qk_nope (24) ≠ v (16) ≠ rope (8) so that a mixed-up split cannot go unnoticed.
+TINY_LITE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy",
+    n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+    qk_rope_head_dim=8, qk_nope_head_dim=24, v_head_dim=16, max_position_embeddings=2560, rope_scaling=YARN,
+    bos_token_id=0, eos_token_id=1,
+)
+# V2-shaped: query compression, group-limited routing over several groups, routed_scaling_factor 16.
+TINY_V2 = dict(
+    TINY_LITE, q_lora_rank=48, n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy",
+    n_group=4, topk_group=2, routed_scaling_factor=16.0, n_shared_experts=2,
+)
+
+
+def tiny_config(base: dict = TINY_LITE, **overrides) -> ModelConfig:
+    return ModelConfig.from_dict({**base, **overrides})
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Weights large enough that routing, attention and norms all matter (init std 0.02 hides bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else std * noise)
+    return model
+
+
+def tiny_model(base: dict = TINY_LITE, dtype: torch.dtype = torch.float32, **overrides) -> DeepseekV2ForCausalLM:
+    return randomize_(DeepseekV2ForCausalLM.from_config(tiny_config(base, **overrides), dtype=dtype)).eval()
+
+
+@torch.no_grad()
+def greedy_continuation(model: DeepseekV2ForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """prompt [B, T] → the next new_tokens ids [B, new_tokens]: prefill, then token by token over a latent cache."""
+    cache = LatentCache(model.config, prompt.shape[0], prompt.shape[1] + new_tokens,
+                        dtype=model.lm_head.weight.dtype)
+    logits = model(prompt, cache=cache)
+    out = []
+    for _ in range(new_tokens):
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        out.append(next_ids)
+        logits = model(next_ids, cache=cache)
+    return torch.cat(out, dim=1)

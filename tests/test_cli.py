@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+from dsv2.cli import main
+
+from helpers import tiny_model
+
+
+def test_info_on_the_v2_lite_preset(capsys):
+    main(["info", "v2-lite"])
+    out = capsys.readouterr().out
+    assert "15,706,484,224" in out  # total parameters, exactly the published count
+    assert "2.45B without the input embedding" in out  # the model card's "2.4B activated"
+    assert "31,104 bytes (27 layers × 576 values)" in out  # latent cache per token in bf16
+    assert "276,480 bytes" in out and "8.9× the latent" in out  # what a per-head K/V cache would need
+
+
+def test_info_on_v2_and_on_a_checkpoint_folder(capsys, tmp_path):
+    main(["info", "v2"])
+    out = capsys.readouterr().out
+    assert "235,741,434,880 (235.74B)" in out and "20.85B without the input embedding" in out
+    tiny_model().save_pretrained(tmp_path)
+    main(["info", str(tmp_path), "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "KV cache per token (float32)" in out
+    assert "480 bytes (3 layers × 40 values)" in out  # 3 × (32 + 8) × 4 bytes
+
+
+def test_console_command_reports_bad_input_clearly(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    result = subprocess.run([sys.executable, "-m", "dsv2", "info", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "'model_type' = 'llama'" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "dsv2", "info", "no-such-thing"], capture_output=True, text=True)
+    assert result.returncode != 0 and "neither a preset" in result.stderr

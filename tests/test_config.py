@@ -1,0 +1,156 @@
+import json
+
+import pytest
+
+from dsv2 import ConfigError, ModelConfig
+
+# config.json of deepseek-ai/DeepSeek-V2-Lite as published (remote-code era layout).
+OFFICIAL_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV2Config",
+        "AutoModel": "modeling_deepseek.DeepseekV2Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM",
+    },
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 102400,
+}
+
+# The same model as transformers 5 writes it.
+TRANSFORMERS5_LITE = {
+    **{k: v for k, v in OFFICIAL_LITE.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype", "auto_map")},
+    "dtype": "bfloat16",
+    "head_dim": 64,
+    "qk_head_dim": 192,
+    "transformers_version": "5.24.0",
+    "rope_parameters": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                        "original_max_position_embeddings": 4096, "rope_theta": 10000, "rope_type": "yarn",
+                        "type": "yarn"},
+}
+
+
+def test_official_config_round_trips_unchanged(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(OFFICIAL_LITE))
+    config = ModelConfig.from_pretrained(tmp_path)
+    assert config.q_lora_rank is None and config.n_routed_experts == 64 and config.kv_lora_rank == 512
+    config.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == {**OFFICIAL_LITE, "ep_size": 1, "pad_token_id": None}  # two remote-code defaults made explicit
+
+
+def test_transformers5_layout_reads_as_the_official_one():
+    official = ModelConfig.from_dict(OFFICIAL_LITE)
+    v5 = ModelConfig.from_dict(TRANSFORMERS5_LITE)
+    assert v5.rope_scaling == official.rope_scaling and v5.rope_theta == 10000
+    assert v5.torch_dtype == "bfloat16"
+    written = v5.to_dict()
+    assert "rope_parameters" not in written and "head_dim" not in written and "dtype" not in written
+    assert written["rope_scaling"]["type"] == "yarn" and written["rope_theta"] == 10000
+
+
+def test_presets_equal_the_official_values():
+    lite = ModelConfig.preset("v2-lite").to_dict()
+    for key, value in OFFICIAL_LITE.items():
+        if key not in ("auto_map", "transformers_version", "use_cache", "pretraining_tp", "initializer_range"):
+            assert lite[key] == value, key
+    v2 = ModelConfig.preset("v2")
+    assert (v2.hidden_size, v2.num_hidden_layers, v2.num_attention_heads, v2.n_routed_experts) == (5120, 60, 128, 160)
+    assert (v2.q_lora_rank, v2.topk_method, v2.n_group, v2.topk_group) == (1536, "group_limited_greedy", 8, 3)
+    assert (v2.routed_scaling_factor, v2.intermediate_size, v2.moe_intermediate_size) == (16.0, 12288, 1536)
+    nano = ModelConfig.preset("nano")
+    assert nano.first_k_dense_replace == 1 and nano.n_shared_experts and nano.rope_scaling["type"] == "yarn"
+    with pytest.raises(ValueError, match="unknown preset 'v3'"):
+        ModelConfig.preset("v3")
+
+
+def test_remote_code_quirks():
+    cfg = {k: v for k, v in OFFICIAL_LITE.items() if k != "num_key_value_heads"}
+    config = ModelConfig.from_dict({**cfg, "topk_method": "gready"})
+    assert config.topk_method == "greedy"
+    assert config.num_key_value_heads == 16
+    assert ModelConfig.from_dict({**cfg, "q_lora_rank": 1536}).q_lora_rank == 1536
+
+
+def test_softmax_scale_includes_mscale_squared():
+    config = ModelConfig.preset("v2-lite")
+    m = 0.1 * 0.707 * __import__("math").log(40) + 1
+    assert m == pytest.approx(1.2608038, abs=1e-7)
+    assert config.softmax_scale == pytest.approx(192**-0.5 * m * m)
+    assert config.softmax_scale == pytest.approx(0.1147214, abs=1e-7)
+    assert ModelConfig.from_dict({**OFFICIAL_LITE, "rope_scaling": None}).softmax_scale == 192**-0.5
+    assert config.latent_dim == 576
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"model_type": "llama"}, "model_type"),
+    ({"scoring_func": "sigmoid"}, "scoring_func"),
+    ({"topk_method": "noaux_tc"}, "topk_method"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": 40}}, "rope_scaling"),
+    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
+    ({"hidden_size": "2048"}, "hidden_size"),
+    ({"num_experts_per_tok": 65}, "num_experts_per_tok"),
+    ({"topk_method": "group_limited_greedy", "n_group": 5, "topk_group": 2}, "n_group"),
+    ({"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 9}, "topk_group"),
+    ({"topk_method": "group_limited_greedy", "n_group": 16, "topk_group": 1}, "num_experts_per_tok"),
+    ({"torch_dtype": "float8"}, "torch_dtype"),
+])
+def test_unsupported_values_name_the_field(change, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        ModelConfig.from_dict({**OFFICIAL_LITE, **change})
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_LITE, "scoring_func": "sigmoid"}))
+    with pytest.raises(ConfigError, match=r"config\.json: .*'scoring_func'"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_LITE, "kv_lora_rank": None}))
+    with pytest.raises(ConfigError, match=r"config\.json: .*'kv_lora_rank'"):
+        ModelConfig.from_pretrained(tmp_path)

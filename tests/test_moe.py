@@ -1,0 +1,132 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv2.model.moe as moe_module
+from dsv2.model.moe import MoE
+
+from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config
+
+
+def moe_layer(base=TINY_LITE, **overrides) -> MoE:
+    return randomize_(MoE(tiny_config(base, **overrides)), std=0.2)
+
+
+def swiglu(x, gate, up, down):
+    return F.silu(x @ gate.T) * (x @ up.T) @ down.T
+
+
+@torch.no_grad()
+def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The reference MoEGate + MoE, one token at a time, written from the formulas (section 3 of the reference)."""
+    gate, experts = moe.gate, moe.experts
+    out = []
+    for token in x:  # [H]
+        scores = torch.softmax(token @ gate.weight.T, dim=-1)  # [E]
+        candidates = scores.clone()
+        if gate.topk_method == "group_limited_greedy":
+            per_group = scores.view(gate.n_group, -1)
+            kept_groups = per_group.max(dim=-1).values.topk(gate.topk_group).indices
+            dropped = torch.ones(gate.n_group, dtype=torch.bool)
+            dropped[kept_groups] = False
+            candidates.view(gate.n_group, -1)[dropped] = 0.0
+        weights, ids = candidates.topk(gate.top_k)
+        if gate.top_k > 1 and gate.norm_topk_prob:
+            weights = weights / weights.sum()
+        else:
+            weights = weights * gate.routed_scaling_factor
+        y = sum(w * swiglu(token, experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e])
+                for w, e in zip(weights, ids, strict=True))
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            y = y + swiglu(token, s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # Lite: greedy, scaling 1
+    {"base": TINY_V2},  # group-limited over 4 groups, scaling 16
+    {"norm_topk_prob": True},  # renormalized top-k (transformers ignores this flag)
+    {"base": TINY_V2, "norm_topk_prob": True},
+    {"n_shared_experts": None},
+    {"num_experts_per_tok": 1, "norm_topk_prob": True},  # k = 1: no renormalization, scaling applies
+], ids=["greedy", "group-limited-x16", "norm-topk", "group-limited-norm-topk", "no-shared", "k1"])
+def test_moe_equals_the_per_token_reference(overrides):
+    moe = moe_layer(**overrides).eval()
+    x = torch.randn(3, 7, 64)
+    y, stats = moe(x)
+    expected = reference_moe(moe, x.view(-1, 64)).view(3, 7, 64)
+    scale = expected.abs().max().item()  # ×16 routing makes outputs large: bound the error relative to them
+    torch.testing.assert_close(y, expected, atol=1e-6 * scale, rtol=1e-5)
+    assert stats.expert_load.sum() == 3 * 7 * moe.top_k
+    assert stats.balance_loss == 0  # eval mode
+
+
+def test_group_limited_routing_stays_in_the_best_groups():
+    moe = moe_layer(TINY_V2)
+    x = torch.randn(50, 64)
+    routing = moe.gate(x)
+    group_best = routing.scores.view(50, 4, 4).max(dim=-1).values  # [N, G]
+    top_groups = group_best.topk(2, dim=-1).indices  # [N, 2]
+    chosen_groups = routing.expert_ids // 4  # [N, k]
+    assert (chosen_groups[:, :, None] == top_groups[:, None, :]).any(-1).all()
+
+
+def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
+    moe = moe_layer(TINY_V2).eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        grouped, _ = moe(x)
+        monkeypatch.setattr(moe_module, "_grouped_mm_works", lambda device_type, dtype: False)
+        looped, _ = moe(x)
+    torch.testing.assert_close(grouped, looped, atol=1e-6, rtol=1e-6)
+
+
+def reference_balance_loss(moe: MoE, x: torch.Tensor, seq_aux: bool) -> torch.Tensor:
+    """α·Σ_e f_e·P_e with f_e = count_e / (T·k/E), per sequence then averaged (seq_aux) or over the batch."""
+    B, T, _ = x.shape
+    E, k, alpha = moe.gate.num_experts, moe.top_k, moe.aux_loss_alpha
+    routing = moe.gate(x.view(B * T, -1))
+    scores, ids = routing.scores.view(B, T, E), routing.expert_ids.view(B, T, k)
+    groups = [(scores[b], ids[b]) for b in range(B)] if seq_aux else [(scores.view(B * T, E), ids.view(B * T, k))]
+    losses = []
+    for s, i in groups:
+        n = s.shape[0]
+        f = torch.stack([(i == e).sum() for e in range(E)]).float() / (n * k / E)
+        losses.append((f * s.mean(0)).sum())
+    return alpha * torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_balance_loss_in_training(seq_aux):
+    moe = moe_layer(TINY_V2, seq_aux=seq_aux, aux_loss_alpha=0.003).train()
+    x = torch.randn(3, 10, 64)
+    y, stats = moe(x)
+    expected = reference_balance_loss(moe, x, seq_aux)
+    torch.testing.assert_close(stats.balance_loss, expected)
+    assert stats.balance_loss > 0
+    (y.square().mean() + stats.balance_loss).backward()
+    assert moe.gate.weight.grad.abs().sum() > 0  # through the combine weights and the balance loss
+    assert moe.experts.gate_proj.grad.abs().sum() > 0 and moe.shared_experts.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_balance_loss_is_minimal_for_uniform_routing():
+    """With identical scores for all experts, f·P sums to exactly 1 per sequence: the loss's floor, α·1."""
+    moe = moe_layer(aux_loss_alpha=0.5).train()
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+    _, stats = moe(torch.randn(2, 16, 64))
+    assert stats.balance_loss.item() == pytest.approx(0.5)
+
+
+@pytest.mark.cuda
+def test_moe_forward_has_no_host_sync_on_cuda():
+    moe = moe_layer(TINY_V2).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(4, 33, 64, device="cuda", dtype=torch.bfloat16)
+    moe(x)  # warm-up: the one-time grouped_mm capability probe may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
