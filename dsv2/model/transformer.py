@@ -11,7 +11,7 @@ from torch import nn
 from dsv2.config import ModelConfig
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
-from dsv2.model.moe import MLP, MoE
+from dsv2.model.moe import MLP, MoE, MoEStats
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import RotaryEmbedding
 
@@ -25,7 +25,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: LatentCache | None, attn_impl: AttentionImpl):
+                cache: LatentCache | None, attn_impl: AttentionImpl) -> tuple[torch.Tensor, MoEStats | None]:
         """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, attn_impl)
         if isinstance(self.mlp, MoE):
