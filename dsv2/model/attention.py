@@ -67,7 +67,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:
             mask = None  # causal among the T tokens
         else:
-            latent = cache.update(self.layer_idx, latent)  # [B, S, r + d_R], entry s = position s
+            latent = cache.update(self.layer_idx, latent, positions)  # [B, S, r + d_R], entry s = position s
             key_positions = torch.arange(latent.shape[1], device=x.device)  # [S]
             mask = key_positions <= positions[:, :, None]  # [B, T, S]
 
