@@ -1,8 +1,15 @@
 """dsv2: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in readable PyTorch."""
 
 from dsv2.config import ConfigError, ModelConfig
+from dsv2.generation_config import GenerationConfig
 from dsv2.model import CausalLMOutput, DeepseekV2ForCausalLM, LatentCache
+from dsv2.sampling import SamplingParams
+from dsv2.tokenizer import Tokenizer
 from dsv2.weights import WeightsError
 
 __version__ = "0.1.0"
-__all__ = ["CausalLMOutput", "ConfigError", "DeepseekV2ForCausalLM", "LatentCache", "ModelConfig", "WeightsError"]
+__all__ = [
+    "CausalLMOutput", "ConfigError", "DeepseekV2ForCausalLM", "GenerationConfig", "LatentCache", "ModelConfig",
+    "SamplingParams",
+    "Tokenizer", "WeightsError",
+]

@@ -55,3 +55,44 @@ def greedy_continuation(model: DeepseekV2ForCausalLM, prompt: torch.Tensor, new_
         out.append(next_ids)
         logits = model(next_ids, cache=cache)
     return torch.cat(out, dim=1)
+
+
+CORPUS = [
+    "An attention function can be described as mapping a query and a set of key-value pairs to an output.",
+    "Write a piece of quicksort code in C++. It sorts the array in place.",
+    "深度求索发布了混合专家模型。你好，世界！这是一个测试。",
+    "Emoji travel too: 🚀🌍✨ and a pinch of ünïcödé.",
+] * 40
+
+
+def make_tokenizer_files(folder, vocab_size: int = 400, chat_template: str | None = "default") -> None:
+    """A byte-level BPE with DeepSeek's special tokens and tokenizer_config.json, laid out like the official folder
+    (special tokens written as AddedToken objects, a BOS-adding post-processor as LlamaTokenizerFast saves it)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from dsv2.tokenizer import BOS_TOKEN, DEEPSEEK_V2_CHAT_TEMPLATE, EOS_TOKEN
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+                                                       special_tokens=[(BOS_TOKEN, tok.token_to_id(BOS_TOKEN))])
+    tok.save(str(folder / "tokenizer.json"))
+
+    def added(content):
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": added(BOS_TOKEN),
+              "eos_token": added(EOS_TOKEN), "pad_token": added(EOS_TOKEN), "clean_up_tokenization_spaces": False,
+              "legacy": True,
+              "model_max_length": 16384, "sp_model_kwargs": {}, "unk_token": None,
+              "tokenizer_class": "LlamaTokenizerFast"}
+    if chat_template is not None:
+        config["chat_template"] = DEEPSEEK_V2_CHAT_TEMPLATE if chat_template == "default" else chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")

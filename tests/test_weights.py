@@ -141,9 +141,9 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(model, tmp_path, monkeypat
 
 def test_resaving_with_fewer_shards_removes_the_stale_ones(model, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="50KB")
-    (tmp_path / "tokenizer.json").write_text("{}")  # other files of the folder are left alone
+    (tmp_path / "generation_config.json").write_text("{}")  # other files of the folder are left alone
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     assert_same_weights(DeepseekV2ForCausalLM.from_pretrained(tmp_path), model)
 
 

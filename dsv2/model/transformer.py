@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv2.config import ModelConfig
+from dsv2.config import DTYPES, ModelConfig
+from dsv2.generation_config import GenerationConfig
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
 from dsv2.model.moe import MLP, MoE, MoEStats
@@ -60,6 +61,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.attn_impl: AttentionImpl = "auto"
+        self.tokenizer = None  # set by from_pretrained when the folder has a tokenizer.json
+        self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -80,11 +83,13 @@ class DeepseekV2ForCausalLM(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None, return_aux: bool | None = None):
+                cache: LatentCache | None = None, logits_at: torch.Tensor | None = None,
+                return_aux: bool | None = None):
         """input_ids [B, T] → logits [B, T, vocab] (float32).
 
         positions [B, T] or [T]: defaults to cache.seq_len + arange(T). With a ``cache``, the tokens' latents are
-        appended to it and attention covers every cached entry at a position ≤ the query's.
+        written to it at their positions and attention covers every cached entry at a position ≤ the query's.
+        ``logits_at`` [B, K]: compute logits only for these token indices (→ [B, K, vocab]), e.g. a prompt's last.
         ``return_aux`` (default: ``self.training``) returns a CausalLMOutput with the balance loss and expert load.
         """
         B, T = input_ids.shape
@@ -101,7 +106,9 @@ class DeepseekV2ForCausalLM(nn.Module):
                 moe_stats.append(stats)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.model.norm(h)).float()  # [B, T, vocab]
+        if logits_at is not None:
+            h = h.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, H]
+        logits = self.lm_head(self.model.norm(h)).float()  # [B, T or K, vocab]
         if not (self.training if return_aux is None else return_aux):
             return logits
         if moe_stats:
@@ -132,19 +139,32 @@ class DeepseekV2ForCausalLM(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, progress: bool | None = None,
-                        allow_pickle: bool = False) -> DeepseekV2ForCausalLM:
+                        allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
+                        **ignored) -> DeepseekV2ForCausalLM:
         """Load an official checkpoint folder (config.json + safetensors, single file or shards with an index).
 
         Tensors are read one at a time from memory-mapped files straight into the target ``dtype`` (default: the
-        checkpoint's ``torch_dtype``) and ``device``. Pickled ``.bin`` weights are read only with ``allow_pickle``.
+        checkpoint's ``torch_dtype``; ``torch_dtype`` is accepted as transformers' name for it) and ``device``.
+        Pickled ``.bin`` weights are read only with ``allow_pickle``. The folder's tokenizer.json and
+        generation_config.json, when present, become ``model.tokenizer`` and ``model.generation_config``.
+        transformers-only arguments such as ``trust_remote_code`` are accepted and ignored.
         """
         from dsv2.weights import load_weights
 
         config = ModelConfig.from_pretrained(path)
+        dtype = dtype or torch_dtype
+        if isinstance(dtype, str):
+            dtype = config.dtype if dtype == "auto" else DTYPES[dtype]
         model = cls.empty(config, dtype or config.dtype, device)
         load_weights(model, path, progress=progress, allow_pickle=allow_pickle)
+        if (Path(path) / "tokenizer.json").exists():
+            from dsv2.tokenizer import Tokenizer
+
+            model.tokenizer = Tokenizer.from_pretrained(path)
+        if (Path(path) / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(path)
         return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
@@ -153,6 +173,33 @@ class DeepseekV2ForCausalLM(nn.Module):
         from dsv2.weights import save_weights
 
         save_weights(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """transformers-style: input_ids [B, T] → [B, T + new]; greedy unless do_sample / temperature > 0.
+        See dsv2.generate.generate for the arguments."""
+        from dsv2.generate import generate
+
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        return generate(self, input_ids, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Yield the completion of ``prompt`` (text or token ids) as text deltas. See dsv2.generate.stream."""
+        from dsv2.generate import stream
+
+        tokenizer = kwargs.pop("tokenizer", None) or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("stream() needs a tokenizer: load the model from a folder with tokenizer.json, or pass "
+                             "tokenizer=Tokenizer.from_pretrained(path)")
+        return stream(self, tokenizer, prompt, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

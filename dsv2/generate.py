@@ -1,0 +1,154 @@
+"""Reference generation: prefill, then decode one token per step over a contiguous latent cache.
+
+Prompts of different lengths run as one ragged batch: right-padded, each row at its own positions (the cache masks by
+position, so padding is never attended). Prefill goes through the expanded attention path, decoding through the
+absorbed one. `generate` mirrors transformers' (ids in, ids out, greedy by default); `stream` yields text deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv2.detokenize import IncrementalDetokenizer
+from dsv2.model import DeepseekV2ForCausalLM, LatentCache
+from dsv2.sampling import Sampler, SamplingParams
+from dsv2.tokenizer import Tokenizer
+
+
+def sampling_params(max_new_tokens: int = 128, do_sample: bool | None = None, temperature: float | None = None,
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
+                    stop_token_ids: Sequence[int] | None = None, stop_strings: str | Sequence[str] | None = None,
+                    ignore_eos: bool = False) -> SamplingParams:
+    """transformers-style keyword arguments → SamplingParams. Greedy unless ``do_sample`` or a temperature > 0
+    (``do_sample=False`` or ``temperature=0`` forces greedy)."""
+    if do_sample is False or temperature == 0 or (do_sample is None and temperature is None):
+        temperature = 0.0
+    elif temperature is None:
+        temperature = 1.0
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_new_tokens,
+                          stop=list([stop_strings] if isinstance(stop_strings, str) else stop_strings or []),
+                          stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
+
+
+@dataclass
+class Step:
+    """One decoding step: the token each row drew (-1 for rows already done) and which rows are now done.
+
+    A consumer may set ``done[row] = True`` itself (a stop string in the row's text); the loop then stops that row.
+    """
+
+    tokens: list[int]
+    done: list[bool]
+
+
+@torch.no_grad()
+def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 eos_token_ids: Sequence[int] = ()) -> Iterator[Step]:
+    """The generation loop shared by `generate` and `stream`: yields each step's tokens until every row is done.
+
+    A row is done after ``params.max_tokens`` tokens, or at an EOS (unless ``ignore_eos``) or a stop token id.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    config, device = model.config, model.lm_head.weight.device
+    lengths = [len(p) for p in prompts]
+    max_new = params.max_tokens or config.max_position_embeddings - max(lengths)
+    if max(lengths) + max_new > config.max_position_embeddings:
+        raise ValueError(f"prompt of {max(lengths)} tokens + max_new_tokens={max_new} exceeds the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    B, T = len(prompts), max(lengths)
+    cache = LatentCache(config, B, T + max_new, dtype=model.lm_head.weight.dtype, device=device)
+    padded = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # [B, T], right-padded
+    last = torch.tensor(lengths, device=device) - 1  # [B] index of each prompt's last token
+    logits = model(padded, cache=cache, logits_at=last[:, None])[:, 0]  # [B, V]
+    positions = last + 1  # [B] where each row's next token goes
+
+    sampler = Sampler([params] * B, prompts, config.vocab_size, device)
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    done = [False] * B
+    for step in range(max_new):
+        tokens = sampler.sample(logits)  # [B]
+        sampler.append(tokens)
+        drawn = tokens.tolist()
+        for row, token in enumerate(drawn):
+            if done[row]:
+                drawn[row] = -1
+            elif token in stop_ids or step == max_new - 1:
+                done[row] = True
+        yield Step(drawn, done)
+        if all(done):
+            return
+        logits = model(tokens[:, None], positions=positions[:, None], cache=cache)[:, -1]  # [B, V]
+        positions = positions + 1
+
+
+def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
+              kwargs: dict) -> tuple[SamplingParams, list[int], int | None]:
+    """The model's generation_config overridden by the call's arguments → (params, EOS ids, pad id)."""
+    defaults = model.generation_config.generate_kwargs()
+    default_eos, default_pad = defaults.pop("eos_token_id", None), defaults.pop("pad_token_id", None)
+    eos = default_eos if eos_token_id is None else eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = default_pad if pad_token_id is None else pad_token_id
+    return sampling_params(**{**defaults, **kwargs}), eos_ids, pad
+
+
+def generate(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             tokenizer: Tokenizer | None = None, pad_token_id: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, **kwargs) -> torch.Tensor:
+    """transformers-style generate: input_ids [B, T] (left-padded when ``attention_mask`` marks padding) →
+    [B, T + new] ids, rows that finish early padded with ``pad_token_id``. Keyword arguments: see `sampling_params`;
+    ``stop_strings`` need ``tokenizer`` (the tokens that complete the stop string are kept, as in transformers).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    prompts = [row[keep].tolist() for row, keep in zip(input_ids, mask, strict=True)]
+    params, eos_ids, pad = _settings(model, eos_token_id, pad_token_id, kwargs)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    if params.stop and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to see the text (pass tokenizer=...)")
+    detokenizers = [IncrementalDetokenizer(tokenizer, params.stop) for _ in prompts] if params.stop else []
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    for step in decode_steps(model, prompts, params, eos_ids):
+        for row, token in enumerate(step.tokens):
+            if token < 0:
+                continue
+            new_tokens[row].append(token)
+            if detokenizers:
+                detokenizers[row].add(token)
+                step.done[row] |= detokenizers[row].stopped
+    width = max(len(t) for t in new_tokens)
+    out = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, tokens in enumerate(new_tokens):
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, out], dim=1)
+
+
+def stream(model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | torch.Tensor,
+           skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+    """Yield the completion of one prompt (text, encoded with BOS, or token ids) as text deltas.
+
+    Deltas never split a UTF-8 character; a stop string ends the stream and is not part of it.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).flatten().tolist()
+    params, eos_ids, _ = _settings(model, kwargs.pop("eos_token_id", None), None, kwargs)
+    if not eos_ids and tokenizer.eos_token_id is not None:
+        eos_ids = [tokenizer.eos_token_id]
+    detokenizer = IncrementalDetokenizer(tokenizer, params.stop, skip_special_tokens)
+    for step in decode_steps(model, [ids], params, eos_ids):
+        delta = detokenizer.add(step.tokens[0])
+        if delta:
+            yield delta
+        if detokenizer.stopped:
+            return
+    tail = detokenizer.finish()
+    if tail:
+        yield tail

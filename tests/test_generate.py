@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+from dsv2 import DeepseekV2ForCausalLM, LatentCache, Tokenizer
+from dsv2.generate import generate
+
+from helpers import TINY_LITE, TINY_V2, make_tokenizer_files, randomize_, tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model (vocabulary padded past the tokenizer's 400 ids, as the official 102,400 > 100,015) + tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_model(TINY_LITE, vocab_size=512, bos_token_id=0, eos_token_id=1).save_pretrained(path)
+    make_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("base", [TINY_LITE, TINY_V2], ids=["lite", "v2"])
+def test_greedy_generate_equals_transformers(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**base))
+    randomize_(hf, seed=3).eval()
+    hf.save_pretrained(tmp_path)
+    ours = DeepseekV2ForCausalLM.from_pretrained(tmp_path)
+    prompt = torch.randint(2, 128, (1, 20))
+    kwargs = {"max_new_tokens": 40, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got = ours.generate(prompt, **kwargs)
+    assert got.tolist() == expected.tolist()
+    assert len(set(got[0, 20:].tolist())) > 3
+
+
+def test_batch_of_different_lengths_equals_one_at_a_time(model):
+    prompts = [torch.randint(2, 400, (n,)).tolist() for n in (3, 17, 9, 1)]
+    singles = [model.generate(torch.tensor([p]), max_new_tokens=12, ignore_eos=True)[0, len(p):].tolist()
+               for p in prompts]
+    # left-padded with an attention mask, as a transformers user would pass them
+    width = max(map(len, prompts))
+    ids = torch.tensor([[1] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, ignore_eos=True)
+    assert batched[:, width:].tolist() == singles
+    assert torch.equal(batched[:, :width], ids)
+
+
+def test_eos_stop_ids_and_padding(model):
+    prompt = torch.tensor([[0, 5, 6, 7]])
+    free = model.generate(prompt, max_new_tokens=10, ignore_eos=True)[0, 4:].tolist()
+    stop_at = free[3]
+    cut = model.generate(prompt, max_new_tokens=10, stop_token_ids=[stop_at], ignore_eos=True)[0, 4:].tolist()
+    assert cut == free[: free.index(stop_at) + 1]
+    # as EOS: generation ends there; in a batch, the finished row is padded with pad_token_id
+    both = model.generate(torch.tensor([[0, 5, 6, 7], [0, 9, 9, 9]]), max_new_tokens=10, eos_token_id=stop_at,
+                          pad_token_id=3)
+    row = both[0, 4:].tolist()
+    assert row[: len(cut)] == cut and set(row[len(cut):]) <= {3}
+
+
+def test_stop_strings_and_stream(model):
+    tok = model.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好 🚀"}], add_generation_prompt=True)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=30, ignore_eos=True)[0, len(prompt):]
+    text = tok.decode(out, skip_special_tokens=True)
+    deltas = list(model.stream(prompt, max_new_tokens=30, ignore_eos=True))
+    assert "".join(deltas) == text and len(deltas) > 1
+    assert all("\ufffd" not in d for d in deltas) or "\ufffd" in text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop and stop in text
+    streamed = "".join(model.stream(prompt, max_new_tokens=30, ignore_eos=True, stop_strings=[stop]))
+    assert streamed == text[: text.index(stop)]
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=30, ignore_eos=True, stop_strings=stop)
+    assert stop in tok.decode(ids[0, len(prompt):]) and ids.shape[1] < len(prompt) + 30
+
+
+def test_seeded_sampling_repeats(model):
+    prompt = torch.tensor([[0, 11, 12]])
+    runs = [model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True) for _ in range(2)]
+    assert torch.equal(*runs)
+    other = model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=6, ignore_eos=True)
+    greedy = model.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    assert not torch.equal(runs[0], other) and not torch.equal(runs[0], greedy)
+
+
+def test_cache_size_per_token(model, monkeypatch):
+    caches = []
+    monkeypatch.setattr(LatentCache, "__init__", _recording(LatentCache.__init__, caches))
+    model.generate(torch.tensor([[0, 4, 5]]), max_new_tokens=5)
+    (cache,) = caches
+    c = model.config
+    per_token = cache.nbytes // (cache.data.shape[1] * cache.max_len)
+    assert per_token == (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * cache.data.element_size()
+    assert cache.max_len == 3 + 5
+
+
+def _recording(init, sink):
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sink.append(self)
+    return wrapper
+
+
+def test_generation_config_defaults_and_overrides(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.3, "top_p": 0.95}))
+    sampled = DeepseekV2ForCausalLM.from_pretrained(tmp_path)
+    assert sampled.generation_config.do_sample and sampled.generation_config.temperature == 0.3
+    prompt = torch.tensor([[0, 11, 12]])
+    greedy = DeepseekV2ForCausalLM.from_pretrained(checkpoint).generate(prompt, max_new_tokens=8, ignore_eos=True)
+    assert torch.equal(sampled.generate(prompt, max_new_tokens=8, do_sample=False, ignore_eos=True), greedy)
+
+
+def test_generate_rejects_bad_input(model):
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\]"):
+        generate(model, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        generate(model, torch.tensor([[1, 2]]), stop_strings=["x"])
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        tiny_model().stream([1, 2])
+
+
+def test_model_card_snippets_run_with_only_the_import_and_path_changed(checkpoint, monkeypatch, capsys):
+    """The two Transformers snippets of the DeepSeek-V2-Lite model card, verbatim apart from the import line and the
+    model path (and `.cuda()` made a no-op where there is no GPU)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+    imports = ("import torch\nfrom dsv2 import Tokenizer as AutoTokenizer, DeepseekV2ForCausalLM as "
+               "AutoModelForCausalLM, GenerationConfig\n")
+    text_completion = imports + f'model_name = "{checkpoint}"\n' + '''
+tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, torch_dtype=torch.bfloat16).cuda()
+model.generation_config = GenerationConfig.from_pretrained(model_name)
+model.generation_config.pad_token_id = model.generation_config.eos_token_id
+
+text = "An attention function can be described as mapping a query and a set of key-value pairs to an output, where the query, keys, values, and output are all vectors. The output is"
+inputs = tokenizer(text, return_tensors="pt")
+outputs = model.generate(**inputs.to(model.device), max_new_tokens=100)
+
+result = tokenizer.decode(outputs[0], skip_special_tokens=True)
+print(result)
+'''
+    chat = imports + f'model_name = "{checkpoint}"\n' + '''
+tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, torch_dtype=torch.bfloat16).cuda()
+model.generation_config = GenerationConfig.from_pretrained(model_name)
+model.generation_config.pad_token_id = model.generation_config.eos_token_id
+
+messages = [
+    {"role": "user", "content": "Write a piece of quicksort code in C++"}
+]
+input_tensor = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+outputs = model.generate(input_tensor.to(model.device), max_new_tokens=100)
+
+result = tokenizer.decode(outputs[0][input_tensor.shape[1]:], skip_special_tokens=True)
+print(result)
+'''
+    exec(compile(text_completion, "model_card_text_completion", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("An attention function can be described as mapping a query") and len(out) > 200
+    exec(compile(chat, "model_card_chat", "exec"), {})
+    assert capsys.readouterr().out.strip()
+    assert Tokenizer.from_pretrained(checkpoint).vocab_size < 512

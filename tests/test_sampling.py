@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from dsv2 import SamplingParams
+from dsv2.sampling import Sampler
+
+V = 8
+
+
+def draws(logits, params, n=2000, prompts=None):
+    sampler = Sampler([params] * n, prompts or [[0]] * n, V)
+    return sampler.sample(logits.expand(n, V).clone())
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, V)
+    sampler = Sampler([SamplingParams(temperature=0)] * 5, [[1]] * 5, V)
+    assert torch.equal(sampler.sample(logits), logits.argmax(-1))
+
+
+def test_temperature_one_follows_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -1.0, -2.0, -3.0])
+    tokens = draws(logits, SamplingParams(temperature=1.0), n=20000)
+    freq = torch.bincount(tokens, minlength=V).float() / 20000
+    assert (freq - logits.softmax(-1)).abs().max() < 0.015
+
+
+def test_top_k_top_p_and_min_p_never_pick_outside_the_allowed_set():
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0])  # probs ≈ .46 .28 .17 .06 .02 ...
+    assert set(draws(logits, SamplingParams(top_k=3)).tolist()) == {0, 1, 2}
+    assert set(draws(logits, SamplingParams(top_p=0.7)).tolist()) == {0, 1}  # .46 < .7 ≤ .46 + .28
+    assert set(draws(logits, SamplingParams(min_p=0.3)).tolist()) == {0, 1, 2}  # p ≥ .3 × .46
+    assert set(draws(logits, SamplingParams(top_p=0.01)).tolist()) == {0}  # the best token always stays
+    assert set(draws(logits, SamplingParams(top_k=3, top_p=0.55, temperature=2.0)).tolist()) <= {0, 1, 2}
+
+
+def test_seeded_rows_repeat_and_do_not_depend_on_the_batch():
+    logits = torch.randn(1, V)
+    alone = [Sampler([SamplingParams(seed=7)], [[0]], V).sample(logits).item() for _ in range(3)]
+    assert len(set(alone)) == 1
+    sampler = Sampler([SamplingParams(seed=7), SamplingParams(seed=8), SamplingParams()], [[0]] * 3, V)
+    first = []
+    solo = Sampler([SamplingParams(seed=7)], [[0]], V)
+    for _ in range(20):
+        first.append(sampler.sample(logits.expand(3, V).clone())[0].item())
+        assert first[-1] == solo.sample(logits).item()
+    assert len(set(first)) > 1  # a stream of draws, not one value repeated
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    sampler = Sampler([SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)],
+                      [[0, 1]], V)
+    sampler.append(torch.tensor([2]))
+    sampler.append(torch.tensor([2]))
+    out = sampler.penalized(logits.clone())[0]
+    # prompt tokens 0 and 1: repetition only (2.0 / 2, -1.0 × 2); output token 2 (twice): all three
+    assert out[:3].tolist() == pytest.approx([1.0, -2.0, 0.25 - 0.5 - 0.5])
+    assert out[3:].tolist() == logits[0, 3:].tolist()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"stop": [""]}, "stop"), ({"repetition_penalty": 0}, "repetition"),
+])
+def test_bad_parameters_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
