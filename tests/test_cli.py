@@ -33,3 +33,27 @@ def test_console_command_reports_bad_input_clearly(tmp_path):
     assert "'model_type' = 'llama'" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "-m", "dsv2", "info", "no-such-thing"], capture_output=True, text=True)
     assert result.returncode != 0 and "neither a preset" in result.stderr
+
+
+def test_generate_command_streams_the_greedy_completion(tmp_path, capsys):
+    import torch
+
+    from dsv2 import DeepseekV2ForCausalLM
+
+    from helpers import make_tokenizer_files
+
+    tiny_model(vocab_size=512).save_pretrained(tmp_path)
+    make_tokenizer_files(tmp_path)
+    main(["generate", "--model", str(tmp_path), "Hello 你好", "--max-new-tokens", "12", "--ignore-eos"])
+    printed = capsys.readouterr().out
+    model = DeepseekV2ForCausalLM.from_pretrained(tmp_path)
+    ids = model.tokenizer.encode("Hello 你好")
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, ignore_eos=True)[0, len(ids):]
+    assert printed == model.tokenizer.decode(out, skip_special_tokens=True) + "\n"
+    main(["generate", "--model", str(tmp_path), "Hi", "--chat", "--system", "Be brief.", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generate_without_a_model_says_so(capsys):
+    result = subprocess.run([sys.executable, "-m", "dsv2", "generate", "hi"], capture_output=True, text=True)
+    assert result.returncode != 0 and "--model is required" in result.stderr

@@ -1,0 +1,85 @@
+"""An interactive chat over the reference generator: history, ``/reset``, ``/exit``, streamed answers.
+
+Ctrl-C while an answer streams stops that answer (what was said so far stays in the history); Ctrl-C at the prompt
+clears the line; Ctrl-D or ``/exit`` leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from dsv2.generate import stream
+from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.tokenizer import Tokenizer
+
+HELP = "Type a message. /reset clears the conversation, /exit leaves. Ctrl-C stops an answer."
+
+
+class ChatSession:
+    """A conversation: the messages so far, and the next assistant turn streamed as text."""
+
+    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, system: str | None = None,
+                 **generate_kwargs: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.generate_kwargs = generate_kwargs
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def respond(self, text: str) -> Iterator[str]:
+        """Add the user's message, then stream the answer; the answer joins the history even if cut short."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        limit = self.model.config.max_position_embeddings
+        if len(ids) >= limit:
+            self.messages.pop()
+            raise ValueError(f"the conversation is {len(ids)} tokens, over the model's {limit}: /reset to start over")
+        kwargs = dict(self.generate_kwargs)
+        kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or limit, limit - len(ids))
+        answer = []
+        try:
+            for delta in stream(self.model, self.tokenizer, ids, **kwargs):
+                answer.append(delta)
+                yield delta
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """The read-eval-print loop; ``read`` is ``input`` (with readline history when available)."""
+    if read is input:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and ↑/↓ history for input())
+    print(HELP, file=out)
+    while True:
+        try:
+            line = read(">>> ").strip()
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        except EOFError:
+            print(file=out)
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=out)
+            continue
+        if not line:
+            continue
+        try:
+            for delta in session.respond(line):
+                out.write(delta)
+                out.flush()
+            print(file=out)
+        except KeyboardInterrupt:
+            print(" [stopped]", file=out)
+        except ValueError as e:
+            print(f"error: {e}", file=out)

@@ -1,0 +1,85 @@
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dsv2 import DeepseekV2ForCausalLM
+from dsv2.chat import ChatSession, run_repl
+
+from helpers import TINY_LITE, make_tokenizer_files, tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_model(TINY_LITE, vocab_size=512).save_pretrained(path)
+    make_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+
+
+def test_session_keeps_history_and_resets(model):
+    session = ChatSession(model, model.tokenizer, system="Be brief.", max_new_tokens=6, ignore_eos=True)
+    first = "".join(session.respond("hello"))
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    assert session.messages[-1]["content"] == first.strip()
+    "".join(session.respond("again"))
+    prompt = model.tokenizer.apply_chat_template(session.messages[:-1], add_generation_prompt=True, tokenize=False)
+    assert prompt.count("User:") == 2 and prompt.startswith(model.tokenizer.bos_token + "Be brief.")
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_an_interrupted_answer_stays_in_the_history(model):
+    session = ChatSession(model, model.tokenizer, max_new_tokens=50, ignore_eos=True)
+    answer = session.respond("hello")
+    partial = next(answer) + next(answer)
+    answer.close()  # what Ctrl-C does to the generator
+    assert session.messages[-1] == {"role": "assistant", "content": partial.strip()}
+
+
+def test_repl_commands(model):
+    lines = iter(["hello", "/reset", "", "/exit"])
+    out = io.StringIO()
+    session = ChatSession(model, model.tokenizer, max_new_tokens=4, ignore_eos=True)
+    run_repl(session, read=lambda prompt: next(lines), out=out)
+    assert "(conversation cleared)" in out.getvalue()
+    assert session.messages == []
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(checkpoint):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsv2", "chat", "--model", str(checkpoint), "--max-new-tokens", "2400",
+         "--temperature", "1.0", "--seed", "0", "--ignore-eos"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write("tell me a long story\n")
+        proc.stdin.flush()
+        deadline = time.time() + 60
+        while len(output) < 300 and time.time() < deadline:  # the answer is streaming
+            time.sleep(0.05)
+        assert len(output) >= 300, "".join(output)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still running
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+        reader.join(timeout=5)
+        assert proc.returncode == 0, proc.stderr.read()
+        text = "".join(output)
+        assert "[stopped]" in text and text.rstrip().endswith(">>>")  # back at the prompt, then /exit
+    finally:
+        proc.kill()
