@@ -14,7 +14,7 @@ import torch
 
 from dsv2.detokenize import IncrementalDetokenizer
 from dsv2.model import DeepseekV2ForCausalLM, LatentCache
-from dsv2.sampling import Sampler, SamplingParams
+from dsv2.sampling import SamplingParams, SamplingRow, sample
 from dsv2.tokenizer import Tokenizer
 
 
@@ -69,14 +69,14 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     logits = model(padded, cache=cache, logits_at=last[:, None])[:, 0]  # [B, V]
     positions = last + 1  # [B] where each row's next token goes
 
-    sampler = Sampler([params] * B, prompts, config.vocab_size, device)
+    rows = [SamplingRow.start(params, prompt, device) for prompt in prompts]
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
     done = [False] * B
     for step in range(max_new):
-        tokens = sampler.sample(logits)  # [B]
-        sampler.append(tokens)
+        tokens = sample(logits, rows)  # [B]
         drawn = tokens.tolist()
         for row, token in enumerate(drawn):
+            rows[row].output_ids.append(token)
             if done[row]:
                 drawn[row] = -1
             elif token in stop_ids or step == max_new - 1:

@@ -78,77 +78,92 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-class Sampler:
-    """Samples one token per row from logits [B, V], with each row's own parameters and token history."""
+@dataclass
+class SamplingRow:
+    """What sampling needs of one sequence: its parameters, its own generator (when seeded) and its tokens so far.
 
-    def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int,
-                 device: torch.device | str = "cpu") -> None:
-        assert len(params) == len(prompts)
-        self.params = list(params)
-        self.vocab_size = vocab_size
+    The caller appends each sampled token to ``output_ids``; penalties are computed from these lists.
+    """
 
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
 
-        self.temperature = column([p.temperature for p in params])  # [B]
-        self.greedy = self.temperature == 0  # [B]
-        self.all_greedy = all(p.greedy for p in params)
-        self.top_k = column([p.top_k or vocab_size for p in params], torch.long)  # [B]
-        self.top_p, self.min_p = column([p.top_p for p in params]), column([p.min_p for p in params])  # [B]
-        self.repetition = column([p.repetition_penalty for p in params])  # [B]
-        self.presence = column([p.presence_penalty for p in params])  # [B]
-        self.frequency = column([p.frequency_penalty for p in params])  # [B]
-        self.generators = [None if p.seed is None else torch.Generator(device).manual_seed(p.seed) for p in params]
-        self.uses_penalties = any(p.uses_penalties for p in params)
-        if self.uses_penalties:
-            self.output_counts = torch.zeros(len(params), vocab_size, device=device)  # [B, V]
-            self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)  # [B, V]
-            for row, prompt in enumerate(prompts):
-                self.seen[row, torch.as_tensor(list(prompt), dtype=torch.long, device=device)] = True
+    @classmethod
+    def start(cls, params: SamplingParams, prompt_ids: Sequence[int],
+              device: torch.device | str = "cpu") -> SamplingRow:
+        generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        return cls(params, prompt_ids, [], generator)
 
-    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] float32 with the repetition, presence and frequency penalties applied."""
-        if not self.uses_penalties:
-            return logits
-        rep = self.repetition[:, None]
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(self.seen, penalized, logits)
-        return logits - self.presence[:, None] * (self.output_counts > 0) - self.frequency[:, None] * self.output_counts
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] → token ids [B]."""
-        logits = self.penalized(logits.to(torch.float32)[:, : self.vocab_size])
-        greedy_tokens = logits.argmax(dim=-1)  # [B]
-        if self.all_greedy:
-            return greedy_tokens
-        temperature = torch.where(self.greedy, 1.0, self.temperature)[:, None]  # [B, 1]
-        probs = self.filtered_probs(logits / temperature)  # [B, V]
-        # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p; one generator per seeded row.
-        race = torch.empty_like(probs)
-        unseeded = [row for row, g in enumerate(self.generators) if g is None]
-        if unseeded:
-            race[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-        for row, generator in enumerate(self.generators):
-            if generator is not None:
-                race[row].exponential_(generator=generator)
-        sampled = (probs / race).argmax(dim=-1)  # [B]
-        return torch.where(self.greedy, greedy_tokens, sampled)
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits [B, V] → one token id per row [B], each row with its own parameters."""
+    assert logits.shape[0] == len(rows)
+    logits = penalized(logits.to(torch.float32), rows)
+    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    if all(row.params.greedy for row in rows):
+        return greedy_tokens
+    device = logits.device
+    greedy = torch.tensor([row.params.greedy for row in rows], device=device)  # [B]
+    temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)[:, None]  # [B, 1]
+    probs = filtered_probs(logits / temperature, rows)  # [B, V]
+    # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p; a seeded row draws from its own generator.
+    race = torch.empty_like(probs)
+    unseeded = [i for i, row in enumerate(rows) if row.generator is None]
+    if unseeded:
+        race[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            race[i].exponential_(generator=row.generator)
+    sampled = (probs / race).argmax(dim=-1)  # [B]
+    return torch.where(greedy, greedy_tokens, sampled)
 
-    def filtered_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax of logits [B, V] restricted to each row's top-k, top-p nucleus and min-p floor."""
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-        ranks = torch.arange(logits.shape[1], device=logits.device)  # [V]
-        drop = ranks[None, :] >= self.top_k[:, None]  # [B, V] beyond top-k
-        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of all better tokens
-        drop |= mass_before >= self.top_p[:, None]  # outside the nucleus (the best token always stays)
-        drop |= sorted_probs < self.min_p[:, None] * sorted_probs[:, :1]  # below min_p × the best probability
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        filtered = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order
-        return filtered.softmax(dim=-1)
 
-    def append(self, tokens: torch.Tensor) -> None:
-        """Record the tokens just sampled [B], for the penalties."""
-        if self.uses_penalties:
-            self.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.float32))
-            self.seen.scatter_(1, tokens[:, None], True)
+def penalized(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits [B, V] float32 with each row's repetition (prompt + output tokens) and presence/frequency (output
+    tokens) penalties applied."""
+    if not any(row.params.uses_penalties for row in rows):
+        return logits
+    B, V = logits.shape
+    device = logits.device
+    counts = torch.zeros(B, V, device=device)  # [B, V] occurrences in the output
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # [B, V] in the prompt or the output
+    for i, row in enumerate(rows):
+        if row.params.uses_penalties:
+            output = torch.tensor(row.output_ids, dtype=torch.long, device=device)
+            counts[i].index_add_(0, output, torch.ones(len(output), device=device))
+            seen[i, torch.tensor(list(row.prompt_ids), dtype=torch.long, device=device)] = True
+            seen[i, output] = True
+    column = lambda name: torch.tensor([getattr(r.params, name) for r in rows], device=device)[:, None]  # noqa: E731
+    repetition = column("repetition_penalty")  # [B, 1]
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - column("presence_penalty") * (counts > 0) - column("frequency_penalty") * counts
+
+
+def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Softmax of logits [B, V] restricted to each row's top-k, top-p nucleus and min-p floor."""
+    V = logits.shape[1]
+    device = logits.device
+    top_k = torch.tensor([r.params.top_k or V for r in rows], device=device)[:, None]  # [B, 1]
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]  # [B, 1]
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device)[:, None]  # [B, 1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    drop = torch.arange(V, device=device)[None, :] >= top_k  # [B, V] beyond top-k
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of all better tokens
+    drop |= mass_before >= top_p  # outside the nucleus (the best token always stays)
+    drop |= sorted_probs < min_p * sorted_probs[:, :1]  # below min_p × the best probability
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order
+    return filtered.softmax(dim=-1)
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the model's own distribution (before sampling parameters, as vLLM reports them) →
+    the chosen tokens' [B], and the k most likely ids [B, k] with their values [B, k]."""
+    logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # [B, V]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
+    values, ids = logprobs.topk(k, dim=-1)  # [B, k] each
+    return chosen, ids, values

@@ -2,20 +2,22 @@ import pytest
 import torch
 
 from dsv2 import SamplingParams
-from dsv2.sampling import Sampler
+from dsv2.sampling import SamplingRow, penalized, sample, top_logprobs
 
 V = 8
 
 
-def draws(logits, params, n=2000, prompts=None):
-    sampler = Sampler([params] * n, prompts or [[0]] * n, V)
-    return sampler.sample(logits.expand(n, V).clone())
+def rows(*params):
+    return [SamplingRow.start(p, [0]) for p in params]
+
+
+def draws(logits, params, n=2000):
+    return sample(logits.expand(n, V).clone(), rows(*[params] * n))
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(5, V)
-    sampler = Sampler([SamplingParams(temperature=0)] * 5, [[1]] * 5, V)
-    assert torch.equal(sampler.sample(logits), logits.argmax(-1))
+    assert torch.equal(sample(logits, rows(*[SamplingParams(temperature=0)] * 5)), logits.argmax(-1))
 
 
 def test_temperature_one_follows_the_softmax():
@@ -36,27 +38,34 @@ def test_top_k_top_p_and_min_p_never_pick_outside_the_allowed_set():
 
 def test_seeded_rows_repeat_and_do_not_depend_on_the_batch():
     logits = torch.randn(1, V)
-    alone = [Sampler([SamplingParams(seed=7)], [[0]], V).sample(logits).item() for _ in range(3)]
+    alone = [sample(logits, rows(SamplingParams(seed=7))).item() for _ in range(3)]
     assert len(set(alone)) == 1
-    sampler = Sampler([SamplingParams(seed=7), SamplingParams(seed=8), SamplingParams()], [[0]] * 3, V)
+    batch = rows(SamplingParams(seed=7), SamplingParams(seed=8), SamplingParams())
+    solo = rows(SamplingParams(seed=7))
     first = []
-    solo = Sampler([SamplingParams(seed=7)], [[0]], V)
     for _ in range(20):
-        first.append(sampler.sample(logits.expand(3, V).clone())[0].item())
-        assert first[-1] == solo.sample(logits).item()
+        first.append(sample(logits.expand(3, V).clone(), batch)[0].item())
+        assert first[-1] == sample(logits, solo).item()
     assert len(set(first)) > 1  # a stream of draws, not one value repeated
 
 
 def test_penalties():
     logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]])
-    sampler = Sampler([SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)],
-                      [[0, 1]], V)
-    sampler.append(torch.tensor([2]))
-    sampler.append(torch.tensor([2]))
-    out = sampler.penalized(logits.clone())[0]
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    row = SamplingRow(params, prompt_ids=[0, 1], output_ids=[2, 2])
+    out = penalized(logits.clone(), [row, SamplingRow(SamplingParams(), [0, 1], [2, 2])])[0]
+    assert torch.equal(penalized(logits.clone(), [SamplingRow(SamplingParams(), [0], [2])]), logits)
     # prompt tokens 0 and 1: repetition only (2.0 / 2, -1.0 × 2); output token 2 (twice): all three
     assert out[:3].tolist() == pytest.approx([1.0, -2.0, 0.25 - 0.5 - 0.5])
     assert out[3:].tolist() == logits[0, 3:].tolist()
+
+
+def test_logprobs_are_the_model_distribution():
+    logits = torch.randn(3, V)
+    chosen, ids, values = top_logprobs(logits, torch.tensor([0, 5, 7]), k=2)
+    expected = logits.log_softmax(-1)
+    assert torch.allclose(chosen, expected[[0, 1, 2], [0, 5, 7]])
+    assert torch.equal(ids, expected.topk(2).indices) and torch.allclose(values, expected.topk(2).values)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
