@@ -1,6 +1,7 @@
 """dsv2: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in readable PyTorch."""
 
 from dsv2.config import ConfigError, ModelConfig
+from dsv2.engine import LLM, CompletionOutput, RequestOutput
 from dsv2.generation_config import GenerationConfig
 from dsv2.model import CausalLMOutput, DeepseekV2ForCausalLM, LatentCache
 from dsv2.sampling import SamplingParams
@@ -9,7 +10,16 @@ from dsv2.weights import WeightsError
 
 __version__ = "0.1.0"
 __all__ = [
-    "CausalLMOutput", "ConfigError", "DeepseekV2ForCausalLM", "GenerationConfig", "LatentCache", "ModelConfig",
+    "LLM",
+    "CausalLMOutput",
+    "CompletionOutput",
+    "ConfigError",
+    "DeepseekV2ForCausalLM",
+    "GenerationConfig",
+    "LatentCache",
+    "ModelConfig",
+    "RequestOutput",
     "SamplingParams",
-    "Tokenizer", "WeightsError",
+    "Tokenizer",
+    "WeightsError",
 ]

@@ -25,6 +25,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text (stop string excluded once found)
         self.emitted = 0  # characters of self.text handed out so far
         self.stopped = False  # a stop string was found
+        self.stop_string: str | None = None  # which one
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text now safe to hand out (possibly "")."""
@@ -54,9 +55,10 @@ class IncrementalDetokenizer:
     def _check_stop(self) -> None:
         """Cut self.text at the first stop string. Text already handed out cannot hold the start of one (see
         _release), so the search starts there."""
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, self.emitted), s) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            index, self.stop_string = min(hits)
+            self.text = self.text[:index]
             self.stopped = True
 
     def _release(self, final: bool) -> str:

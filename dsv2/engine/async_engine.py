@@ -1,0 +1,150 @@
+"""AsyncEngine: the engine stepping on a background thread, for servers — submit, stream outputs, abort.
+
+Every request in flight shares the same continuous batch. Outputs cross from the engine thread to the asyncio event
+loop through each request's queue; a consumer that stops listening (a client that disconnects) aborts its request,
+which frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dsv2.engine.engine import LLMEngine, RequestOutput
+from dsv2.sampling import SamplingParams
+
+log = logging.getLogger("dsv2.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (an error in a step, or shutdown); requests cannot be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) | ("abort", id) | ("stop",)
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._ids = itertools.count()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="dsv2-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------- public API
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's (cumulative) output after every step that advances it; the last one is finished.
+
+        Validation errors (prompt too long, ...) raise ValueError before anything is queued.
+        """
+        self._check_alive()
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._streams_lock:
+            self._streams[request_id] = stream
+        self._inbox.put(("add", request_id, prompt_token_ids, params, prompt))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, ValueError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine failed: {item!r}") from item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the consumer went away (client disconnect, cancellation) or the request failed
+                self.abort(request_id)
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The checks add_request makes, without queueing anything (raises ValueError)."""
+        limit = self.engine.config.max_model_len
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt "
+                             "and output together)")
+        if params.stop and self.engine.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot for metrics (read without stopping the engine: numbers may be one step apart)."""
+        scheduler = self.engine.scheduler
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "free_blocks": self.engine.num_free_blocks, "total_blocks": self.engine.blocks.num_blocks}
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still in flight are aborted and their consumers told so."""
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def _check_alive(self) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error
+                                  else "the engine is not running")
+
+    # ------------------------------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        stopping = False
+        try:
+            while not stopping:
+                idle = not self.engine.has_unfinished_requests()
+                messages = [self._inbox.get()] if idle else []  # sleep until there is something to do
+                while not self._inbox.empty():
+                    messages.append(self._inbox.get_nowait())
+                for kind, *args in messages:
+                    if kind == "add":
+                        request_id, ids, params, prompt = args
+                        try:
+                            self.engine.add_request(request_id, ids, params, prompt)
+                        except ValueError as e:
+                            self._deliver(request_id, e)
+                    elif kind == "abort":
+                        self.engine.abort_request(args[0])
+                    else:
+                        stopping = True
+                if not stopping and self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        self._deliver(output.request_id, output)
+            self.error = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # a bug or an out-of-memory in a step: fail every consumer loudly
+            log.exception("engine thread failed")
+            self.error = e
+        finally:
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+            with self._streams_lock:
+                waiting = list(self._streams)
+            for request_id in waiting:
+                self._deliver(request_id, self.error)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # the consumer's event loop is already closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

@@ -1,0 +1,233 @@
+"""LLMEngine: requests in, a step at a time; the core under `LLM` (offline) and `AsyncEngine` (server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.detokenize import IncrementalDetokenizer
+from dsv2.engine.block_manager import BlockManager
+from dsv2.engine.runner import ModelRunner, PagedLatentCache
+from dsv2.engine.scheduler import Batch, Scheduler
+from dsv2.engine.sequence import Logprob, Sequence
+from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.sampling import SamplingParams, SamplingRow, sample, top_logprobs
+from dsv2.tokenizer import Tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    """Sizes of the paged cache and of a step. ``num_blocks`` comes from a memory budget (see `LLM`)."""
+
+    num_blocks: int
+    block_size: int = 16
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+        capacity = self.num_blocks * self.block_size
+        if self.max_model_len > capacity:
+            raise ValueError(f"max_model_len={self.max_model_len} does not fit the KV cache ({self.num_blocks} "
+                             f"blocks of {self.block_size} = {capacity} tokens): give the cache more memory "
+                             "(kv_cache_memory / gpu_memory_utilization) or lower max_model_len")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
+                             f"{self.max_model_len}: without chunked prefill a whole prompt must fit one step")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig) -> None:
+        config.validate(model.config)
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.cache = PagedLatentCache(model.config, config.num_blocks, config.block_size, model.dtype, model.device)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[str, Request] = {}
+        eos = model.generation_config.eos_token_id
+        eos = model.config.eos_token_id if eos is None else eos
+        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a request; errors that name the problem for an empty or too long prompt."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        limit = self.config.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt and "
+                             "output together)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
+        max_tokens = min(params.max_tokens or limit, limit - len(prompt_token_ids))
+        seqs = []
+        for index in range(params.n):
+            seq_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+            seq = Sequence(
+                request_id=request_id, index=index, token_ids=list(prompt_token_ids),
+                num_prompt_tokens=len(prompt_token_ids), params=seq_params, max_tokens=max_tokens,
+                sampling=SamplingRow.start(seq_params, prompt_token_ids, self.model.device),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+                if self.tokenizer is not None else None,
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its cache blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ----------------------------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the (cumulative) output of every request that got a token or finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch)  # [B, vocab]
+        self.num_steps += 1
+        for item in batch.items:
+            item.seq.num_computed_tokens = item.end
+            self.blocks.commit(item.seq)
+        touched = self._sample(batch, logits)
+        outputs = []
+        for request_id in dict.fromkeys(seq.request_id for seq in touched):
+            request = self.requests[request_id]
+            outputs.append(self._output(request))
+            if request.finished:
+                del self.requests[request_id]
+        return outputs
+
+    def _sample(self, batch: Batch, logits: torch.Tensor) -> list[Sequence]:
+        rows = [i for i, item in enumerate(batch.items) if item.samples]
+        if not rows:
+            return []
+        seqs = [batch.items[i].seq for i in rows]
+        logits = logits[rows]  # [N, vocab]
+        tokens = sample(logits, [seq.sampling for seq in seqs])  # [N]
+        want_logprobs = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
+        if want_logprobs:
+            chosen, top_ids, top_values = (t.tolist() for t in top_logprobs(logits, tokens, max(want_logprobs)))
+        now = time.monotonic()
+        for n, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            seq.token_ids.append(token)
+            seq.sampling.output_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            if seq.logprobs is not None:
+                k = seq.params.logprobs
+                entry = {token: Logprob(chosen[n], rank=None, decoded_token=self._decode_one(token))}
+                for rank, (tid, value) in enumerate(zip(top_ids[n][:k], top_values[n][:k], strict=True), start=1):
+                    if tid == token:
+                        entry[token].rank = rank
+                    else:
+                        entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += chosen[n]
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.add(token)
+            self._check_finished(seq, token)
+        return seqs
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif seq.detokenizer is not None and seq.detokenizer.stopped:
+            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_string
+        elif len(seq.output_ids) >= seq.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.finish()
+        self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(seq.index, seq.text, seq.output_ids, seq.cumulative_logprob if seq.logprobs is not None
+                             else None, seq.logprobs, seq.finish_reason, seq.stop_reason)
+            for seq in request.seqs
+        ]
+        first = request.seqs[0]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, request.finished,
+                             num_cached_tokens=first.num_cached_tokens,
+                             metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+

@@ -1,0 +1,169 @@
+"""`LLM`: vLLM's offline API over dsv2's engine. Programs written for vLLM run with only the import changed."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dsv2.config import DTYPES
+from dsv2.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from dsv2.engine.runner import PagedLatentCache
+from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.sampling import SamplingParams
+from dsv2.tokenizer import Tokenizer
+
+log = logging.getLogger("dsv2.engine")
+
+CPU_CACHE_CAP = 4 * 2**30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4)
+# vLLM arguments that have no meaning here; accepted so that vLLM programs run unchanged.
+IGNORED = {"trust_remote_code", "enforce_eager", "tokenizer_mode", "swap_space", "cpu_offload_gb", "quantization",
+           "revision", "tokenizer_revision", "download_dir", "load_format", "disable_custom_all_reduce",
+           "max_seq_len_to_capture", "disable_log_stats", "compilation_config", "hf_overrides", "seed"}
+
+
+def _available_cpu_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 2**30
+
+
+def cache_budget(device: torch.device, kv_cache_memory: int | None, gpu_memory_utilization: float) -> int:
+    """Bytes for the latent cache: ``kv_cache_memory`` if given; on CUDA, the share ``gpu_memory_utilization`` of
+    the device's memory left after the weights; on CPU, half that share of the available RAM, at most 4 GiB."""
+    if kv_cache_memory is not None:
+        return int(kv_cache_memory)
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        activations = int(0.05 * total)
+        return max(0, int(total * gpu_memory_utilization) - (total - free) - activations)
+    return min(CPU_CACHE_CAP, int(_available_cpu_memory() * gpu_memory_utilization / 2))
+
+
+class LLM:
+    """Offline batched generation: ``LLM(model=path).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
+                 tensor_parallel_size: int = 1, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 device: str | torch.device | None = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - IGNORED
+        if unknown:
+            raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
+        if tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not available yet in dsv2")
+        if model is None:
+            raise ValueError("LLM(model=...) needs a checkpoint folder")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else DTYPES[dtype]
+        self.model = DeepseekV2ForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        self.tokenizer = Tokenizer.from_pretrained(tokenizer) if tokenizer else self.model.tokenizer
+        config = self.model.config
+        per_token = PagedLatentCache.bytes_per_token(config, self.model.dtype)
+        budget = cache_budget(device, kv_cache_memory, gpu_memory_utilization)
+        capacity = budget // (per_token * block_size)
+        if max_model_len is None:
+            max_model_len = min(config.max_position_embeddings, capacity * block_size)
+        useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
+        num_blocks = min(capacity, useful)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 4096 if enable_chunked_prefill else max(4096, max_model_len)
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
+            num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+        ))
+        log.info("latent cache: %d blocks × %d tokens × %d bytes = %.2f GiB; max_model_len %d", num_blocks,
+                 block_size, per_token, num_blocks * block_size * per_token / 2**30, max_model_len)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | Sequence[int] | None = None, use_tqdm: bool = True,
+                 **ignored: Any) -> list[RequestOutput]:
+        """Generate for every prompt (strings, {"prompt_token_ids": [...]} / {"prompt": ...} dicts, or the
+        ``prompt_token_ids`` argument); the results come back in input order."""
+        requests = self._normalize_prompts(prompts, prompt_token_ids)
+        params = self._normalize_params(sampling_params, len(requests))
+        return self._run(requests, params, use_tqdm)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, **ignored: Any) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, rendered with the model's chat template."""
+        tokenizer = self._require_tokenizer("chat()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        requests = [(None, tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt))
+                    for c in conversations]
+        return self._run(requests, self._normalize_params(sampling_params, len(requests)), use_tqdm)
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer: the model folder has no tokenizer.json (pass tokenizer=...)")
+        return self.tokenizer
+
+    def _normalize_prompts(self, prompts: Any, prompt_token_ids: Any) -> list[tuple[str | None, list[int]]]:
+        if prompt_token_ids is not None:
+            token_lists = [prompt_token_ids] if prompt_token_ids and isinstance(prompt_token_ids[0], int) \
+                else prompt_token_ids
+            return [(None, list(ids)) for ids in token_lists]
+        if prompts is None:
+            raise ValueError("generate() needs prompts or prompt_token_ids")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        requests = []
+        for prompt in prompts:
+            if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                requests.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+            elif isinstance(prompt, dict) and "prompt" in prompt:
+                requests.append((prompt["prompt"], self._require_tokenizer("text prompts").encode(prompt["prompt"])))
+            elif isinstance(prompt, str):
+                requests.append((prompt, self._require_tokenizer("text prompts").encode(prompt)))
+            else:
+                raise TypeError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got "
+                                f"{type(prompt).__name__}")
+        return requests
+
+    @staticmethod
+    def _normalize_params(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"{len(params)} sampling_params for {count} prompts: give one, or one per prompt")
+        return params
+
+    def _run(self, requests: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        ids = [str(next(self._ids)) for _ in requests]
+        for request_id, (prompt, token_ids), p in zip(ids, requests, params, strict=True):
+            self.engine.add_request(request_id, token_ids, p, prompt)
+        results: dict[str, RequestOutput] = {}
+        generated = 0
+        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm, unit="req") as bar:
+            while len(results) < len(requests):
+                assert self.engine.has_unfinished_requests(), "the engine stopped with requests unanswered"
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        generated += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"output {generated / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
+        return [results[i] for i in ids]

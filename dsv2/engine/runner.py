@@ -1,0 +1,91 @@
+"""Runs one scheduled batch through the model over the paged latent cache.
+
+The cache is one tensor [num_layers, num_blocks·block_size + 1, kv_lora_rank + qk_rope_head_dim]: slot
+``block·block_size + offset`` holds one token's normalized latent and roped k_pe, and the extra last slot absorbs the
+writes of padding tokens. A batch is laid out as [B, T] (each sequence's chunk, right-padded); each layer writes the
+chunk's latents to their slots and reads back every sequence's context by block table ([B, S] gather, entry s =
+position s), so the model's attention — expanded for prefill chunks, absorbed for single-token decoding — runs
+unchanged. A fused paged-attention kernel (FlashMLA, Triton) would replace the gather in `PagedStepCache.update`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.engine.scheduler import Batch
+from dsv2.model import DeepseekV2ForCausalLM
+
+
+class PagedLatentCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.block_size = block_size
+        self.num_slots = num_blocks * block_size
+        self.trash_slot = self.num_slots  # padding tokens write here; never read as a real entry
+        self.data = torch.zeros(config.num_hidden_layers, self.num_slots + 1, config.latent_dim, dtype=dtype,
+                                device=device)  # [L, slots + 1, D]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        return config.num_hidden_layers * config.latent_dim * dtype.itemsize
+
+
+class PagedStepCache:
+    """What the model sees for one step: ``update`` writes the new latents to their slots and returns the context."""
+
+    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
+        self.cache = cache
+        self.write_slots = write_slots.flatten()  # [B·T]
+        self.read_slots = read_slots  # [B, S]
+        self.seq_len = 0  # positions are always given by the runner
+
+    def update(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """latent [B, T, D] → the batch's contexts [B, S, D] (entry s = position s; beyond a sequence: masked)."""
+        layer = self.cache.data[layer_idx]  # [slots + 1, D]
+        layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
+        return layer[self.read_slots]
+
+    def advance(self, num_tokens: int) -> None:
+        pass
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache) -> None:
+        self.model, self.cache = model, cache
+        self.device = model.device
+
+    def _slots(self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions [B, K] by block tables [B, max_blocks]; the trash slot where not ``valid``."""
+        bs = self.cache.block_size
+        block_index = (positions // bs).clamp(max=tables.shape[1] - 1)  # [B, K]
+        blocks = tables.gather(1, block_index)  # [B, K]
+        return torch.where(valid & (blocks >= 0), blocks * bs + positions % bs, self.cache.trash_slot)
+
+    @torch.no_grad()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Compute the batch's chunks; return the logits [B, vocab] at each sequence's last computed token."""
+        items = batch.items
+        T = max(item.end - item.start for item in items)
+        S = max(item.end for item in items)
+        widest = max(len(item.seq.block_table) for item in items)
+
+        def tensor(rows: list) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+        input_ids = tensor([item.seq.token_ids[item.start:item.end] + [0] * (T - item.end + item.start)
+                            for item in items])  # [B, T], right-padded
+        tables = tensor([item.seq.block_table + [-1] * (widest - len(item.seq.block_table)) for item in items])
+        starts, ends = tensor([item.start for item in items]), tensor([item.end for item in items])  # [B]
+        positions = starts[:, None] + torch.arange(T, device=self.device)  # [B, T]
+        context = torch.arange(S, device=self.device).expand(len(items), S)  # [B, S]
+        write_slots = self._slots(tables, positions, positions < ends[:, None])  # [B, T]
+        read_slots = self._slots(tables, context, context < ends[:, None])  # [B, S]
+        step_cache = PagedStepCache(self.cache, write_slots, read_slots)
+        logits = self.model(input_ids, positions=positions, cache=step_cache,
+                            logits_at=(ends - starts - 1)[:, None])  # [B, 1, vocab]
+        return logits[:, 0]

@@ -1,0 +1,136 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step is either a prefill step (new or preempted sequences, and chunks of long prompts, up to
+``max_num_batched_tokens`` tokens) or a decode step (one token for every running sequence). Prefill goes first, so
+new requests join the running batch as soon as there is room. When a decode step cannot get a cache block, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed later (its tokens so far are kept, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dsv2.engine.block_manager import BlockManager
+from dsv2.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    start: int  # first token to compute
+    end: int  # one past the last; when end == seq.num_tokens, the step samples a new token for it
+
+    @property
+    def samples(self) -> bool:
+        return self.end == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledSequence]
+    is_prefill: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.end - item.start for item in self.items)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch | None:
+        """The next step's batch; None when there is nothing to run."""
+        batch = self._schedule_prefill() or self._schedule_decode()
+        while batch is None and self.running:  # every running sequence is stuck for cache space: make room
+            self._preempt(self.running[-1])
+            batch = self._schedule_prefill() or self._schedule_decode()
+        return batch
+
+    def _schedule_prefill(self) -> Batch | None:
+        budget = self.max_num_batched_tokens
+        items = []
+        for seq in self.running:  # sequences in the middle of a chunked prefill continue first
+            if budget and seq.num_tokens - seq.num_computed_tokens > 1:
+                item = self._chunk(seq, budget)
+                if item is None:
+                    break
+                items.append(item)
+                budget -= item.end - item.start
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.attach_prefix(seq)
+            item = self._chunk(seq, budget)
+            if item is None:  # no room in the cache (or the budget) yet: hand shared prefix blocks back
+                self.blocks.release(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            self.blocks.count_prefix_hit(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            items.append(item)
+            budget -= item.end - item.start
+        return Batch(items, is_prefill=True) if items else None
+
+    def _chunk(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
+        """The next prefill chunk of ``seq`` within ``budget`` tokens, with its cache blocks; None if it cannot run
+        now. Without chunked prefill the whole rest of the prompt must fit the budget."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining > budget and not self.enable_chunked_prefill:
+            return None
+        end = seq.num_computed_tokens + min(remaining, budget)
+        if not self.blocks.can_grow(seq, end):
+            return None
+        self.blocks.grow(seq, end)
+        return ScheduledSequence(seq, seq.num_computed_tokens, end)
+
+    def _schedule_decode(self) -> Batch | None:
+        """One token for every running sequence whose prompt is done, preempting from the back for cache space."""
+        items = []
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]:
+            if seq.status is not Status.RUNNING:
+                continue  # preempted to make room for an earlier one
+            while not self.blocks.can_grow(seq, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq, seq.num_tokens)
+                items.append(ScheduledSequence(seq, seq.num_computed_tokens, seq.num_tokens))
+        return Batch(items, is_prefill=False) if items else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and queue it again at the front; it will be recomputed from its tokens."""
+        self.blocks.release(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the schedule (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
