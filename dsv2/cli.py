@@ -67,6 +67,38 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_repl(ChatSession(model, model.tokenizer, system=args.system, **generate_kwargs(args)))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from dsv2.server.serve import serve
+    except ImportError as e:
+        raise SystemExit(f"dsv2 serve needs the server extra: pip install 'dsv2[server]' ({e})") from None
+    if args.model is None:
+        raise SystemExit("dsv2: --model is required (a checkpoint folder with config.json, weights and tokenizer.json)")
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+          max_body_bytes=args.max_body_bytes, device=None if args.device == "auto" else args.device,
+          dtype=args.dtype, **engine_arguments(args))
+
+
+def engine_arguments(args: argparse.Namespace) -> dict:
+    names = ("max_model_len", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+             "block_size")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {**given, "enable_prefix_caching": not args.no_prefix_caching,
+            "enable_chunked_prefill": not args.no_chunked_prefill}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="share of device memory for weights + cache (CPU: of available RAM, halved)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences in a batch at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step at most")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per cache block")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not share computed prompt prefixes")
+    parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv2.info import format_summary
 
@@ -91,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="interactive chat with history; /reset, /exit, Ctrl-C stops an answer")
     add_model_arguments(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming)")
+    serve.add_argument("--model", default=None, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_engine_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -96,3 +96,17 @@ def make_tokenizer_files(folder, vocab_size: int = 400, chat_template: str | Non
     if chat_template is not None:
         config["chat_template"] = DEEPSEEK_V2_CHAT_TEMPLATE if chat_template == "default" else chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+@torch.no_grad()
+def make_eos_prone_(model: DeepseekV2ForCausalLM, strength: float = 5.0) -> DeepseekV2ForCausalLM:
+    """Point the EOS row of the output head along the model's typical final hidden state, so that sampled answers
+    end after a token or two (a random model otherwise rambles until max_tokens)."""
+    eos = model.config.eos_token_id
+    hidden = []
+    model.lm_head.register_forward_hook(lambda module, args, out: hidden.append(args[0].detach()))
+    model(torch.randint(2, model.config.vocab_size, (4, 32)))
+    model.lm_head._forward_hooks.clear()
+    mean = torch.cat(hidden).flatten(0, -2).float().mean(0)  # [H]
+    model.lm_head.weight[eos] = (strength * mean / mean.square().sum()).to(model.lm_head.weight.dtype)
+    return model

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: ``dsv2 serve``."""

@@ -1,0 +1,323 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of the async engine.
+
+Every request joins the engine's continuous batch. Bad input never reaches the engine: it is answered with OpenAI's
+error JSON. A streaming client that disconnects has its request aborted, which frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from dsv2.engine.async_engine import AsyncEngine, EngineDeadError
+from dsv2.engine.engine import CompletionOutput, RequestOutput
+from dsv2.server.metrics import Metrics
+from dsv2.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from dsv2.server.streams import merge, sse
+from dsv2.tokenizer import Tokenizer
+
+log = logging.getLogger("dsv2.server")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is read whole."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(APIError(413, f"request body is larger than {limit} bytes", code="request_too_large").body(),
+                        status_code=413)
+
+
+def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = 4 * 2**20) -> FastAPI:
+    app = FastAPI(title="dsv2", description="OpenAI-compatible API over dsv2's engine", docs_url=None, redoc_url=None)
+    metrics = Metrics()
+    max_model_len = engine.engine.config.max_model_len
+    created = int(time.time())
+
+    # ------------------------------------------------------------------------------------ errors, auth, logging
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"malformed JSON body: {first.get('msg')}").body(), status_code=400)
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(APIError(400, message, param=param, code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, e: EngineDeadError):
+        return JSONResponse(APIError(503, str(e), type="server_error", code="engine_unavailable").body(),
+                            status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("error answering %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def auth_and_log(request: Request, call_next):
+        start = time.monotonic()
+        path = request.url.path
+        if api_key is not None and path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                 type="authentication_error", code="invalid_api_key").body(),
+                                        status_code=401)
+                _log_line(request, response.status_code, start)
+                return response
+        try:
+            response = await call_next(request)
+        except APIError as e:  # raised while reading the body (size limit)
+            response = JSONResponse(e.body(), status_code=e.status)
+        metrics.requests.labels(endpoint=path, status=str(response.status_code)).inc()
+        _log_line(request, response.status_code, start)
+        return response
+
+    # --------------------------------------------------------------------------------------------- endpoints
+    @app.get("/health")
+    async def health():
+        if not engine.is_alive:
+            raise EngineDeadError("the engine is not running")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.render(engine.stats()), media_type=Metrics.CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "dsv2", "max_model_len": max_model_len}]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+
+    def check_length(prompt_len: int, max_tokens: int | None, param: str) -> None:
+        if prompt_len >= max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                           f"{prompt_len}", param=param, code="context_length_exceeded")
+        if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; you requested "
+                           f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
+                           param="max_tokens", code="context_length_exceeded")
+
+    def params_or_400(req, max_tokens, logprobs):
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        if (problem := req.unsupported()) is not None:
+            raise problem
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+        try:
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        check_length(len(prompt_ids), req.output_limit(), "messages")
+        params = params_or_400(req, req.output_limit(), req.logprob_count())
+        response_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        outputs = metrics.track(engine.generate(prompt_ids, params), len(prompt_ids))
+        head = {"id": response_id, "created": now, "model": model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(_chat_chunks(outputs, head, req.n, include_usage, len(prompt_ids))),
+                                     media_type="text/event-stream")
+        final = await _last(outputs, request)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": _chat_logprobs(c.logprobs) if req.logprobs else None,
+                    "finish_reason": _finish(c)} for c in final.outputs]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), final)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        if (problem := req.unsupported()) is not None:
+            raise problem
+        prompts = []
+        for i, prompt in enumerate(req.prompts()):
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not ids or any(not isinstance(t, int) or t < 0 for t in ids):
+                raise APIError(400, f"prompt {i} is empty or holds invalid token ids", param="prompt")
+            check_length(len(ids), req.max_tokens, "prompt")
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+            prompts.append((text, ids))
+        params = params_or_400(req, req.max_tokens, req.logprobs)
+        response_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = [metrics.track(engine.generate(ids, params, text), len(ids)) for text, ids in prompts]
+        head = {"id": response_id, "created": now, "model": model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(_completion_chunks(streams, prompts, head, req, include_usage)),
+                                     media_type="text/event-stream")
+        finals = [await _last(s, request) for s in streams]
+        choices = []
+        for p, (final, (text, _)) in enumerate(zip(finals, prompts, strict=True)):
+            for c in final.outputs:
+                choices.append({"index": p * req.n + c.index, "text": (text if req.echo else "") + c.text,
+                                "logprobs": _completion_logprobs(c.logprobs) if req.logprobs is not None else None,
+                                "finish_reason": _finish(c)})
+        usage = {"prompt_tokens": sum(len(ids) for _, ids in prompts),
+                 "completion_tokens": sum(len(c.token_ids) for f in finals for c in f.outputs)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+
+    return BodySizeLimit(app, max_body_bytes) if max_body_bytes else app
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _log_line(request: Request, status: int, start: float) -> None:
+    client = request.client.host if request.client else "-"
+    log.info('%s "%s %s" %d %.1fms', client, request.method, request.url.path, status,
+             (time.monotonic() - start) * 1e3)
+
+
+async def _last(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
+    """The final output; gives up (aborting the request) if the client goes away meanwhile."""
+    final = None
+    async for output in outputs:
+        final = output
+        if await request.is_disconnected():
+            await outputs.aclose()
+            raise APIError(499, "client disconnected", type="client_error")
+    assert final is not None
+    return final
+
+
+def _finish(c: CompletionOutput) -> str | None:
+    return {"abort": "stop"}.get(c.finish_reason, c.finish_reason)
+
+
+def _usage(prompt_tokens: int, final: RequestOutput) -> dict[str, int]:
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _token_entry(text: str | None, logprob: float) -> dict[str, Any]:
+    text = text or ""
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _chat_logprobs(logprobs: list[dict] | None, start: int = 0) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    content = []
+    for token_id, entry in ((next(iter(e)), e) for e in logprobs[start:]):
+        chosen = entry[token_id]
+        top = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+        content.append({**_token_entry(chosen.decoded_token, chosen.logprob),
+                        "top_logprobs": [_token_entry(lp.decoded_token, lp.logprob) for lp in top]})
+    return {"content": content}
+
+
+def _completion_logprobs(logprobs: list[dict] | None, start: int = 0) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for entry in logprobs[start:]:
+        chosen = entry[next(iter(entry))]
+        tokens.append(chosen.decoded_token or "")
+        token_logprobs.append(chosen.logprob)
+        top.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank is not None})
+        offsets.append(offset)
+        offset += len(chosen.decoded_token or "")
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int, include_usage: bool,
+                       prompt_tokens: int) -> AsyncIterator[dict]:
+    chunk = {**head, "object": "chat.completion.chunk"}
+    for index in range(n):
+        yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]}
+    sent_text, sent_tokens, done = [0] * n, [0] * n, [False] * n
+    final = None
+    async for final in outputs:
+        for c in final.outputs:
+            if done[c.index]:
+                continue
+            delta = c.text[sent_text[c.index]:]
+            new_logprobs = _chat_logprobs(c.logprobs, sent_tokens[c.index])
+            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            finished = c.finish_reason is not None
+            if delta or finished:
+                yield {**chunk, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
+                                             "logprobs": new_logprobs, "finish_reason": _finish(c)}]}
+            done[c.index] = finished
+    if include_usage and final is not None:
+        yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, final)}
+
+
+async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompts: list[tuple[str, list[int]]],
+                             head: dict, req: CompletionRequest, include_usage: bool) -> AsyncIterator[dict]:
+    chunk = {**head, "object": "text_completion"}
+    n = req.n
+    sent_text, sent_tokens = {}, {}
+    completion_tokens = 0
+    if req.echo:
+        for p, (text, _) in enumerate(prompts):
+            for i in range(n):
+                yield {**chunk, "choices": [{"index": p * n + i, "text": text, "logprobs": None,
+                                             "finish_reason": None}]}
+    async for p, out in merge(streams):
+        for c in out.outputs:
+            index = p * n + c.index
+            if sent_text.get(index) == -1:
+                continue
+            delta = c.text[sent_text.get(index, 0):]
+            logprobs = _completion_logprobs(c.logprobs, sent_tokens.get(index, 0)) if req.logprobs is not None \
+                else None
+            sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+            if delta or c.finish_reason is not None:
+                yield {**chunk, "choices": [{"index": index, "text": delta, "logprobs": logprobs,
+                                             "finish_reason": _finish(c)}]}
+            if c.finish_reason is not None:
+                sent_text[index] = -1
+                completion_tokens += len(c.token_ids)
+    if include_usage:
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        yield {**chunk, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                 "completion_tokens": completion_tokens,
+                                                 "total_tokens": prompt_tokens + completion_tokens}}
+

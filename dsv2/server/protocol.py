@@ -1,0 +1,156 @@
+"""The OpenAI API's request bodies (pydantic), checked strictly, and its error format.
+
+Fields that OpenAI defines but dsv2 cannot honour (tools, response formats, images, logit bias) are rejected with a
+400 that names them, rather than silently ignored. vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
+ignore_eos) are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dsv2.sampling import SamplingParams
+
+MAX_N = 16
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by chat and completions requests."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields are checked in `unsupported`, not a 422 each
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_limit(cls, n: int) -> int:
+        if n > MAX_N:
+            raise ValueError(f"n={n} is more than this server allows ({MAX_N})")
+        return n
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "functions", "function_call", "response_format",
+                                    "parallel_tool_calls", "audio", "modalities", "prediction")
+
+    def unsupported(self) -> APIError | None:
+        """A 400 for the first field whose meaning dsv2 cannot honour."""
+        for name in self.UNSUPPORTED:
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, [], {}, False) and not (name == "tool_choice" and value == "none"):
+                return APIError(400, f"'{name}' is not supported by this server", param=name,
+                                code="unsupported_parameter")
+        if self.logit_bias:
+            return APIError(400, "'logit_bias' is not supported by this server", param="logit_bias",
+                            code="unsupported_parameter")
+        return None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, max_tokens=max_tokens,
+            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+        )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self, index: int) -> str:
+        """The message's text; a list of content parts may hold text parts only."""
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            raise APIError(400, f"messages[{index}].content is missing", param=f"messages[{index}].content")
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                kind = part.get("type")
+                raise APIError(400, f"messages[{index}] has a content part of type {kind!r}: only text is supported "
+                               "(no images or audio)", param=f"messages[{index}].content", code="unsupported_content")
+            texts.append(TextPart(**part).text)
+        return "".join(texts)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> APIError | None:
+        if self.suffix:
+            return APIError(400, "'suffix' is not supported by this server", param="suffix",
+                            code="unsupported_parameter")
+        if self.best_of not in (None, 1, self.n):
+            return APIError(400, "'best_of' is not supported by this server", param="best_of",
+                            code="unsupported_parameter")
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)

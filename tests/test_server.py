@@ -1,0 +1,304 @@
+"""The OpenAI-compatible server, for real: uvicorn on loopback, the official openai client, LangChain, bad input."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from dsv2 import LLM, SamplingParams  # noqa: E402
+from dsv2.engine.async_engine import AsyncEngine  # noqa: E402
+from dsv2.server.app import create_app  # noqa: E402
+
+from helpers import TINY_LITE, make_eos_prone_, make_tokenizer_files, tiny_model  # noqa: E402
+
+NAME = "deepseek-chat"
+MAX_LEN = 8192
+ENGINE = {"kv_cache_memory": 64_000_000, "max_model_len": MAX_LEN}
+QUESTIONS = [f"Question {i}: what is {i} + {i}?" for i in range(40)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model = make_eos_prone_(tiny_model(TINY_LITE, vocab_size=512, max_position_embeddings=16384))
+    model.save_pretrained(path)
+    make_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint):
+    return LLM(model=checkpoint, **ENGINE)
+
+
+class Server:
+    def __init__(self, checkpoint, **app_args):
+        self.llm = LLM(model=checkpoint, **ENGINE)
+        self.engine = AsyncEngine(self.llm.engine)
+        app = create_app(self.engine, self.llm.tokenizer, NAME, **app_args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.shutdown()
+
+    def idle(self, timeout: float = 10.0) -> bool:
+        """Every cache block free and no request in the engine (waits for aborts to land)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            e = self.llm.engine
+            if e.num_free_blocks == e.blocks.num_blocks and not e.has_unfinished_requests():
+                return True
+            time.sleep(0.02)
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server(checkpoint)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+def chat(question):
+    return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+
+
+# ---------------------------------------------------------------------------------------------------------- clients
+def test_openai_client_chat_and_completions(client, server, offline):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    reply = client.chat.completions.create(model=NAME, messages=chat("hi"), temperature=0, max_tokens=12)
+    expected = offline.chat(chat("hi"), SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.prompt_tokens == len(offline.get_tokenizer().apply_chat_template(chat("hi"),
+                                                                                          add_generation_prompt=True))
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    stream = client.chat.completions.create(model=NAME, messages=chat("hi"), temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+    prompt = "An attention function"
+    done = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                     extra_body={"ignore_eos": True})
+    offline_text = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].text
+    assert done.choices[0].text == prompt + offline_text and done.usage.completion_tokens == 6
+    pieces = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(p.choices[0].text for p in pieces) == offline_text
+
+
+def test_chat_options_n_seed_logprobs_stop(client):
+    kwargs = {"model": NAME, "messages": chat("seeded"), "temperature": 1.0, "max_tokens": 10, "seed": 3, "n": 3,
+              "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
+    first, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and first.usage.completion_tokens == 30
+    entry = first.choices[0].logprobs.content[0]
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+    text = first.choices[0].message.content
+    stop = text[3:5]
+    cut = client.chat.completions.create(model=NAME, messages=chat("seeded"), temperature=1.0, max_tokens=10, seed=3,
+                                         stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_langchain_chat_openai(server, offline):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(model=NAME, openai_api_key="KEY", openai_api_base=f"{server.url}/v1",
+                                      temperature=0.85, max_tokens=8000)
+    answer = llm.invoke("Tell me about mixture-of-experts models.")
+    assert isinstance(answer.content, str) and answer.response_metadata["finish_reason"] in ("stop", "length")
+    streamed = list(llm.stream("And about latent attention?"))
+    assert streamed and all(isinstance(c.content, str) for c in streamed)
+    greedy = langchain_openai.ChatOpenAI(model=NAME, openai_api_key="KEY", openai_api_base=f"{server.url}/v1",
+                                         temperature=0, max_tokens=12)
+    expected = offline.chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=12),
+                            use_tqdm=False)[0].outputs[0].text
+    assert greedy.invoke("hello").content == expected
+
+
+def test_load_200_requests_from_32_clients(server, offline):
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = [o.outputs[0].text for o in offline.chat([chat(q) for q in QUESTIONS], params, use_tqdm=False)]
+    steps_before = server.llm.engine.num_steps
+
+    async def run():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+            semaphore = asyncio.Semaphore(32)
+
+            async def one(i):
+                async with semaphore:
+                    body = {"model": NAME, "messages": chat(QUESTIONS[i % 40]), "temperature": 0, "max_tokens": 8,
+                            "stream": i % 2 == 1}
+                    r = await http.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    if body["stream"]:
+                        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+                        assert events[-1] == "[DONE]"
+                        return "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                                       for e in events[:-1] if json.loads(e)["choices"])
+                    return r.json()["choices"][0]["message"]["content"]
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    answers = asyncio.run(run())
+    assert answers == [expected[i % 40] for i in range(200)]  # every one answered, and correctly
+    assert server.llm.engine.num_steps - steps_before < 200 * 9 / 4  # batched, not one request after another
+    assert server.idle()  # no request left behind, every cache block back
+
+
+# -------------------------------------------------------------------------------------------------------- bad input
+BAD = [
+    ("not json", "{bad json", 400, None),
+    ("missing messages", {"model": NAME}, 400, "messages"),
+    ("empty messages", {"model": NAME, "messages": []}, 400, "messages"),
+    ("wrong type", {"model": NAME, "messages": chat("x"), "temperature": "hot"}, 400, "temperature"),
+    ("unknown role", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("max_tokens 0", {"model": NAME, "messages": chat("x"), "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens past context", {"model": NAME, "messages": chat("x"), "max_tokens": MAX_LEN}, 400, "max_tokens"),
+    ("prompt too long", {"model": NAME, "messages": chat("word " * MAX_LEN)}, 400, "messages"),
+    ("n too large", {"model": NAME, "messages": chat("x"), "n": 1000}, 400, "n"),
+    ("unknown model", {"model": "gpt-9", "messages": chat("x")}, 404, "model"),
+    ("tools", {"model": NAME, "messages": chat("x"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ("response_format", {"model": NAME, "messages": chat("x"), "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("image", {"model": NAME, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "param"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, case, body, status, param):
+    with httpx.Client(base_url=server.url) as http:
+        content = body if isinstance(body, str) else json.dumps(body)
+        r = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        if param is not None:
+            assert error["param"] is not None and error["param"].startswith(param)
+        assert http.get("/health").json() == {"status": "ok"}
+    assert server.idle()
+
+
+def test_completions_bad_input(server):
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": [], "max_tokens": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "suffix": "y"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+
+
+def test_body_size_limit(checkpoint):
+    s = Server(checkpoint, max_body_bytes=2000)
+    try:
+        with httpx.Client(base_url=s.url) as http:
+            r = http.post("/v1/chat/completions", json={"model": NAME, "messages": chat("x" * 5000)})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            assert http.get("/health").status_code == 200
+    finally:
+        s.close()
+
+
+def test_api_key(checkpoint):
+    s = Server(checkpoint, api_key="sesame")
+    try:
+        with httpx.Client(base_url=s.url) as http:
+            assert http.get("/v1/models").status_code == 401
+            assert http.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+            assert http.get("/v1/models", headers={"authorization": "Bearer sesame"}).status_code == 200
+            assert http.get("/health").status_code == 200  # health checks need no key
+        good = openai.OpenAI(base_url=f"{s.url}/v1", api_key="sesame")
+        assert good.chat.completions.create(model=NAME, messages=chat("x"), max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope").models.list()
+    finally:
+        s.close()
+
+
+def test_disconnect_mid_stream_frees_the_blocks(server):
+    assert server.idle()
+    body = {"model": NAME, "messages": chat("long"), "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server.url) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.llm.engine.num_free_blocks < server.llm.engine.blocks.num_blocks  # it holds blocks now
+    assert server.idle()  # the closed connection aborted the request
+
+
+def test_metrics(server, client):
+    client.chat.completions.create(model=NAME, messages=chat("x"), max_tokens=2)
+    with httpx.Client(base_url=server.url) as http:
+        text = http.get("/metrics").text
+    for name in ("dsv2_http_requests_total", "dsv2_prompt_tokens_total", "dsv2_generation_tokens_total",
+                 "dsv2_num_requests_running", "dsv2_num_requests_waiting", "dsv2_kv_cache_usage_ratio",
+                 "dsv2_time_to_first_token_seconds_bucket", "dsv2_time_per_output_token_seconds_bucket"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_shuts_down_cleanly(checkpoint, sig):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsv2", "serve", "--model", str(checkpoint), "--port", str(port),
+                             "--kv-cache-memory", "4000000", "--max-model-len", "2048", "--served-model-name", NAME],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": NAME, "messages": chat("x"), "max_tokens": 300, "stream": True, "ignore_eos": True}
+        with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/chat/completions",
+                                                                         json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(sig)
+            rest = list(lines)  # the request in flight finishes (within the 10 s grace period)
+        assert [line for line in rest if line][-1] == "data: [DONE]"
+        assert proc.wait(timeout=30) == 0
+        log = proc.stdout.read()
+        assert "engine stopped" in log and "Traceback" not in log
+    finally:
+        proc.kill()
