@@ -179,3 +179,36 @@ def test_block_manager_shares_and_evicts_in_order():
     for _ in range(6):  # hand every block out: the cached contents are overwritten, oldest freed first
         bm._take_free_block()
     assert bm.cached == {}
+
+
+def test_the_model_card_vllm_program_runs_with_only_the_import_changed(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    tiny_model(TINY_LITE, vocab_size=512, max_position_embeddings=16384).save_pretrained(tmp_path)
+    make_tokenizer_files(tmp_path)
+    program = f'model_name = "{tmp_path}"\n' + '''
+from transformers import AutoTokenizer
+from dsv2 import LLM, SamplingParams
+
+max_model_len, tp_size = 8192, 1
+tokenizer = AutoTokenizer.from_pretrained(model_name)
+llm = LLM(model=model_name, tensor_parallel_size=tp_size, max_model_len=max_model_len, trust_remote_code=True, enforce_eager=True)
+sampling_params = SamplingParams(temperature=0.3, max_tokens=256, stop_token_ids=[tokenizer.eos_token_id])
+
+messages_list = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "Translate the following content into Chinese directly: DeepSeek-V2 adopts innovative architectures to guarantee economical training and efficient inference."}],
+    [{"role": "user", "content": "Write a piece of quicksort code in C++."}],
+]
+
+prompt_token_ids = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in messages_list]
+
+outputs = llm.generate(prompt_token_ids=prompt_token_ids, sampling_params=sampling_params)
+
+generated_text = [output.outputs[0].text for output in outputs]
+print(generated_text)
+'''
+    scope = {}
+    exec(compile(program, "model_card_vllm", "exec"), scope)
+    assert len(scope["generated_text"]) == 3 and capsys.readouterr().out.startswith("[")
+    outputs = scope["outputs"]
+    assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outputs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,15 @@ def cache_budget(device: torch.device, kv_cache_memory: int | None, gpu_memory_u
         activations = int(0.05 * total)
         return max(0, int(total * gpu_memory_utilization) - (total - free) - activations)
     return min(CPU_CACHE_CAP, int(_available_cpu_memory() * gpu_memory_utilization / 2))
+
+
+def _token_list(ids: Any) -> list[int]:
+    """Token ids as a list, also from what transformers 5's apply_chat_template returns (a BatchEncoding)."""
+    if isinstance(ids, Mapping) and "input_ids" in ids:
+        ids = ids["input_ids"]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.flatten().tolist()
+    return [int(i) for i in ids]
 
 
 class LLM:
@@ -121,7 +130,7 @@ class LLM:
         if prompt_token_ids is not None:
             token_lists = [prompt_token_ids] if prompt_token_ids and isinstance(prompt_token_ids[0], int) \
                 else prompt_token_ids
-            return [(None, list(ids)) for ids in token_lists]
+            return [(None, _token_list(ids)) for ids in token_lists]
         if prompts is None:
             raise ValueError("generate() needs prompts or prompt_token_ids")
         if isinstance(prompts, (str, dict)):
@@ -129,7 +138,7 @@ class LLM:
         requests = []
         for prompt in prompts:
             if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-                requests.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+                requests.append((prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])))
             elif isinstance(prompt, dict) and "prompt" in prompt:
                 requests.append((prompt["prompt"], self._require_tokenizer("text prompts").encode(prompt["prompt"])))
             elif isinstance(prompt, str):
