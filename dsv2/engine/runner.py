@@ -38,17 +38,20 @@ class PagedLatentCache:
 class PagedStepCache:
     """What the model sees for one step: ``update`` writes the new latents to their slots and returns the context."""
 
-    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
+    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor,
+                 mask: torch.Tensor | None) -> None:
         self.cache = cache
         self.write_slots = write_slots.flatten()  # [B·T]
         self.read_slots = read_slots  # [B, S]
+        self.mask = mask  # [B, T, S], or None when bottom-right causal suffices
         self.seq_len = 0  # positions are always given by the runner
 
-    def update(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """latent [B, T, D] → the batch's contexts [B, S, D] (entry s = position s; beyond a sequence: masked)."""
+    def update(self, layer_idx: int, latent: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """latent [B, T, D] → the batch's contexts [B, S, D] (entry s = position s) and the step's mask."""
         layer = self.cache.data[layer_idx]  # [slots + 1, D]
         layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
-        return layer[self.read_slots]
+        return layer[self.read_slots], self.mask
 
     def advance(self, num_tokens: int) -> None:
         pass
@@ -85,7 +88,11 @@ class ModelRunner:
         context = torch.arange(S, device=self.device).expand(len(items), S)  # [B, S]
         write_slots = self._slots(tables, positions, positions < ends[:, None])  # [B, T]
         read_slots = self._slots(tables, context, context < ends[:, None])  # [B, S]
-        step_cache = PagedStepCache(self.cache, write_slots, read_slots)
+        # Plain causal when every chunk starts at position 0 (keys = the queries, padding at the ends) or when one
+        # sequence decodes; otherwise each query sees the keys up to its own position.
+        fresh = all(item.start == 0 for item in items) or (len(items) == 1 and T == 1)
+        mask = None if fresh else context[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        step_cache = PagedStepCache(self.cache, write_slots, read_slots, mask)
         logits = self.model(input_ids, positions=positions, cache=step_cache,
                             logits_at=(ends - starts - 1)[:, None])  # [B, 1, vocab]
         return logits[:, 0]

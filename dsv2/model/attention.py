@@ -66,10 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
 
         if cache is None:
             mask = None  # causal among the T tokens
-        else:
-            latent = cache.update(self.layer_idx, latent, positions)  # [B, S, r + d_R], entry s = position s
-            key_positions = torch.arange(latent.shape[1], device=x.device)  # [S]
-            mask = key_positions <= positions[:, :, None]  # [B, T, S]
+        else:  # entry s of the returned context = position s; mask None: every key up to the query's own
+            latent, mask = cache.update(self.layer_idx, latent, positions)  # [B, S, r + d_R], [B, T, S] | None
 
         if impl == "absorbed" or (impl == "auto" and cache is not None and T == 1):
             out = self.absorbed(q_nope, q_pe, latent, mask)
@@ -79,36 +77,62 @@ class MultiHeadLatentAttention(nn.Module):
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
-        """Per-head K/V re-materialized from the latent. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v]."""
+        """Per-head K/V re-materialized from the latent. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v].
+
+        ``mask`` None means bottom-right causal: the T queries are the last T of the S positions.
+        """
         B, S, _ = latent.shape
+        T = q_nope.shape[1]
         c, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)  # [B, S, r], [B, S, d_R]
         kv = self.kv_b_proj(c).view(B, S, self.num_heads, self.nope_dim + self.v_dim)  # [B, S, n_h, d + v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, n_h, d + d_R]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, n_h, d + d_R]
+        # The fused (flash) SDPA kernels want one head size for q, k and v: pad v with zeros, drop them after.
+        pad = q.shape[-1] - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v  # [B, S, n_h, max(v, d + d_R)]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n_h, T|S, ·]
             attn_mask=None if mask is None else mask[:, None],  # [B, 1, T, S]
-            is_causal=mask is None, scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
-        )  # [B, n_h, T, v]
-        return out.transpose(1, 2)  # [B, T, n_h, v]
+            is_causal=mask is None and T > 1, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, n_h, T, ·]
+        return out[..., : self.v_dim].transpose(1, 2)  # [B, T, n_h, v]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [n_h, d, r] and W_UV [n_h, v, r] out of kv_b_proj: contiguous copies at inference (rebuilt when the
+        weight changes), views when gradients must flow into kv_b_proj."""
+        w = self.kv_b_proj.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank).split(
+                [self.nope_dim, self.v_dim], dim=1)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_absorbed_key", None) != key:
+            w_kv_b = w.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [n_h, d + v, r]
+            self._absorbed = tuple(part.contiguous() for part in w_kv_b.split([self.nope_dim, self.v_dim], dim=1))
+            self._absorbed_key = key
+        return self._absorbed
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
-        """MQA over the latent with W_UK/W_UV folded in. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v]."""
+        """MQA over the latent with W_UK/W_UV folded in. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v].
+
+        ``mask`` None means bottom-right causal, as in `expanded`.
+        """
         B, T, n_h, _ = q_nope.shape
         S = latent.shape[1]
-        w_kv_b = self.kv_b_proj.weight.view(n_h, self.nope_dim + self.v_dim, self.kv_rank)  # [n_h, d + v, r]
-        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [n_h, d, r], [n_h, v, r]
+        w_uk, w_uv = self.absorbed_weights()  # [n_h, d, r], [n_h, v, r]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, n_h, r]
         q = torch.cat([q_latent, q_pe], dim=-1)  # [B, T, n_h, r + d_R]
-        if mask is None:
+        if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
         # Fold the heads into the query length: one key/value head shared by all n_h·T query rows.
         q = q.transpose(1, 2).reshape(B, 1, n_h * T, self.kv_rank + self.rope_dim)  # [B, 1, n_h·T, r + d_R]
-        mask = mask[:, None].expand(B, n_h, T, S).reshape(B, 1, n_h * T, S)  # [B, 1, n_h·T, S]
+        if mask is not None:
+            mask = mask[:, None].expand(B, n_h, T, S).reshape(B, 1, n_h * T, S)  # [B, 1, n_h·T, S]
+        # The whole latent serves as the value (same head size as q/k: the fused kernel applies); keep its first r.
         out_latent = F.scaled_dot_product_attention(
-            q, latent[:, None], latent[:, None, :, : self.kv_rank], attn_mask=mask, scale=self.softmax_scale,
-        )  # [B, 1, n_h·T, r]
-        out_latent = out_latent.view(B, n_h, T, self.kv_rank)  # [B, n_h, T, r]
+            q, latent[:, None], latent[:, None], attn_mask=mask, scale=self.softmax_scale,
+        )[..., : self.kv_rank]  # [B, 1, n_h·T, r]
+        out_latent = out_latent.reshape(B, n_h, T, self.kv_rank)  # [B, n_h, T, r]
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, n_h, v]

@@ -32,20 +32,26 @@ class LatentCache:
     def max_len(self) -> int:
         return self.data.shape[2]
 
-    def update(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def update(self, layer_idx: int, latent: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store latent [B, T, D] of the new tokens at their positions [B, T]; return the layer's first seq_len + T
-        entries, [B, seq_len + T, D].
+        entries [B, S, D] and the attention mask [B, T, S] (key position ≤ query position).
 
-        Rows may sit at different positions (a batch of prompts of different lengths, right-padded): every row writes
-        where its tokens belong, and attention masks by position, so a row never reads another row's padding.
+        The mask is None when it is plain bottom-right causal: a fresh cache (the T tokens are positions 0..T-1), or
+        one sequence decoding its next token (it sees every entry). Rows may sit at different positions (prompts of
+        different lengths, right-padded): every row writes where its tokens belong, and the mask keeps each row to
+        its own positions, so a row never reads another row's padding.
         """
-        end = self.seq_len + latent.shape[1]
+        T = latent.shape[1]
+        end = self.seq_len + T
         if end > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + {latent.shape[1]} new tokens > "
-                             f"max_len={self.max_len}")
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + {T} new tokens > max_len={self.max_len}")
         index = positions[:, :, None].expand_as(latent)  # [B, T, D]
         self.data[layer_idx].scatter_(1, index, latent.to(self.data.dtype))
-        return self.data[layer_idx, :, :end]
+        context = self.data[layer_idx, :, :end]  # [B, S, D]
+        if self.seq_len == 0 or (latent.shape[0] == 1 and T == 1):
+            return context, None
+        return context, torch.arange(end, device=positions.device) <= positions[:, :, None]
 
     def advance(self, num_tokens: int) -> None:
         """Called by the model once every layer has stored the step's tokens: seq_len counts slots in use."""

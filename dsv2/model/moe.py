@@ -8,6 +8,7 @@ device-to-host synchronization (the fallback for torch builds without ``grouped_
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,14 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of x [M, in] sorted by expert; rows offsets[e-1]:offsets[e] use weight[e] [out, in]. → [M, out]."""
+    """Rows of x [M, in] sorted by expert; rows offsets[e-1]:offsets[e] use weight[e] [out, in]. → [M, out].
+
+    Under autocast both operands take the autocast dtype, as a linear layer's would."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
     if _grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
@@ -139,6 +147,8 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts else None
         )
+        # training may add losses computed from the routing (expert-parallel device balance): (routing, B, T) → loss
+        self.extra_balance_loss: Callable[[Routing, int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load."""
@@ -150,10 +160,11 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         load = torch.zeros(self.gate.num_experts, dtype=torch.float32, device=x.device)
         load.scatter_add_(0, routing.expert_ids.flatten(), torch.ones(B * T * self.top_k, device=x.device))  # [E]
+        loss = torch.zeros((), device=x.device)
         if self.training and self.aux_loss_alpha > 0:
             loss = self.balance_loss(routing, load, B, T)
-        else:
-            loss = torch.zeros((), device=x.device)
+        if self.training and self.extra_balance_loss is not None:
+            loss = loss + self.extra_balance_loss(routing, B, T)
         return y, MoEStats(loss, load)
 
     def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:
