@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -99,6 +101,63 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from dsv2.train.data import tokenize_files
+
+    index = tokenize_files(args.tokenizer, [Path(p) for p in args.input], Path(args.output), workers=args.workers)
+    print(f"{index['num_documents']} documents, {index['num_tokens']:,} tokens → {args.output}")
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given as flags."""
+    from dsv2.train.config import TrainConfig
+
+    overrides = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            overrides[f.name] = json.loads(value) if f.name == "model_overrides" else value
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dsv2.train.config import TrainConfig
+    from dsv2.train.trainer import run_training
+
+    overrides = train_overrides(args)
+    if args.command == "sft":
+        overrides["sft_data"] = overrides.pop("data", None)
+        overrides = {**SFT_DEFAULTS, **overrides}
+    summary = run_training(TrainConfig.load(args.config, **overrides))
+    if "val_loss" in summary:
+        print(f"validation loss {summary['val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})")
+
+
+# The paper's SFT: learning rate 5e-6, 2 epochs; short sequences and a small warm-up suit chat data.
+SFT_DEFAULTS = {"lr": 5e-6, "epochs": 2.0, "warmup_steps": 10, "seq_len": 2048, "batch_size": 16, "eval_every": 50,
+                "save_every": 200}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--seq-len, --batch-size, ...); given flags override the --config file."""
+    from dsv2.train.config import TrainConfig
+
+    parser.add_argument("--config", default=None, help="a TOML file of training settings")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "decay_at":
+            parser.add_argument(flag, type=float, nargs="+", default=None, help="fractions of training (0.8 0.9)")
+        elif f.name == "model_overrides":
+            parser.add_argument(flag, default=None, help="config.json fields as JSON: '{\"num_hidden_layers\": 2}'")
+        elif f.name == "sft_data":
+            continue
+        else:
+            kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), type(default))
+            kind = str if kind is type(None) else kind
+            parser.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv2.info import format_summary
 
@@ -135,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     add_engine_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    tokenize = commands.add_parser("tokenize", help="text files → memory-mapped token ids for training")
+    tokenize.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)")
+    tokenize.add_argument("--input", nargs="+", required=True, help=".txt files (one document each) or .jsonl")
+    tokenize.add_argument("--output", required=True, help="the .bin file to write (its index goes next to it)")
+    tokenize.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: up to 4)")
+    tokenize.set_defaults(func=cmd_tokenize)
+
+    train = commands.add_parser("train", help="pre-train (or continue training) with the paper's recipe")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    sft = commands.add_parser("sft", help="chat fine-tuning on {'messages': [...]} JSONL, loss on assistant turns")
+    add_train_arguments(sft)
+    sft.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""TrainConfig: every setting of a training run, from a TOML file and/or command-line flags.
+
+Defaults are the paper's recipe for V2-Lite (section 5 of the reference): AdamW β = (0.9, 0.95), weight decay 0.1,
+gradient clipping at 1.0, init std 0.006, warm-up over 2,000 steps to 4.2e-4, ×0.316 after 80% and 90% of training,
+sequence length 4K, expert-level balance loss α1 = 0.001.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    # the model: a preset ("nano", "v2-lite", "v2") or a checkpoint folder to continue from
+    model: str = "nano"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields to change (presets only)
+    tokenizer: str | None = None  # folder with tokenizer.json, copied into checkpoints (default: the model folder)
+    init_std: float = 0.006
+    # data (from `dsv2 tokenize`)
+    data: str = ""
+    seq_len: int = 4096
+    val_fraction: float = 0.01
+    # batch: sequences per optimizer step, split over ranks and micro-batches (gradient accumulation)
+    batch_size: int = 4608
+    micro_batch_size: int = 1
+    # length: optimizer steps, training tokens (steps = tokens / (batch_size · seq_len)) or epochs over the data
+    steps: int | None = None
+    train_tokens: int | None = None
+    epochs: float | None = None
+    # optimizer and schedule
+    lr: float = 4.2e-4
+    warmup_steps: int = 2000
+    decay_at: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    decay_factor: float = 0.316
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    aux_loss_alpha: float | None = None  # expert-level balance loss α1 (default: the model config's)
+    # expert-parallel extras (section 5): device-level α2, communication α3, device-limited routing to M devices
+    device_balance_alpha: float = 0.0
+    comm_balance_alpha: float = 0.0
+    device_limit: int | None = None
+    # precision: bfloat16 autocast over float32 master weights, or plain float32
+    precision: str = "bfloat16"
+    # output
+    out: str = "runs/train"
+    save_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 200
+    eval_sequences: int = 64
+    log_every: int = 10
+    export_dtype: str = "bfloat16"  # dtype of the final model in out/model
+    seed: int = 0
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    # distributed (torchrun)
+    data_parallel: str = "ddp"  # "ddp" or "fsdp"
+    expert_parallel: int = 1  # ranks the routed experts are spread over (1 = replicated)
+    # SFT: chat JSONL instead of a token file; loss on assistant tokens only
+    sft_data: str | None = None
+
+    def validate(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"train config {name} = {getattr(self, name)!r}: {rule}")
+
+        if not self.data and not self.sft_data:
+            fail("data", "give a token file from `dsv2 tokenize` (or chat JSONL for sft)")
+        if self.steps is None and self.train_tokens is None and self.epochs is None:
+            fail("steps", "give steps, train_tokens or epochs")
+        for name in ("seq_len", "batch_size", "micro_batch_size", "save_every", "eval_every", "log_every",
+                     "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            fail("batch_size", f"must be a multiple of micro_batch_size = {self.micro_batch_size}")
+        if self.precision not in ("bfloat16", "float32"):
+            fail("precision", "'bfloat16' (autocast, fp32 master weights) or 'float32'")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            fail("data_parallel", "'ddp' or 'fsdp'")
+        if not 0 <= self.val_fraction < 1:
+            fail("val_fraction", "must be in [0, 1)")
+        if any(not 0 < f <= 1 for f in self.decay_at):
+            fail("decay_at", "fractions of training in (0, 1]")
+
+    def total_steps(self, num_train_sequences: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.train_tokens is not None:
+            return max(1, self.train_tokens // (self.batch_size * self.seq_len))
+        return max(1, math.ceil(self.epochs * num_train_sequences / self.batch_size))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """A TOML file's settings (flat keys, or grouped in tables), then ``overrides`` (flags that were given)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: no such training config") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from None
+            for key, value in raw.items():
+                if isinstance(value, dict) and key != "model_overrides":
+                    values.update(value)  # [model], [data], [optim] ... tables are for readability only
+                else:
+                    values[key] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,185 @@
+"""Training data: text files → token ids in a memory-mapped file, packed into fixed-length sequences.
+
+``dsv2 tokenize`` writes ``NAME.bin`` (uint32 token ids: every document followed by EOS) and ``NAME.idx.json`` (the
+token offset where each document starts, the tokenizer and the counts). Tokenization runs in worker processes.
+
+`PackedDataset` cuts the token stream into sequences of ``seq_len + 1`` tokens (inputs and shifted targets), the last
+``val_fraction`` of the documents held out for validation, and orders the training sequences by a seeded
+permutation per epoch, so a position (epoch, index) says exactly which sequences come next — what a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsv2.tokenizer import Tokenizer
+
+DTYPE = np.uint32
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """A .txt file is one document; a .jsonl file holds one {"text": ...} document per line."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
+                yield record["text"]
+    elif path.suffix in (".txt", ".md", ""):
+        yield path.read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"{path}: unsupported input ({path.suffix}); use .txt files or .jsonl with a 'text' field")
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    eos = _worker_tokenizer.eos_token_id
+    return [np.asarray([*_worker_tokenizer.encode(t, add_special_tokens=False), eos], dtype=DTYPE) for t in texts]
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_files(tokenizer_path: str | Path, inputs: list[Path], output: Path, workers: int | None = None,
+                   batch_size: int = 64) -> dict:
+    """Tokenize every document of ``inputs`` (in order) into ``output`` (.bin) and its index (.idx.json)."""
+    if not inputs:
+        raise ValueError("no input files")
+    for path in inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_path)  # fail early, here, on a bad tokenizer folder
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{tokenizer_path}: the tokenizer has no EOS token to separate documents")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    documents = (text for path in inputs for text in read_documents(path))
+    offsets, total = [], 0
+    workers = workers or min(4, multiprocessing.cpu_count())
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    with tmp.open("wb") as out, multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        for encoded in pool.imap(_encode_batch, _batches(documents, batch_size)):
+            for ids in encoded:
+                offsets.append(total)
+                total += len(ids)
+                out.write(ids.tobytes())
+    tmp.replace(output)
+    index = {"tokenizer": str(tokenizer_path), "vocab_size": tokenizer.vocab_size, "eos_token_id":
+             tokenizer.eos_token_id, "num_tokens": total, "num_documents": len(offsets), "dtype": "uint32",
+             "document_offsets": offsets}
+    index_path(output).write_text(json.dumps(index), encoding="utf-8")
+    return index
+
+
+def index_path(data: Path) -> Path:
+    return data.with_suffix(".idx.json")
+
+
+@dataclass
+class TokenFile:
+    """A tokenized corpus: the memory-mapped token stream and its document offsets."""
+
+    tokens: np.ndarray  # uint32 [num_tokens], memory-mapped
+    document_offsets: list[int]
+    eos_token_id: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenFile:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such token file (make one with `dsv2 tokenize`)")
+        try:
+            index = json.loads(index_path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{index_path(path)}: the index of {path} is missing") from None
+        tokens = np.memmap(path, dtype=DTYPE, mode="r")
+        if len(tokens) != index["num_tokens"]:
+            raise ValueError(f"{path} holds {len(tokens)} tokens but its index says {index['num_tokens']}: "
+                             "the files do not belong together (or the write was cut short)")
+        return cls(tokens, index["document_offsets"], index["eos_token_id"])
+
+
+class PackedDataset:
+    """Fixed-length training sequences packed from the document stream, with a held-out validation split."""
+
+    def __init__(self, data: TokenFile, seq_len: int, val_fraction: float = 0.01, seed: int = 0) -> None:
+        self.seq_len, self.seed = seq_len, seed
+        self.data = data
+        offsets = data.document_offsets
+        n_val_docs = max(1, round(len(offsets) * val_fraction)) if val_fraction > 0 and len(offsets) > 1 else 0
+        split = offsets[len(offsets) - n_val_docs] if n_val_docs else len(data.tokens)
+        self.train_tokens, self.val_tokens = data.tokens[:split], data.tokens[split:]
+        self.num_train = (len(self.train_tokens) - 1) // seq_len
+        self.num_val = max(0, (len(self.val_tokens) - 1) // seq_len)
+        if self.num_train < 1:
+            raise ValueError(f"{len(self.train_tokens)} training tokens cannot fill one sequence of {seq_len + 1}")
+        self._order: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def _sequence(self, tokens: np.ndarray, i: int) -> torch.Tensor:
+        chunk = tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1]
+        return torch.from_numpy(chunk.astype(np.int64))  # [seq_len + 1]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The training sequences' order in ``epoch``: a permutation fixed by (seed, epoch)."""
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.num_train, generator=generator))
+        return self._order[1]
+
+    def train_batch(self, epoch: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``count`` sequences [count, seq_len + 1] from position (epoch, start), their target mask [count, seq_len]
+        (all ones: every token is predicted), and the position after them."""
+        rows = []
+        order = self.order(epoch)
+        while len(rows) < count:
+            if start >= self.num_train:
+                epoch, start = epoch + 1, 0
+                order = self.order(epoch)
+            rows.append(self._sequence(self.train_tokens, int(order[start])))
+            start += 1
+        tokens = torch.stack(rows)
+        return tokens, torch.ones(count, self.seq_len, dtype=torch.bool), epoch, start
+
+    def val_batches(self, batch_size: int, max_sequences: int | None = None) -> Iterator[tuple[torch.Tensor,
+                                                                                               torch.Tensor]]:
+        """Held-out sequences in order, with their (all-ones) target masks."""
+        n = self.num_val if max_sequences is None else min(self.num_val, max_sequences)
+        for first in range(0, n, batch_size):
+            tokens = torch.stack([self._sequence(self.val_tokens, i) for i in range(first, min(first + batch_size, n))])
+            yield tokens, torch.ones(tokens.shape[0], self.seq_len, dtype=torch.bool)
+
+    def unigram_entropy(self, which: str = "val") -> float:
+        """Entropy (nats/token) of the token frequencies of a split: the loss of the best context-free model."""
+        tokens = self.val_tokens if which == "val" else self.train_tokens
+        counts = np.bincount(np.asarray(tokens, dtype=np.int64))
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())

@@ -1,0 +1,91 @@
+"""The run's metrics log (JSON lines) and its plots (PNG, matplotlib)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per line to OUT/metrics.jsonl; a resumed run keeps appending (and on resume, lines
+    beyond the checkpoint's step are dropped, so the log matches the run that is continued)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """loss, learning rate, grad norm, balance loss, tokens/s and the per-layer expert load heatmap, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    written = []
+
+    def series(name: str, ylabel: str, extra=None, log_y: bool = False) -> None:
+        points = [(r["step"], r[name]) for r in train if r.get(name) is not None]
+        if not points:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*points, strict=True), label=f"train {name}" if extra else None)
+        if extra:
+            extra(ax)
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    def with_val(ax) -> None:
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        if val and val[-1].get("unigram_entropy") is not None:
+            ax.axhline(val[-1]["unigram_entropy"], color="gray", ls="--", label="unigram entropy (validation)")
+
+    series("loss", "cross-entropy (nats/token)", with_val)
+    series("lr", "learning rate")
+    series("grad_norm", "gradient norm (before clipping)", log_y=True)
+    series("balance_loss", "expert balance loss")
+    series("tokens_per_s", "training tokens / s")
+    loads = [r for r in records if r.get("expert_load")]
+    if loads:
+        load = loads[-1]["expert_load"]  # [moe layers][experts], fractions of the routed assignments
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(load) + 1.5))
+        image = ax.imshow(load, aspect="auto", cmap="viridis")
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"expert load at step {loads[-1]['step']} (share of routed tokens)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = folder / "expert_load.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,345 @@
+"""The training loop: pre-training and SFT with the paper's recipe, on one process or under torchrun.
+
+One optimizer step covers ``batch_size`` sequences: every rank draws the same global batch (the data order is
+deterministic), takes its share, and runs it in micro-batches. The loss of a step is the mean cross-entropy over all
+its target tokens plus the expert balance loss; each micro-batch's contribution is scaled so that gradients (summed
+over micro-batches, averaged over ranks) equal those of that global mean whatever the split — which is what makes a
+2-rank run match a 1-rank run, and a resumed run match an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dsv2.config import DTYPES, PRESETS, ModelConfig
+from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.train.checkpoint import copy_tokenizer, latest_checkpoint, load_state, save_checkpoint
+from dsv2.train.config import TrainConfig
+from dsv2.train.data import PackedDataset, TokenFile
+from dsv2.train.losses import add_device_balance_losses, limit_devices
+from dsv2.train.metrics import MetricsLog, plot_metrics
+from dsv2.train.optim import learning_rate, make_optimizer
+from dsv2.train.parallel import Distributed, gather_experts, init_distributed, shard_experts
+
+log = logging.getLogger("dsv2.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite losses); the message says why."""
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: the next sequence is order(epoch)[index]
+    index: int = 0
+
+
+def build_model(config: TrainConfig, device: torch.device) -> tuple[DeepseekV2ForCausalLM, Path | None]:
+    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is."""
+    if config.model in PRESETS:
+        model_config = ModelConfig.preset(config.model)
+        if config.model_overrides:
+            model_config = ModelConfig.from_dict({**model_config.to_dict(), **config.model_overrides})
+        model_config = model_config.replace(initializer_range=config.init_std)
+        if config.aux_loss_alpha is not None:
+            model_config = model_config.replace(aux_loss_alpha=config.aux_loss_alpha)
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = DeepseekV2ForCausalLM.from_config(model_config, dtype=torch.float32, device="cpu").to(device)
+        tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
+    else:
+        model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=torch.float32, device=device)
+        if config.aux_loss_alpha is not None:
+            for module in model.modules():
+                if hasattr(module, "aux_loss_alpha"):
+                    module.aux_loss_alpha = config.aux_loss_alpha
+        tokenizer_dir = Path(config.tokenizer or config.model)
+    return model, tokenizer_dir
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dist_ctx: Distributed | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.dist = dist_ctx or init_distributed()
+        self.out = Path(config.out)
+        self.device = self.dist.device
+        self.model, self.tokenizer_dir = build_model(config, self.device)
+        self.model_config = self.model.config
+        devices = config.expert_parallel
+        if config.device_limit:
+            limit_devices(self.model, devices, config.device_limit)
+        add_device_balance_losses(self.model, devices, config.device_limit, config.device_balance_alpha,
+                                  config.comm_balance_alpha)
+        self.expert_params: list[str] = []
+        if config.expert_parallel > 1:
+            if config.expert_parallel != self.dist.world_size:
+                raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
+                                 f"({self.dist.world_size})")
+            self.expert_params = shard_experts(self.model, self.dist.rank, self.dist.world_size)
+        self.dataset = self._dataset()
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        self.position = Position()
+        self.total_steps = config.total_steps(self.dataset.num_train)
+        resumed = self._resume()
+        self.train_model = self._wrap_data_parallel()
+        if self.dist.is_main:
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.position.step if resumed else None)
+        ranks = self.dist.world_size
+        if config.batch_size % (config.micro_batch_size * ranks):
+            raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
+                             f"{config.micro_batch_size * ranks}")
+
+    # -------------------------------------------------------------------------------------------------- set-up
+    def _dataset(self):
+        if self.config.sft_data:
+            from dsv2.train.sft import ChatDataset
+
+            return ChatDataset.from_jsonl(self.config.sft_data, self.tokenizer_dir, self.config.seq_len,
+                                          self.config.val_fraction, self.config.seed)
+        return PackedDataset(TokenFile.open(self.config.data), self.config.seq_len, self.config.val_fraction,
+                             self.config.seed)
+
+    def _wrap_data_parallel(self) -> nn.Module:
+        if not self.dist.enabled:
+            return self.model
+        if self.config.data_parallel == "fsdp":
+            if self.expert_params:
+                raise ValueError("expert parallelism is implemented with data_parallel='ddp'; use it with ddp")
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.model.layers:
+                fully_shard(layer)
+            fully_shard(self.model)
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, list(self.expert_params))
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _resume(self) -> bool:
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            return False
+        state = load_state(checkpoint)
+        if state["world_size"] != self.dist.world_size or state["expert_parallel"] != self.config.expert_parallel:
+            raise ValueError(f"{checkpoint} was written by {state['world_size']} rank(s) with expert_parallel="
+                             f"{state['expert_parallel']}; resume it with the same layout")
+        fresh = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=self.device)
+        full = fresh.state_dict()
+        own = self.model.state_dict()
+        for name, tensor in own.items():
+            source = full[name]
+            if name in self.expert_params:  # this rank's slice of the stacked experts
+                n = tensor.shape[0]
+                source = source[self.dist.rank * n:(self.dist.rank + 1) * n]
+            tensor.copy_(source)
+        self.optimizer.load_state_dict(state["optimizer"][self.dist.rank])
+        self.position = Position(**state["position"])
+        torch.set_rng_state(state["rng"][self.dist.rank])
+        if self.dist.is_main:
+            log.info("resumed from %s (step %d)", checkpoint, self.position.step)
+        return True
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        config, position = self.config, self.position
+        start_step = position.step
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        bad_steps, started = 0, time.monotonic()
+        summary: dict = {}
+        while position.step < self.total_steps:
+            step_start = time.monotonic()
+            record = self.train_step(position.step)
+            if not math.isfinite(record["loss"]):
+                bad_steps += 1
+                if self.dist.is_main:
+                    log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", position.step,
+                                record["loss"], bad_steps)
+                if bad_steps >= config.max_bad_steps:
+                    raise TrainingStopped(f"{bad_steps} non-finite losses in a row (last at step {position.step}): "
+                                          "lower the learning rate or check the data; the last checkpoint is intact")
+            else:
+                bad_steps = 0
+            position.step += 1
+            elapsed = time.monotonic() - step_start
+            record["tokens_per_s"] = record["tokens"] / elapsed
+            if self.dist.is_main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+            step = position.step
+            last = step == self.total_steps
+            if step % config.eval_every == 0 or last:
+                record.update(self.evaluate())
+            if self.dist.is_main and (step % config.log_every == 0 or last or "val_loss" in record):
+                self.metrics.write({"step": step, **record})
+            summary = record
+            if step % config.save_every == 0 or last:
+                self.save()
+        bar.close()
+        if self.dist.is_main:
+            plot_metrics(self.metrics.read(), self.out / "plots")
+            log.info("done: %d steps in %.0f s", self.total_steps - start_step, time.monotonic() - started)
+        self.export()
+        return summary
+
+    def _autocast(self):
+        if self.config.precision == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> dict:
+        config, ranks, rank = self.config, self.dist.world_size, self.dist.rank
+        lr = learning_rate(step, self.total_steps, config.lr, config.warmup_steps, config.decay_at,
+                           config.decay_factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens, mask, epoch, index = self.dataset.train_batch(self.position.epoch, self.position.index,
+                                                             config.batch_size)
+        self.position.epoch, self.position.index = epoch, index
+        targets_total = int(mask.sum())  # every rank sees the global batch: no communication needed
+        share = config.batch_size // ranks
+        tokens, mask = tokens[rank * share:(rank + 1) * share], mask[rank * share:(rank + 1) * share]
+        self.optimizer.zero_grad(set_to_none=True)
+        ce_sum = balance = 0.0
+        loads = None
+        micro = config.micro_batch_size
+        for first in range(0, share, micro):
+            x = tokens[first:first + micro].to(self.device)  # [b, L + 1]
+            m = mask[first:first + micro].to(self.device)  # [b, L]
+            sync = first + micro >= share  # DDP all-reduces on the last micro-batch only
+            context = contextlib.nullcontext() if sync or not isinstance(
+                self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
+            with context:
+                with self._autocast():
+                    out = self.train_model(x[:, :-1], return_aux=True)
+                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+                ce_sum_micro = (ce * m.flatten()).sum()
+                # scaled so that the average over ranks of the summed micro-batch gradients is the global mean
+                loss = (ce_sum_micro / targets_total + out.aux_loss * micro / config.batch_size) * ranks
+                loss.backward()
+            ce_sum += ce_sum_micro.item()
+            balance += out.aux_loss.item() * micro / config.batch_size
+            loads = out.expert_load if loads is None else loads + out.expert_load
+        if self.expert_params:  # their gradients gathered every rank's contribution: average, as DDP does
+            params = dict(self.model.named_parameters())
+            for name in self.expert_params:
+                if params[name].grad is not None:
+                    params[name].grad /= ranks
+        stats = torch.tensor([ce_sum, balance], device=self.device, dtype=torch.float64)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(stats)
+        loss = stats[0].item() / targets_total
+        grad_norm = self._clip()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        record = {"loss": loss if finite else float("nan"), "balance_loss": stats[1].item(), "lr": lr,
+                  "grad_norm": grad_norm, "tokens": config.batch_size * config.seq_len}
+        if loads is not None and loads.numel():
+            if self.dist.enabled:
+                torch.distributed.all_reduce(loads)
+            record["expert_load"] = (loads / loads.sum(dim=-1, keepdim=True)).tolist()
+        return record
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.expert_params and self.dist.enabled:  # the norm must cover every rank's experts
+            expert = {id(p) for n, p in self.model.named_parameters() if n in self.expert_params}
+            local = torch.stack([p.grad.float().square().sum() for p in params if id(p) in expert]).sum()
+            dense = torch.stack([p.grad.float().square().sum() for p in params if id(p) not in expert]).sum()
+            torch.distributed.all_reduce(local)
+            total = (local + dense).sqrt()
+            scale = (self.config.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.mul_(scale)
+            return total.item()
+        return nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation cross-entropy over (up to) ``eval_sequences`` held-out sequences."""
+        self.model.eval()
+        ce_sum, count = 0.0, 0
+        for tokens, mask in self.dataset.val_batches(self.config.micro_batch_size, self.config.eval_sequences):
+            x, m = tokens.to(self.device), mask.to(self.device)
+            with self._autocast():
+                logits = self.train_model(x[:, :-1], return_aux=False)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+            ce_sum += (ce * m.flatten()).sum().item()
+            count += int(m.sum())
+        self.model.train()
+        if not count:
+            return {}
+        return {"val_loss": ce_sum / count, "unigram_entropy": self.dataset.unigram_entropy()}
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def _full_model(self) -> DeepseekV2ForCausalLM:
+        """A model with the complete weights (experts gathered from every rank) for saving; rank 0 only uses it."""
+        if not self.expert_params and self.config.data_parallel != "fsdp":
+            return self.model
+        if self.config.data_parallel == "fsdp" and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        else:
+            state = {k: v for k, v in self.model.state_dict().items() if k not in self.expert_params}
+            state.update(gather_experts(self.model, self.dist.world_size))
+        full = DeepseekV2ForCausalLM.empty(self.model_config, torch.float32, "cpu")
+        if self.dist.is_main:
+            full.load_state_dict({k: v.cpu() for k, v in state.items()})
+        return full
+
+    def save(self) -> None:
+        full = self._full_model()
+        optimizer_states = [None] * self.dist.world_size
+        rng_states = [None] * self.dist.world_size
+        if self.dist.enabled:
+            torch.distributed.all_gather_object(optimizer_states, self.optimizer.state_dict())
+            torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
+        else:
+            optimizer_states, rng_states = [self.optimizer.state_dict()], [torch.get_rng_state()]
+        if self.dist.is_main:
+            state = {"position": vars(self.position).copy(), "optimizer": optimizer_states, "rng": rng_states,
+                     "world_size": self.dist.world_size, "expert_parallel": self.config.expert_parallel,
+                     "config": self.config.to_dict()}
+            path = save_checkpoint(self.out, self.position.step, full, state, self.tokenizer_dir,
+                                   self.config.keep_last)
+            log.info("saved %s", path)
+        self.dist.barrier()
+
+    def export(self) -> None:
+        """The final model as a plain model folder (OUT/model) in ``export_dtype``, with the tokenizer."""
+        full = self._full_model()
+        if self.dist.is_main:
+            target = self.out / "model"
+            full.save_pretrained(target, dtype=DTYPES[self.config.export_dtype])
+            copy_tokenizer(self.tokenizer_dir, target)
+        self.dist.barrier()
+
+
+def run_training(config: TrainConfig) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
