@@ -102,7 +102,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from dsv2.train.data import tokenize_files
+    try:
+        from dsv2.train.data import tokenize_files
+    except ImportError as e:
+        raise SystemExit(f"dsv2 tokenize needs the train extra: pip install 'dsv2[train]' ({e})") from None
 
     index = tokenize_files(args.tokenizer, [Path(p) for p in args.input], Path(args.output), workers=args.workers)
     print(f"{index['num_documents']} documents, {index['num_tokens']:,} tokens → {args.output}")
@@ -121,8 +124,11 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    try:
+        from dsv2.train.trainer import run_training
+    except ImportError as e:
+        raise SystemExit(f"dsv2 {args.command} needs the train extra: pip install 'dsv2[train]' ({e})") from None
     from dsv2.train.config import TrainConfig
-    from dsv2.train.trainer import run_training
 
     overrides = train_overrides(args)
     if args.command == "sft":

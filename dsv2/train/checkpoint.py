@@ -1,9 +1,9 @@
 """Training checkpoints: a complete model folder (official layout, loadable anywhere) plus the trainer's state.
 
-``OUT/checkpoints/step-00001000/`` holds config.json, model.safetensors, the tokenizer files and trainer_state.pt
-(optimizer, step, data position, random states). A checkpoint is written into a hidden temporary folder and renamed
-into place only when complete, so a crash or a kill mid-save leaves the previous checkpoints as they were; only the
-last ``keep_last`` are kept.
+``OUT/checkpoints/step-00001000/`` holds config.json, model.safetensors, the tokenizer files, trainer_state.pt (step,
+data position, settings) and one rank-NNNNN.pt per rank (its optimizer state and random state). A checkpoint is
+written into a hidden staging folder and renamed into place only when every file is there, so a crash or a kill
+mid-save leaves the previous checkpoints as they were; only the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def staging_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f".step-{step:08d}.tmp"
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.pt"
+
+
 def copy_tokenizer(source: Path | None, target: Path) -> None:
     if source is None:
         return
@@ -43,28 +51,20 @@ def copy_tokenizer(source: Path | None, target: Path) -> None:
             shutil.copy2(source / name, target / name)
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    tokenizer_dir: Path | None, keep_last: int) -> Path:
-    """Write step ``step`` atomically (temp folder + rename), then drop all but the newest ``keep_last``."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp, dtype=torch.float32)  # master weights, exact for resuming
-    copy_tokenizer(tokenizer_dir, tmp)
-    torch.save(state, tmp / STATE_FILE)
+def commit(out: Path, staging: Path, step: int, keep_last: int) -> Path:
+    """Move a fully written staging folder into place, then drop older checkpoints and torn stagings."""
+    final = out / "checkpoints" / f"step-{step:08d}"
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(staging, final)
     for old in checkpoint_dirs(out)[:-keep_last]:
         shutil.rmtree(old)
-    for stale in root.glob(".step-*.tmp-*"):  # left by runs that were killed mid-save
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+    for torn in (out / "checkpoints").glob(".step-*.tmp"):  # left by runs killed mid-save
+        shutil.rmtree(torn, ignore_errors=True)
     return final
 
 
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+def load_state(checkpoint: Path, rank: int | None = None) -> dict[str, Any]:
+    """The trainer's state, or (with ``rank``) that rank's optimizer and random state."""
+    path = checkpoint / STATE_FILE if rank is None else rank_file(checkpoint, rank)
+    return torch.load(path, map_location="cpu", weights_only=True)

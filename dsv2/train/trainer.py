@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,15 @@ from tqdm import tqdm
 
 from dsv2.config import DTYPES, PRESETS, ModelConfig
 from dsv2.model import DeepseekV2ForCausalLM
-from dsv2.train.checkpoint import copy_tokenizer, latest_checkpoint, load_state, save_checkpoint
+from dsv2.train.checkpoint import (
+    STATE_FILE,
+    commit,
+    copy_tokenizer,
+    latest_checkpoint,
+    load_state,
+    rank_file,
+    staging_dir,
+)
 from dsv2.train.config import TrainConfig
 from dsv2.train.data import PackedDataset, TokenFile
 from dsv2.train.losses import add_device_balance_losses, limit_devices
@@ -89,13 +98,17 @@ class Trainer:
                                  f"({self.dist.world_size})")
             self.expert_params = shard_experts(self.model, self.dist.rank, self.dist.world_size)
         self.dataset = self._dataset()
-        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.position = Position()
         self.total_steps = config.total_steps(self.dataset.num_train)
-        resumed = self._resume()
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is not None:
+            self._load_weights(checkpoint)  # before data parallelism shards anything
         self.train_model = self._wrap_data_parallel()
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        if checkpoint is not None:
+            self._load_optimizer(checkpoint)
         if self.dist.is_main:
-            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.position.step if resumed else None)
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.position.step if checkpoint else None)
         ranks = self.dist.world_size
         if config.batch_size % (config.micro_batch_size * ranks):
             raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
@@ -129,29 +142,28 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
-    def _resume(self) -> bool:
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            return False
+    def _load_weights(self, checkpoint: Path) -> None:
+        """Model weights (this rank's expert slice), data position and random state of a checkpoint."""
         state = load_state(checkpoint)
         if state["world_size"] != self.dist.world_size or state["expert_parallel"] != self.config.expert_parallel:
             raise ValueError(f"{checkpoint} was written by {state['world_size']} rank(s) with expert_parallel="
                              f"{state['expert_parallel']}; resume it with the same layout")
-        fresh = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=self.device)
-        full = fresh.state_dict()
-        own = self.model.state_dict()
-        for name, tensor in own.items():
-            source = full[name]
-            if name in self.expert_params:  # this rank's slice of the stacked experts
-                n = tensor.shape[0]
-                source = source[self.dist.rank * n:(self.dist.rank + 1) * n]
-            tensor.copy_(source)
-        self.optimizer.load_state_dict(state["optimizer"][self.dist.rank])
+        full = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=self.device).state_dict()
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                source = full[name]
+                if name in self.expert_params:  # this rank's slice of the stacked experts
+                    n = tensor.shape[0]
+                    source = source[self.dist.rank * n:(self.dist.rank + 1) * n]
+                tensor.copy_(source)
         self.position = Position(**state["position"])
-        torch.set_rng_state(state["rng"][self.dist.rank])
+        torch.set_rng_state(load_state(checkpoint, self.dist.rank)["rng"])
         if self.dist.is_main:
-            log.info("resumed from %s (step %d)", checkpoint, self.position.step)
-        return True
+            log.info("resuming from %s (step %d)", checkpoint, self.position.step)
+
+    def _load_optimizer(self, checkpoint: Path) -> None:
+        state = load_state(checkpoint, self.dist.rank)["optimizer"]
+        self.optimizer.load_state_dict(_as_parameters(state, self.optimizer))
 
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -308,21 +320,24 @@ class Trainer:
         return full
 
     def save(self) -> None:
+        """A checkpoint of the current step: rank 0 writes the model and the trainer state, every rank its
+        optimizer and random state, all into a staging folder that rank 0 then renames into place."""
         full = self._full_model()
-        optimizer_states = [None] * self.dist.world_size
-        rng_states = [None] * self.dist.world_size
-        if self.dist.enabled:
-            torch.distributed.all_gather_object(optimizer_states, self.optimizer.state_dict())
-            torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
-        else:
-            optimizer_states, rng_states = [self.optimizer.state_dict()], [torch.get_rng_state()]
+        staging = staging_dir(self.out, self.position.step)
         if self.dist.is_main:
-            state = {"position": vars(self.position).copy(), "optimizer": optimizer_states, "rng": rng_states,
-                     "world_size": self.dist.world_size, "expert_parallel": self.config.expert_parallel,
-                     "config": self.config.to_dict()}
-            path = save_checkpoint(self.out, self.position.step, full, state, self.tokenizer_dir,
-                                   self.config.keep_last)
-            log.info("saved %s", path)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.dist.barrier()
+        torch.save({"optimizer": _local_tensors(self.optimizer.state_dict()), "rng": torch.get_rng_state()},
+                   rank_file(staging, self.dist.rank))
+        self.dist.barrier()
+        if self.dist.is_main:
+            full.save_pretrained(staging, dtype=torch.float32)  # master weights, exact for resuming
+            copy_tokenizer(self.tokenizer_dir, staging)
+            torch.save({"position": vars(self.position).copy(), "world_size": self.dist.world_size,
+                        "expert_parallel": self.config.expert_parallel, "config": self.config.to_dict()},
+                       staging / STATE_FILE)
+            log.info("saved %s", commit(self.out, staging, self.position.step, self.config.keep_last))
         self.dist.barrier()
 
     def export(self) -> None:
@@ -333,6 +348,29 @@ class Trainer:
             full.save_pretrained(target, dtype=DTYPES[self.config.export_dtype])
             copy_tokenizer(self.tokenizer_dir, target)
         self.dist.barrier()
+
+
+def _local_tensors(state):
+    """An optimizer state with every DTensor (FSDP2's sharded parameters) replaced by this rank's local shard."""
+    if isinstance(state, dict):
+        return {k: _local_tensors(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_local_tensors(v) for v in state]
+    return state.to_local() if hasattr(state, "to_local") else state
+
+
+def _as_parameters(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of `_local_tensors` for a loaded optimizer state: shards become DTensors like their parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_param in state["state"].items():
+        param = params[int(index)]
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    per_param[key] = DTensor.from_local(value, param.device_mesh, param.placements)
+    return state
 
 
 def run_training(config: TrainConfig) -> dict:

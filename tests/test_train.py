@@ -1,0 +1,251 @@
+"""Training: the schedule, the optimizer groups, data, checkpoints and resume, non-finite losses, SFT masks, and
+2 ranks against 1 (data and expert parallel, gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv2 import DeepseekV2ForCausalLM, ModelConfig, Tokenizer
+from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from dsv2.train.config import TrainConfig
+from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
+from dsv2.train.optim import learning_rate, parameter_groups
+from dsv2.train.sft import encode_conversation
+from dsv2.train.trainer import Trainer, TrainingStopped
+
+from helpers import CORPUS, make_tokenizer_files
+
+TINY = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer folder and a tokenized corpus of 30 documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    make_tokenizer_files(root)
+    files = []
+    for i in range(30):
+        path = root / f"doc{i:02d}.txt"
+        path.write_text(" ".join(CORPUS[i % 4: i % 4 + 6]), encoding="utf-8")
+        files.append(path)
+    tokenize_files(root, files, root / "data" / "train.bin", workers=2)
+    return root
+
+
+def config(corpus, out, **changes):
+    settings = dict(model="nano", model_overrides=TINY, tokenizer=str(corpus), data=str(corpus / "data/train.bin"),
+                    seq_len=32, batch_size=4, micro_batch_size=2, steps=6, warmup_steps=2, lr=2e-3,
+                    out=str(out), save_every=3, eval_every=3, log_every=1, eval_sequences=4, val_fraction=0.1,
+                    precision="float32")
+    settings.update(changes)
+    return TrainConfig.load(None, **settings)
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+def test_schedule_values():
+    lr, total, warm = 4.2e-4, 10_000, 2000
+    assert learning_rate(0, total, lr, warm) == pytest.approx(lr / warm)
+    assert learning_rate(999, total, lr, warm) == pytest.approx(lr / 2)
+    assert learning_rate(1999, total, lr, warm) == pytest.approx(lr)
+    assert learning_rate(7999, total, lr, warm) == pytest.approx(lr)  # until 80% of training
+    assert learning_rate(8000, total, lr, warm) == pytest.approx(lr * 0.316)
+    assert learning_rate(8999, total, lr, warm) == pytest.approx(lr * 0.316)
+    assert learning_rate(9000, total, lr, warm) == pytest.approx(lr * 0.316**2)
+    assert learning_rate(9999, total, lr, warm) == pytest.approx(lr * 0.316**2)  # the end
+    assert learning_rate(6000, total, 2.4e-4, warm, decay_at=(0.6, 0.9)) == pytest.approx(2.4e-4 * 0.316)  # V2
+
+
+def test_weight_decay_skips_norms_and_biases():
+    with_bias = ModelConfig.from_dict({**ModelConfig.preset("nano").to_dict(), **TINY, "attention_bias": True})
+    model = DeepseekV2ForCausalLM.from_config(with_bias)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("norm" in names[id(p)] or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert any(names[id(p)].endswith("mlp.gate.weight") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_data_packing_order_and_split(corpus):
+    data = TokenFile.open(corpus / "data/train.bin")
+    assert len(data.document_offsets) == 30 and int(data.tokens[data.document_offsets[1] - 1]) == data.eos_token_id
+    ds = PackedDataset(data, seq_len=16, val_fraction=0.1, seed=3)
+    assert len(ds.val_tokens) == len(data.tokens) - data.document_offsets[27]  # the last 3 documents
+    a, mask, epoch, index = ds.train_batch(0, 0, 5)
+    b, _, _, _ = ds.train_batch(0, 0, 5)
+    assert torch.equal(a, b) and a.shape == (5, 17) and mask.all() and (epoch, index) == (0, 5)
+    _, _, epoch, index = ds.train_batch(0, 0, ds.num_train + 2)  # wraps into the next epoch
+    assert (epoch, index) == (1, 2)
+    assert sorted(ds.order(0).tolist()) == list(range(ds.num_train)) and not torch.equal(ds.order(0), ds.order(1))
+    assert 0 < ds.unigram_entropy() < 7
+
+
+# ------------------------------------------------------------------------------------------ runs and checkpoints
+def test_training_learns_and_writes_everything(corpus, tmp_path):
+    summary = Trainer(config(corpus, tmp_path, steps=30, save_every=10, eval_every=10, warmup_steps=3)).train()
+    assert summary["val_loss"] < summary["unigram_entropy"]
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"loss.png", "lr.png", "grad_norm.png", "balance_loss.png", "tokens_per_s.png", "expert_load.png"} <= names
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000010", "step-00000020", "step-00000030"]
+    final = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "model")  # bf16 export, with the tokenizer
+    assert final.dtype == torch.bfloat16 and final.tokenizer is not None
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "balance_loss", "tokens_per_s", "expert_load"} <= set(records[-1])
+    transformers = pytest.importorskip("transformers")
+    checkpoint = latest_checkpoint(tmp_path)
+    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
+    ours = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = torch.randint(0, 400, (1, 20))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(corpus, tmp_path):
+    Trainer(config(corpus, tmp_path / "straight")).train()
+    first = Trainer(config(corpus, tmp_path / "resumed"))
+    save = first.save
+
+    def save_then_crash():
+        save()
+        if first.position.step == 3:
+            raise Crash  # the process dies right after the step-3 checkpoint
+
+    first.save = save_then_crash
+    with pytest.raises(Crash):
+        first.train()
+    second = Trainer(config(corpus, tmp_path / "resumed"))
+    assert second.position.step == 3
+    second.train()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # bit for bit on the CPU
+
+
+def test_a_killed_save_leaves_the_last_checkpoint(corpus, tmp_path):
+    """Kill the process (SIGKILL) while it writes the step-6 checkpoint; step 3 must still be there, whole."""
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import dsv2.train.checkpoint as ck
+        from test_train import config
+        from dsv2.train.trainer import Trainer
+        from pathlib import Path
+        real_save = torch.save
+        def slow_save(obj, path, *args, **kwargs):
+            if "step-00000006" in str(path):
+                print("SAVING", flush=True)
+                time.sleep(60)
+            real_save(obj, path, *args, **kwargs)
+        ck.torch.save = slow_save
+        Trainer(config(Path({str(tmp_path)!r}) / "corpus", Path({str(tmp_path)!r}) / "run")).train()
+    """)
+    (tmp_path / "corpus").symlink_to(corpus)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "SAVING" not in (line := proc.stdout.readline()):
+            assert line or proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    run = tmp_path / "run"
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000003"]
+    assert any(p.name.startswith(".step-00000006") for p in (run / "checkpoints").iterdir())  # the torn one
+    DeepseekV2ForCausalLM.from_pretrained(latest_checkpoint(run))  # the last good one loads
+    resumed = Trainer(config(corpus, run))
+    assert resumed.position.step == 3
+    resumed.train()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000003", "step-00000006"]
+    assert not any(p.name.startswith(".step") for p in (run / "checkpoints").iterdir())
+
+
+def test_non_finite_losses_skip_steps_then_stop(corpus, tmp_path, caplog):
+    trainer = Trainer(config(corpus, tmp_path, steps=10, max_bad_steps=3))
+    real_step = trainer.train_step
+    calls = []
+
+    def poisoned(step):
+        calls.append(step)
+        record = real_step(step)
+        if step in (1, 4, 5, 6):
+            record["loss"] = float("nan")
+        return record
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+        trainer.train()
+    assert calls == [0, 1, 2, 3, 4, 5, 6]  # one bad step was skipped and training went on
+    assert "non-finite loss" in caplog.text
+
+
+def test_poisoned_gradients_do_not_touch_the_weights(corpus, tmp_path):
+    trainer = Trainer(config(corpus, tmp_path, steps=1))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("inf")
+    record = trainer.train_step(0)
+    assert record["loss"] != record["loss"]  # NaN
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == ["lm_head.weight"]  # only our poke: the optimizer did not step
+
+
+# ------------------------------------------------------------------------------------------------------------ SFT
+def test_sft_mask_covers_exactly_the_assistant_turns(corpus):
+    tok = Tokenizer.from_pretrained(corpus)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hello 🚀"}, {"role": "user", "content": "Again?"},
+                {"role": "assistant", "content": "Yes."}]
+    ids, targets = encode_conversation(tok, messages)
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+    masked = [i for i, t in zip(ids, targets, strict=True) if t]
+    assert tok.decode(masked) == f" Hello 🚀{tok.eos_token} Yes.{tok.eos_token}"
+    prompt = tok.apply_chat_template(messages[:2], add_generation_prompt=True)
+    assert ids[: len(prompt)] == prompt and not any(targets[: len(prompt)])  # the inference prompt, untouched
+
+
+def test_sft_runs(corpus, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    with chats.open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"},
+                                             {"role": "assistant", "content": f"{i} {i} {i}"}]}) + "\n")
+    base = tmp_path / "base"
+    Trainer(config(corpus, base, steps=2)).train()
+    summary = Trainer(TrainConfig.load(None, model=str(base / "model"), sft_data=str(chats), seq_len=48,
+                                       batch_size=4, micro_batch_size=2, epochs=1.0, warmup_steps=1, lr=1e-3,
+                                       out=str(tmp_path / "sft"), eval_every=5, save_every=5, precision="float32",
+                                       val_fraction=0.1)).train()
+    assert "val_loss" in summary and (tmp_path / "sft" / "model" / "tokenizer.json").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*'robot'"):
+        Trainer(TrainConfig.load(None, model=str(base / "model"), sft_data=str(bad), steps=1,
+                                 out=str(tmp_path / "x")))
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown training setting.*learning_rate"):
+        TrainConfig.load(None, data="x", steps=1, learning_rate=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig.load(None, data="x", steps=1, batch_size=5, micro_batch_size=2)
+    (tmp_path / "c.toml").write_text("[optim]\nlr = 1e-3\n[data]\ndata = 'x'\nsteps = 2\n")
+    assert TrainConfig.load(tmp_path / "c.toml", steps=5).steps == 5
