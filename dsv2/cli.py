@@ -25,15 +25,15 @@ def load_config(path_or_preset: str) -> tuple[ModelConfig, str]:
 
 def load_model(args: argparse.Namespace):
     """The --model folder (or the bundled model) on --device in --dtype, with its tokenizer."""
+    from dsv2.bundled import resolve_model
     from dsv2.model import DeepseekV2ForCausalLM
 
-    if args.model is None:
-        raise SystemExit("dsv2: --model is required (a checkpoint folder with config.json, weights and tokenizer.json)")
+    path = resolve_model(args.model)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
     if model.tokenizer is None:
-        raise SystemExit(f"dsv2: {args.model} has no tokenizer.json")
+        raise SystemExit(f"dsv2: {path} has no tokenizer.json")
     return model
 
 
@@ -74,11 +74,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from dsv2.server.serve import serve
     except ImportError as e:
         raise SystemExit(f"dsv2 serve needs the server extra: pip install 'dsv2[server]' ({e})") from None
-    if args.model is None:
-        raise SystemExit("dsv2: --model is required (a checkpoint folder with config.json, weights and tokenizer.json)")
-    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
-          max_body_bytes=args.max_body_bytes, device=None if args.device == "auto" else args.device,
-          dtype=args.dtype, **engine_arguments(args))
+    from dsv2.bundled import resolve_model
+
+    serve(resolve_model(args.model), host=args.host, port=args.port, served_model_name=args.served_model_name,
+          api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+          device=None if args.device == "auto" else args.device, dtype=args.dtype, **engine_arguments(args))
 
 
 def engine_arguments(args: argparse.Namespace) -> dict:
@@ -164,6 +164,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
 
 
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from dsv2.train.tokenizer_training import train_tokenizer
+
+    out = train_tokenizer([Path(p) for p in args.input], args.vocab_size, Path(args.out))
+    print(f"tokenizer with {args.vocab_size} entries → {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv2.info import format_summary
 
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming)")
-    serve.add_argument("--model", default=None, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    serve.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
@@ -208,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: up to 4)")
     tokenize.set_defaults(func=cmd_tokenize)
 
+    train_tok = commands.add_parser("train-tokenizer", help="byte-level BPE laid out like DeepSeek-V2's tokenizer")
+    train_tok.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
+    train_tok.add_argument("--vocab-size", type=int, default=4096)
+    train_tok.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    train_tok.set_defaults(func=cmd_train_tokenizer)
+
     train = commands.add_parser("train", help="pre-train (or continue training) with the paper's recipe")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -219,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                         help="weights dtype (default: the checkpoint's)")

@@ -54,6 +54,12 @@ def test_generate_command_streams_the_greedy_completion(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("\n")
 
 
-def test_generate_without_a_model_says_so(capsys):
-    result = subprocess.run([sys.executable, "-m", "dsv2", "generate", "hi"], capture_output=True, text=True)
-    assert result.returncode != 0 and "--model is required" in result.stderr
+def test_generate_without_a_model_uses_the_bundled_one():
+    from dsv2.bundled import bundled_model
+
+    result = subprocess.run([sys.executable, "-m", "dsv2", "generate", "Hello", "--max-new-tokens", "4"],
+                            capture_output=True, text=True)
+    if bundled_model() is None:
+        assert result.returncode == 2 and "bundled model is not installed" in result.stderr
+    else:
+        assert result.returncode == 0 and result.stdout.strip(), result.stderr

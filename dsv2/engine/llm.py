@@ -72,8 +72,9 @@ class LLM:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
         if tensor_parallel_size != 1:
             raise NotImplementedError("tensor_parallel_size > 1 is not available yet in dsv2")
-        if model is None:
-            raise ValueError("LLM(model=...) needs a checkpoint folder")
+        from dsv2.bundled import resolve_model
+
+        model = resolve_model(model)  # the bundled model when none is given
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else DTYPES[dtype]
