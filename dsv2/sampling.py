@@ -29,6 +29,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # report the log-probability of prompt tokens (and this many top ones)
+    prompt_logprobs_start: int = 1  # dsv2: the first prompt position to report; the prefix cache may skip before it
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict, repr=False)  # accepted vLLM arguments that do not apply here
 
@@ -62,8 +64,12 @@ class SamplingParams:
                 fail(name, "must be in [-2, 2]")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             fail("max_tokens", "must be an integer >= 1")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            fail("logprobs", "must be an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                fail(name, "must be an integer >= 0")
+        if self.prompt_logprobs_start < 1:
+            fail("prompt_logprobs_start", "must be >= 1 (the first prompt token has no log-probability)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "must be a non-empty string or a list of them")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -212,3 +212,22 @@ print(generated_text)
     assert len(scope["generated_text"]) == 3 and capsys.readouterr().out.startswith("[")
     outputs = scope["outputs"]
     assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outputs)
+
+
+def test_prompt_logprobs_match_a_full_forward_and_allow_the_prefix_cache(checkpoint, prompts):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, block_size=8, max_num_batched_tokens=16)
+    context, continuation = prompts[2][:40], prompts[5][:6]  # chunked: 46 tokens in steps of ≤ 16
+    ids = context + continuation
+    with torch.no_grad():
+        expected = llm.model(torch.tensor([ids]))[0].log_softmax(-1)  # [T, vocab]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, prompt_logprobs_start=len(context))
+    first, second = (llm.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False)[0]
+                     for _ in range(2))
+    assert second.num_cached_tokens >= 32  # the context came from the prefix cache the second time
+    for out in (first, second):
+        logprobs = out.prompt_logprobs
+        assert logprobs[: len(context)] == [None] * len(context)
+        for p in range(len(context), len(ids)):
+            entry = logprobs[p][ids[p]]
+            assert entry.logprob == pytest.approx(expected[p - 1, ids[p]].item(), abs=1e-4)
+            assert entry.rank == int((expected[p - 1] > expected[p - 1, ids[p]]).sum()) + 1

@@ -69,7 +69,7 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed_tokens == 0, "attach_prefix on a sequence with blocks"
         if not self.enable_prefix_caching:
             return
-        full_blocks = (seq.num_tokens - 1) // self.block_size
+        full_blocks = seq.cacheable_prefix // self.block_size
         previous = NO_HASH
         for i in range(full_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

@@ -40,6 +40,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
 
@@ -128,6 +129,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
                 if self.tokenizer is not None else None,
                 logprobs=[] if params.logprobs is not None else None,
+                prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
             )
             seqs.append(seq)
             self.scheduler.add(seq)
@@ -153,12 +155,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.run(batch)  # [B, vocab]
+        extra = [item.seq.prompt_logprob_positions(item.start, item.end) for item in batch.items]
+        logits = self.runner.run(batch, extra)  # [B, K, vocab]: the extra positions, then the last token
         self.num_steps += 1
-        for item in batch.items:
+        for item, positions, row in zip(batch.items, extra, logits, strict=True):
             item.seq.num_computed_tokens = item.end
             self.blocks.commit(item.seq)
-        touched = self._sample(batch, logits)
+            if positions:
+                self._record_prompt_logprobs(item.seq, positions, row[: len(positions)])
+        touched = self._sample(batch, logits[:, -1])
         outputs = []
         for request_id in dict.fromkeys(seq.request_id for seq in touched):
             request = self.requests[request_id]
@@ -197,6 +202,19 @@ class LLMEngine:
             self._check_finished(seq, token)
         return seqs
 
+    def _record_prompt_logprobs(self, seq: Sequence, positions: list[int], logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after ``positions`` (logits [n, vocab] at those positions)."""
+        targets = torch.tensor([seq.token_ids[p + 1] for p in positions], device=logits.device)
+        k = seq.params.prompt_logprobs
+        chosen, top_ids, top_values = (t.tolist() for t in top_logprobs(logits, targets, k))
+        ranks = (logits > logits.gather(1, targets[:, None])).sum(dim=1).add(1).tolist()  # 1 = the most likely
+        for n, p in enumerate(positions):
+            token = seq.token_ids[p + 1]
+            entry = {token: Logprob(chosen[n], ranks[n], self._decode_one(token))}
+            for rank, (tid, value) in enumerate(zip(top_ids[n], top_values[n], strict=True), start=1):
+                entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
+            seq.prompt_logprobs[p + 1] = entry
+
     def _decode_one(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
@@ -224,7 +242,7 @@ class LLMEngine:
         ]
         first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, request.finished,
-                             num_cached_tokens=first.num_cached_tokens,
+                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
                              metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
 
     @property

@@ -70,8 +70,9 @@ class ModelRunner:
         return torch.where(valid & (blocks >= 0), blocks * bs + positions % bs, self.cache.trash_slot)
 
     @torch.no_grad()
-    def run(self, batch: Batch) -> torch.Tensor:
-        """Compute the batch's chunks; return the logits [B, vocab] at each sequence's last computed token."""
+    def run(self, batch: Batch, extra: list[list[int]] | None = None) -> torch.Tensor:
+        """Compute the batch's chunks; return logits [B, K, vocab]: at each sequence's ``extra`` positions (absolute,
+        within its chunk), then at its last computed token; rows with fewer positions repeat their last."""
         items = batch.items
         T = max(item.end - item.start for item in items)
         S = max(item.end for item in items)
@@ -93,6 +94,8 @@ class ModelRunner:
         fresh = all(item.start == 0 for item in items) or (len(items) == 1 and T == 1)
         mask = None if fresh else context[:, None, :] <= positions[:, :, None]  # [B, T, S]
         step_cache = PagedStepCache(self.cache, write_slots, read_slots, mask)
-        logits = self.model(input_ids, positions=positions, cache=step_cache,
-                            logits_at=(ends - starts - 1)[:, None])  # [B, 1, vocab]
-        return logits[:, 0]
+        extra = extra or [[] for _ in items]
+        K = 1 + max(len(e) for e in extra)
+        logits_at = tensor([[p - item.start for p in e] + [item.end - item.start - 1] * (K - len(e))
+                            for item, e in zip(items, extra, strict=True)])  # [B, K]
+        return self.model(input_ids, positions=positions, cache=step_cache, logits_at=logits_at)  # [B, K, vocab]

@@ -47,6 +47,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt position (None before the start)
     cumulative_logprob: float = 0.0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -62,6 +63,22 @@ class Sequence:
     @property
     def prompt_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """Tokens the prefix cache may supply: all but the last (its logits are needed), and none whose prompt
+        log-probability must be computed."""
+        limit = self.num_tokens - 1
+        if self.params.prompt_logprobs is not None:
+            limit = min(limit, self.params.prompt_logprobs_start - 1)
+        return limit
+
+    def prompt_logprob_positions(self, start: int, end: int) -> list[int]:
+        """Positions in [start, end) whose logits give a wanted prompt log-probability (position p predicts p + 1)."""
+        if self.params.prompt_logprobs is None:
+            return []
+        first = max(start, self.params.prompt_logprobs_start - 1)
+        return list(range(first, min(end, self.num_prompt_tokens - 1)))
 
     @property
     def is_finished(self) -> bool:
