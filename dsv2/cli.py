@@ -171,6 +171,18 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     print(f"tokenizer with {args.vocab_size} entries → {out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dsv2.eval.runner import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(args.model, tasks, args.data_dir, args.out, limit=args.limit, chat=args.chat,
+                       batch_size=args.batch_size, dtype=args.dtype,
+                       device=None if args.device == "auto" else args.device, **engine_arguments(args))
+    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+    print(f"every prompt, completion and verdict: {Path(args.out, 'results.json')}")
+    assert len(results) == len(tasks)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv2.info import format_summary
 
@@ -207,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     add_engine_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    evaluate = commands.add_parser("eval", help="the model card's benchmarks from local data files")
+    evaluate.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    evaluate.add_argument("--tasks", default="mmlu,bbh,ceval,cmmlu,humaneval,mbpp,gsm8k,math",
+                          help="comma-separated: mmlu, bbh, ceval, cmmlu, humaneval, mbpp, gsm8k, math")
+    evaluate.add_argument("--data-dir", required=True, help="folder with the benchmarks' published files")
+    evaluate.add_argument("--limit", type=int, default=None, help="questions per task at most")
+    evaluate.add_argument("--chat", action="store_true", help="prompt through the chat template (chat models)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="sequences the engine runs together")
+    evaluate.add_argument("--out", default="results", help="folder for results.md and results.json")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_engine_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     tokenize = commands.add_parser("tokenize", help="text files → memory-mapped token ids for training")
     tokenize.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)")

@@ -1,0 +1,188 @@
+"""Running the benchmarks through the engine, and writing the score table and the audit file.
+
+Every prompt of a task goes to the engine at once: continuous batching runs them together and the prefix cache
+computes each few-shot prefix once. Multiple choice scores each option by the log-likelihood of its continuation
+(prompt log-probabilities); generation is greedy; code is executed in the sandbox.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dsv2.engine.engine import LLMEngine
+from dsv2.engine.llm import LLM
+from dsv2.eval.sandbox import run_programs
+from dsv2.eval.tasks import BENCHMARKS, Benchmark, Item
+from dsv2.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+def loglikelihoods(engine: LLMEngine, requests: list[tuple[list[int], list[int]]], desc: str = "log-likelihoods",
+                   use_tqdm: bool = True) -> list[tuple[float, bool]]:
+    """For each (context, continuation) of token ids: log p(continuation | context), summed over its tokens, and
+    whether it is the greedy continuation (every token the most likely)."""
+    pending = {}
+    for context, continuation in requests:
+        if not continuation:
+            raise ValueError("a continuation needs at least one token")
+        if not context:
+            raise ValueError("a context needs at least one token (start it with BOS)")
+        request_id = f"ll-{next(_ids)}"
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=len(context))
+        engine.add_request(request_id, context + continuation, params)
+        pending[request_id] = len(pending)
+    return _collect(engine, pending, desc, use_tqdm, lambda out: _score(out.prompt_logprobs, out.prompt_token_ids,
+                                                                          len(out.prompt_token_ids) - 1))
+
+
+def _score(logprobs: list, ids: list[int], last: int) -> tuple[float, bool]:
+    first = next(i for i, entry in enumerate(logprobs) if entry is not None)
+    entries = [logprobs[p][ids[p]] for p in range(first, last + 1)]
+    return sum(e.logprob for e in entries), all(e.rank == 1 for e in entries)
+
+
+def _collect(engine: LLMEngine, pending: dict[str, int], desc: str, use_tqdm: bool, convert) -> list:
+    results: list = [None] * len(pending)
+    with tqdm(total=len(pending), desc=desc, disable=not use_tqdm, unit="req") as bar:
+        while any(r is None for r in results):
+            for out in engine.step():
+                if out.finished and out.request_id in pending:
+                    results[pending.pop(out.request_id)] = convert(out)
+                    bar.update(1)
+            if not engine.has_unfinished_requests() and pending:
+                raise RuntimeError("the engine stopped with requests unanswered")
+    return results
+
+
+@dataclass
+class TaskResult:
+    benchmark: Benchmark
+    score: float  # percent
+    samples: list[dict[str, Any]]
+    seconds: float
+
+
+class EngineBackend:
+    """What the evaluator needs of a model, served by dsv2's engine."""
+
+    def __init__(self, llm: LLM, use_tqdm: bool = True) -> None:
+        if llm.tokenizer is None:
+            raise ValueError("evaluation needs the model's tokenizer (tokenizer.json in the model folder)")
+        self.llm, self.tokenizer, self.use_tqdm = llm, llm.tokenizer, use_tqdm
+
+    def loglikelihoods(self, requests: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
+        return loglikelihoods(self.llm.engine, requests, desc, self.use_tqdm)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
+        outputs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=self.use_tqdm)
+        return [out.outputs[0].text for out in outputs]
+
+
+class Evaluator:
+    """Runs benchmarks against a backend (``loglikelihoods``, ``generate`` and a ``tokenizer``)."""
+
+    def __init__(self, backend: EngineBackend, chat: bool = False) -> None:
+        self.backend, self.tokenizer, self.chat = backend, backend.tokenizer, chat
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Base models continue the text (after BOS); chat models get it as a user turn of the chat template."""
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+
+    def run(self, name: str, data_dir: Path, limit: int | None = None) -> TaskResult:
+        if name not in BENCHMARKS:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(BENCHMARKS)}")
+        benchmark = BENCHMARKS[name]
+        items = benchmark.load(Path(data_dir), limit)
+        if not items:
+            raise ValueError(f"{name}: no questions found under {data_dir}")
+        start = time.monotonic()
+        samples = getattr(self, f"_run_{benchmark.kind}")(benchmark, items)
+        score = 100.0 * sum(s["correct"] for s in samples) / len(samples)
+        return TaskResult(benchmark, score, samples, time.monotonic() - start)
+
+    def _run_choice(self, benchmark: Benchmark, items: list[Item]) -> list[dict]:
+        requests = [(self.prompt_ids(item.prompt), self.tokenizer.encode(choice, add_special_tokens=False))
+                    for item in items for choice in item.choices]
+        scores = self.backend.loglikelihoods(requests, f"{benchmark.title} (log-likelihoods)")
+        samples, i = [], 0
+        for item in items:
+            options = scores[i:i + len(item.choices)]
+            i += len(item.choices)
+            best = max(range(len(options)), key=lambda k: options[k][0])
+            answer = item.choices[best].strip()
+            samples.append({"id": item.id, "prompt": item.prompt, "logprobs": {c.strip(): lp for c, (lp, _) in
+                                                                              zip(item.choices, options, strict=True)},
+                            "answer": answer, "reference": item.reference, "correct": answer == item.reference})
+        return samples
+
+    def _generate(self, benchmark: Benchmark, items: list[Item]) -> list[str]:
+        params = [SamplingParams(temperature=0, max_tokens=item.max_tokens, stop=item.stop or None) for item in items]
+        return self.backend.generate([self.prompt_ids(item.prompt) for item in items], params)
+
+    def _run_generate(self, benchmark: Benchmark, items: list[Item]) -> list[dict]:
+        samples = []
+        for item, completion in zip(items, self._generate(benchmark, items), strict=True):
+            answer, correct = benchmark.check(completion, item.reference)
+            samples.append({"id": item.id, "prompt": item.prompt, "completion": completion, "answer": answer,
+                            "reference": item.reference, "correct": correct})
+        return samples
+
+    def _run_code(self, benchmark: Benchmark, items: list[Item]) -> list[dict]:
+        completions = [self._code_of(c) for c in self._generate(benchmark, items)]
+        programs = [item.program(code) for item, code in zip(items, completions, strict=True)]
+        outcomes = run_programs(programs)
+        return [{"id": item.id, "prompt": item.prompt, "completion": code, "program": program,
+                 "answer": outcome.status, "detail": outcome.detail, "reference": "tests pass",
+                 "correct": outcome.passed}
+                for item, code, program, outcome in zip(items, completions, programs, outcomes, strict=True)]
+
+    def _code_of(self, completion: str) -> str:
+        """A chat model answers in prose around a code block: take the block."""
+        if self.chat:
+            match = re.search(r"```(?:python)?\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
+            if match:
+                return "\n" + match.group(1)
+        return completion
+
+
+def write_results(results: list[TaskResult], out: Path, model: str, settings: dict[str, Any]) -> tuple[Path, Path]:
+    """results.md: the model card's table (benchmark, domain, score); results.json: every sample, for auditing."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Model: `{model}`", "", "| Benchmark | Domain | Score | Questions |", "|---|---|---|---|"]
+    lines += [f"| {r.benchmark.title} | {r.benchmark.domain} | {r.score:.1f} | {len(r.samples)} |" for r in results]
+    table = out / "results.md"
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    audit = out / "results.json"
+    audit.write_text(json.dumps({
+        "model": model, "settings": settings,
+        "scores": {r.benchmark.name: {"score": r.score, "questions": len(r.samples), "seconds": r.seconds}
+                   for r in results},
+        "samples": {r.benchmark.name: r.samples for r in results},
+    }, ensure_ascii=False, indent=1), encoding="utf-8")
+    return table, audit
+
+
+def evaluate(model: str | Path | None, tasks: list[str], data_dir: str | Path, out: str | Path,
+             limit: int | None = None, chat: bool = False, batch_size: int = 64, use_tqdm: bool = True,
+             **engine_args: Any) -> list[TaskResult]:
+    """`dsv2 eval`: every task in turn through one engine; writes OUT/results.md and OUT/results.json."""
+    unknown = [t for t in tasks if t not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    llm = LLM(model=model, max_num_seqs=batch_size, **engine_args)
+    evaluator = Evaluator(EngineBackend(llm, use_tqdm), chat=chat)
+    results = [evaluator.run(task, Path(data_dir), limit) for task in tasks]
+    write_results(results, Path(out), str(model or "bundled"), {"tasks": tasks, "limit": limit, "chat": chat})
+    return results
+

@@ -1,0 +1,260 @@
+"""The model card's benchmarks, read from their published file layouts under one data directory.
+
+Expected layout (each folder as its original release ships it):
+
+    DATA/mmlu/dev/<subject>_dev.csv, DATA/mmlu/test/<subject>_test.csv       (hendrycks/test: data/{dev,test})
+    DATA/ceval/dev/<subject>_dev.csv, DATA/ceval/val/<subject>_val.csv       (C-Eval; the test split has no answers)
+    DATA/cmmlu/dev/<subject>.csv, DATA/cmmlu/test/<subject>.csv               (CMMLU)
+    DATA/bbh/bbh/<task>.json, DATA/bbh/cot-prompts/<task>.txt                 (suzgunmirac/BIG-Bench-Hard)
+    DATA/gsm8k/train.jsonl, DATA/gsm8k/test.jsonl                            (openai/grade-school-math)
+    DATA/math/train/<subject>/<n>.json, DATA/math/test/<subject>/<n>.json   (hendrycks/math)
+    DATA/humaneval/HumanEval.jsonl[.gz]                                      (openai/human-eval)
+    DATA/mbpp/mbpp.jsonl                                                      (google-research/mbpp)
+
+Protocols: MMLU, C-Eval, CMMLU 5-shot multiple choice by the log-likelihood of the answer letter; BBH 3-shot
+chain-of-thought, exact match; GSM8K 8-shot chain-of-thought (the first 8 training problems), numeric match; MATH
+4-shot (the first 4 training problems), normalized-answer equivalence; HumanEval 0-shot and MBPP 3-shot (tasks 2–4
+as examples, 11–510 tested), pass@1 with greedy decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsv2.eval import scoring
+
+LETTERS = "ABCD"
+
+
+@dataclass
+class Item:
+    """One question of a benchmark, ready to be asked."""
+
+    id: str
+    prompt: str  # the text the model continues (few-shot examples included)
+    reference: str  # the gold answer (a letter, a number, a string, or the test code)
+    choices: list[str] = field(default_factory=list)  # multiple choice: continuations to score
+    stop: list[str] = field(default_factory=list)  # generation: where a completion ends
+    max_tokens: int = 512
+    program: Callable[[str], str] | None = None  # code: completion → program whose success means "passed"
+
+
+@dataclass
+class Benchmark:
+    name: str
+    title: str
+    domain: str
+    kind: str  # "choice" | "generate" | "code"
+    load: Callable[[Path, int | None], list[Item]]
+    check: Callable[[str, str], tuple[str | None, bool]] | None = None  # (completion, reference) → (answer, ok)
+
+
+class MissingData(FileNotFoundError):
+    """A benchmark's files are not where the published layout puts them; the message says what to put where."""
+
+
+def _need(path: Path, layout: str) -> Path:
+    if not path.exists():
+        raise MissingData(f"{path} is missing: expected {layout}")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- multiple choice
+def _choice_prompt(header: str, shots: list[tuple[str, list[str], str]], question: str, options: list[str],
+                   answer_word: str, sep: str = ". ") -> str:
+    def block(q: str, opts: list[str], answer: str | None) -> str:
+        lines = [q, *(f"{letter}{sep}{opt}" for letter, opt in zip(LETTERS, opts, strict=True))]
+        return "\n".join(lines) + f"\n{answer_word}" + (f" {answer}\n\n" if answer is not None else "")
+
+    return header + "".join(block(q, o, a) for q, o, a in shots) + block(question, options, None)
+
+
+def _mc_items(name: str, subjects: list[tuple[str, list[list[str]], list[list[str]]]], header: Callable[[str], str],
+              answer_word: str, limit: int | None, shots: int = 5) -> list[Item]:
+    """subjects: (subject, dev rows, test rows), each row [question, A, B, C, D, answer letter]."""
+    items = []
+    for subject, dev, test in subjects:
+        examples = [(r[0], r[1:5], r[5].strip()) for r in dev[:shots]]
+        for n, row in enumerate(test):
+            prompt = _choice_prompt(header(subject), examples, row[0], row[1:5], answer_word)
+            items.append(Item(f"{name}/{subject}/{n}", prompt, row[5].strip(), choices=[f" {c}" for c in LETTERS]))
+    return items[:limit] if limit else items
+
+
+def _csv_rows(path: Path, header: bool, columns: list[str] | None = None) -> list[list[str]]:
+    with path.open(encoding="utf-8") as f:
+        if not header:
+            return [row for row in csv.reader(f) if row]
+        rows = list(csv.DictReader(f))
+    return [[row[c] for c in columns] for row in rows]
+
+
+def load_mmlu(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "mmlu", "mmlu/dev/<subject>_dev.csv and mmlu/test/<subject>_test.csv")
+    tests = sorted(_need(root / "test", "mmlu/test/<subject>_test.csv").glob("*_test.csv"))
+    subjects = []
+    for path in tests:
+        subject = path.name.removesuffix("_test.csv")
+        dev = _need(root / "dev" / f"{subject}_dev.csv", "mmlu/dev/<subject>_dev.csv for every test subject")
+        subjects.append((subject, _csv_rows(dev, header=False), _csv_rows(path, header=False)))
+    if not subjects:
+        raise MissingData(f"{root / 'test'} holds no <subject>_test.csv files")
+
+    def header(subject: str) -> str:
+        return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+    return _mc_items("mmlu", subjects, header, "Answer:", limit)
+
+
+def load_ceval(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "ceval", "ceval/dev/<subject>_dev.csv and ceval/val/<subject>_val.csv")
+    columns = ["question", "A", "B", "C", "D", "answer"]
+    subjects = []
+    for path in sorted(_need(root / "val", "ceval/val/<subject>_val.csv").glob("*_val.csv")):
+        subject = path.name.removesuffix("_val.csv")
+        dev = _need(root / "dev" / f"{subject}_dev.csv", "ceval/dev/<subject>_dev.csv for every val subject")
+        subjects.append((subject, _csv_rows(dev, True, columns), _csv_rows(path, True, columns)))
+    if not subjects:
+        raise MissingData(f"{root / 'val'} holds no <subject>_val.csv files")
+    return _mc_items("ceval", subjects, lambda s: f"以下是中国关于{s}考试的单项选择题，请选出其中的正确答案。\n\n",
+                     "答案：", limit)
+
+
+def load_cmmlu(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "cmmlu", "cmmlu/dev/<subject>.csv and cmmlu/test/<subject>.csv")
+    columns = ["Question", "A", "B", "C", "D", "Answer"]
+    subjects = []
+    for path in sorted(_need(root / "test", "cmmlu/test/<subject>.csv").glob("*.csv")):
+        dev = _need(root / "dev" / path.name, "cmmlu/dev/<subject>.csv for every test subject")
+        subjects.append((path.stem, _csv_rows(dev, True, columns), _csv_rows(path, True, columns)))
+    if not subjects:
+        raise MissingData(f"{root / 'test'} holds no <subject>.csv files")
+    return _mc_items("cmmlu", subjects, lambda s: f"以下是关于{s}的单项选择题，请直接给出正确答案的选项。\n\n",
+                     "答案：", limit)
+
+
+# -------------------------------------------------------------------------------------------------- generation
+def load_bbh(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "bbh", "bbh/bbh/<task>.json and bbh/cot-prompts/<task>.txt")
+    items = []
+    for path in sorted(_need(root / "bbh", "bbh/bbh/<task>.json").glob("*.json")):
+        prompt_file = _need(root / "cot-prompts" / f"{path.stem}.txt", "bbh/cot-prompts/<task>.txt for every task")
+        cot = prompt_file.read_text(encoding="utf-8").split("-----", 1)[-1].strip()
+        for n, example in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
+            prompt = f"{cot}\n\nQ: {example['input']}\nA: Let's think step by step."
+            items.append(Item(f"bbh/{path.stem}/{n}", prompt, example["target"], stop=["\n\nQ:"], max_tokens=384))
+    return items[:limit] if limit else items
+
+
+def load_gsm8k(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "gsm8k", "gsm8k/train.jsonl and gsm8k/test.jsonl")
+    train = _read_jsonl(_need(root / "train.jsonl", "gsm8k/train.jsonl (the 8 examples come from it)"))[:8]
+    test = _read_jsonl(_need(root / "test.jsonl", "gsm8k/test.jsonl"))
+
+    def solution(answer: str) -> str:
+        reasoning, final = answer.split("####")
+        return f"{reasoning.strip()} The answer is {final.strip()}."
+
+    shots = "".join(f"Question: {ex['question']}\nAnswer: {solution(ex['answer'])}\n\n" for ex in train)
+    items = [Item(f"gsm8k/{n}", f"{shots}Question: {ex['question']}\nAnswer:", scoring.gsm8k_reference(ex["answer"]),
+                  stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384) for n, ex in enumerate(test)]
+    return items[:limit] if limit else items
+
+
+def load_math(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "math", "math/train/<subject>/<n>.json and math/test/<subject>/<n>.json")
+
+    def problems(split: str) -> list[dict]:
+        files = sorted(_need(root / split, f"math/{split}/<subject>/<n>.json").glob("*/*.json"),
+                       key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit() else p.stem))
+        return [json.loads(p.read_text(encoding="utf-8")) | {"id": f"{p.parent.name}/{p.stem}"} for p in files]
+
+    shots = "".join(f"Problem:\n{ex['problem']}\n\nSolution:\n{ex['solution']}\n\n" for ex in problems("train")[:4])
+    items = []
+    for ex in problems("test"):
+        answer = scoring.last_boxed(ex["solution"])
+        if answer is None:
+            continue
+        items.append(Item(f"math/{ex['id']}", f"{shots}Problem:\n{ex['problem']}\n\nSolution:\n", answer,
+                          stop=["\n\nProblem:"], max_tokens=512))
+    return items[:limit] if limit else items
+
+
+# ------------------------------------------------------------------------------------------------------- code
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\n#", "\nprint(", "\nassert "]
+
+
+def load_humaneval(data: Path, limit: int | None) -> list[Item]:
+    root = _need(data / "humaneval", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
+    path = root / "HumanEval.jsonl"
+    path = path if path.exists() else _need(root / "HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
+    items = []
+    for ex in _read_jsonl(path):
+        def program(completion: str, ex: dict = ex) -> str:
+            return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
+
+        items.append(Item(ex["task_id"], ex["prompt"], ex["test"], stop=CODE_STOP, max_tokens=512, program=program))
+    return items[:limit] if limit else items
+
+
+def _mbpp_block(task: dict, with_code: bool) -> str:
+    tests = "\n".join(task["test_list"])
+    text = (f"You are an expert Python programmer, and here is your task: {task['text']} Your code should pass "
+            f"these tests:\n\n{tests}\n")
+    return text + (f"[BEGIN]\n{task['code']}\n[DONE]\n\n" if with_code else "[BEGIN]\n")
+
+
+def load_mbpp(data: Path, limit: int | None) -> list[Item]:
+    tasks = {t["task_id"]: t for t in _read_jsonl(_need(data / "mbpp" / "mbpp.jsonl", "mbpp/mbpp.jsonl"))}
+    missing = [i for i in (2, 3, 4) if i not in tasks]
+    if missing:
+        raise MissingData(f"mbpp/mbpp.jsonl lacks the example tasks {missing} (the 3-shot prompt uses tasks 2–4)")
+    shots = "".join(_mbpp_block(tasks[i], True) for i in (2, 3, 4))
+    items = []
+    for task_id in sorted(t for t in tasks if 11 <= t <= 510):
+        task = tasks[task_id]
+
+        def program(completion: str, task: dict = task) -> str:
+            return f"{completion}\n\n{task.get('test_setup_code', '')}\n" + "\n".join(task["test_list"]) + "\n"
+
+        items.append(Item(f"mbpp/{task_id}", shots + _mbpp_block(task, False), "\n".join(task["test_list"]),
+                          stop=["[DONE]"], max_tokens=512, program=program))
+    return items[:limit] if limit else items
+
+
+def _check_number(completion: str, reference: str) -> tuple[str | None, bool]:
+    answer = scoring.extract_number(completion)
+    return answer, scoring.numbers_equal(answer, reference)
+
+
+def _check_math(completion: str, reference: str) -> tuple[str | None, bool]:
+    answer = scoring.extract_math_answer(completion)
+    return answer, scoring.math_equal(answer, reference)
+
+
+def _check_bbh(completion: str, reference: str) -> tuple[str | None, bool]:
+    answer = scoring.extract_bbh_answer(completion)
+    return answer, scoring.bbh_equal(answer, reference)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    Benchmark("mmlu", "MMLU", "English", "choice", load_mmlu),
+    Benchmark("bbh", "BBH", "English", "generate", load_bbh, _check_bbh),
+    Benchmark("ceval", "C-Eval", "Chinese", "choice", load_ceval),
+    Benchmark("cmmlu", "CMMLU", "Chinese", "choice", load_cmmlu),
+    Benchmark("humaneval", "HumanEval", "Code", "code", load_humaneval),
+    Benchmark("mbpp", "MBPP", "Code", "code", load_mbpp),
+    Benchmark("gsm8k", "GSM8K", "Math", "generate", load_gsm8k, _check_number),
+    Benchmark("math", "MATH", "Math", "generate", load_math, _check_math),
+]}

@@ -1,0 +1,263 @@
+"""Evaluation: the benchmark file formats, answer checking, the code sandbox, scripted models, the real engine, and
+the lm-evaluation-harness adapter."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dsv2 import LLM, Tokenizer
+from dsv2.eval import scoring
+from dsv2.eval.runner import EngineBackend, Evaluator, evaluate, write_results
+from dsv2.eval.sandbox import run_program
+from dsv2.eval.tasks import BENCHMARKS, MissingData
+
+from helpers import TINY_LITE, make_tokenizer_files, tiny_model
+
+DATA = Path(__file__).parent / "fixtures" / "eval"
+COUNTS = {"mmlu": 4, "ceval": 2, "cmmlu": 3, "bbh": 3, "gsm8k": 3, "math": 2, "humaneval": 2, "mbpp": 2}
+
+
+def test_every_format_loads():
+    for name, benchmark in BENCHMARKS.items():
+        items = benchmark.load(DATA, None)
+        assert len(items) == COUNTS[name], name
+    mmlu = BENCHMARKS["mmlu"].load(DATA, None)[0]
+    assert mmlu.prompt.startswith("The following are multiple choice questions (with answers) about astronomy.")
+    assert mmlu.prompt.count("Answer:") == 6 and mmlu.prompt.endswith("Answer:") and mmlu.reference == "A"
+    assert BENCHMARKS["gsm8k"].load(DATA, None)[2].reference == "2400"
+    assert BENCHMARKS["gsm8k"].load(DATA, None)[0].prompt.count("The answer is") == 8  # 8-shot chain of thought
+    assert BENCHMARKS["math"].load(DATA, None)[0].reference == "\\frac{3}{4}"
+    assert BENCHMARKS["mbpp"].load(DATA, None)[0].prompt.count("[BEGIN]") == 4  # 3 examples + the task
+    assert BENCHMARKS["bbh"].load(DATA, 2)[1].prompt.endswith("A: Let's think step by step.")
+
+
+def test_missing_files_name_the_layout(tmp_path):
+    with pytest.raises(MissingData, match=r"mmlu is missing: expected mmlu/dev/<subject>_dev\.csv"):
+        BENCHMARKS["mmlu"].load(tmp_path, None)
+    (tmp_path / "gsm8k").mkdir()
+    with pytest.raises(MissingData, match=r"gsm8k/train\.jsonl is missing"):
+        BENCHMARKS["gsm8k"].load(tmp_path, None)
+
+
+@pytest.mark.parametrize(("completion", "expected"), [
+    ("He has 3 + 4 = 7 apples. The answer is 7.", "7"), ("So 1,200 * 2 = 2,400. The answer is $2,400.", "2400"),
+    ("First 5, then 12 and finally 13", "13"), ("no digits here", None), ("The final answer is -3.5", "-3.5"),
+])
+def test_gsm8k_extraction(completion, expected):
+    assert scoring.extract_number(completion) == expected
+
+
+@pytest.mark.parametrize(("predicted", "reference", "equal"), [
+    ("\\frac{3}{4}", "\\frac{3}{4}", True), ("3/4", "\\frac{3}{4}", True), ("\\dfrac{3}{4}", "\\frac34", True),
+    ("0.5", "\\frac{1}{2}", True), ("x = 5", "5", True), ("5^\\circ", "5", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True), ("10\\%", "10", True), ("\\sqrt2", "\\sqrt{2}", True),
+    ("4", "5", False), ("\\frac{1}{3}", "\\frac{1}{2}", False),
+])
+def test_math_equivalence(predicted, reference, equal):
+    assert scoring.math_equal(predicted, reference) is equal
+
+
+def test_math_and_bbh_extraction():
+    assert scoring.extract_math_answer("so $x = \\boxed{\\frac{a}{\\sqrt{b}}}$ and done") == "\\frac{a}{\\sqrt{b}}"
+    assert scoring.extract_math_answer("The answer is 42.") == "42"
+    assert scoring.extract_bbh_answer("True and False is False. So the answer is False.") == "False"
+    assert scoring.bbh_equal("(A)", "(A)") and not scoring.bbh_equal("(B)", "(A)")
+
+
+def test_pass_at_1_with_correct_and_wrong_solutions():
+    item = BENCHMARKS["humaneval"].load(DATA, None)[0]
+    assert run_program(item.program("    return a + b\n")).passed
+    wrong = run_program(item.program("    return a - b\n"))
+    assert not wrong.passed and wrong.status == "failed" and "AssertionError" in wrong.detail
+    mbpp = BENCHMARKS["mbpp"].load(DATA, None)[0]
+    assert run_program(mbpp.program("def maximum(a, b):\n    return max(a, b)")).passed
+    assert not run_program(mbpp.program("def maximum(a, b):\n    return a")).passed
+
+
+def test_hostile_programs_fail_alone(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    hostile = {
+        "infinite loop": ("while True:\n    pass", "timeout"),
+        "fork bomb": ("import os\nwhile True:\n    os.fork()", "os.fork is not allowed"),
+        "huge allocation": ("x = bytearray(10**11)", "MemoryError"),
+        "deleting files": (f"import os\nos.remove({str(precious)!r})", "outside the working directory"),
+        "wiping a tree": (f"import shutil\nshutil.rmtree({str(tmp_path)!r})", "outside the working directory"),
+        "reading user files": (f"open({str(precious)!r}).read()", "no access"),
+        "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "not allowed"),
+        "subprocess": ("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen is not allowed"),
+        "native code": ("import ctypes\nctypes.CDLL(None)", "ctypes.dlopen is not allowed"),
+        "raising limits": ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "not allowed"),
+    }
+    for name, (program, expected) in hostile.items():
+        outcome = run_program(program, timeout=3)
+        assert not outcome.passed, name
+        assert expected in (outcome.detail if outcome.status != "timeout" else "timeout"), (name, outcome)
+    assert precious.read_text() == "keep"
+    assert run_program("open('scratch.txt', 'w').write('ok')\nimport os\nos.remove('scratch.txt')").passed
+
+
+class Scripted:
+    """A stand-in model answering from a table of prompts: the evaluator's plumbing without a model."""
+
+    def __init__(self, tokenizer: Tokenizer, answers: dict[str, str]) -> None:
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def _answer(self, ids: list[int]) -> str:
+        return self.answers[self.tokenizer.decode(ids, skip_special_tokens=True)]
+
+    def loglikelihoods(self, requests, desc):
+        return [(0.0 if self.tokenizer.decode(cont).strip() == self._answer(ctx) else -5.0, True)
+                for ctx, cont in requests]
+
+    def generate(self, prompts, params):
+        return [self._answer(ids) for ids in prompts]
+
+
+def correct_answer(name, item):
+    if name in ("mmlu", "ceval", "cmmlu"):
+        return item.reference
+    solutions = {"gsm8k": f" So it is {item.reference}. The answer is {item.reference}.",
+                 "math": f"We get $\\boxed{{{item.reference}}}$.",
+                 "bbh": f" Thinking. So the answer is {item.reference}."}
+    if name in solutions:
+        return solutions[name]
+    tasks = [json.loads(line) for line in (DATA / name / ("HumanEval.jsonl" if name == "humaneval" else
+                                                           "mbpp.jsonl")).read_text().splitlines()]
+    by_id = {(t["task_id"] if name == "humaneval" else f"mbpp/{t['task_id']}"): t for t in tasks}
+    task = by_id[item.id]
+    return task["canonical_solution"] if name == "humaneval" else task["code"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer_files(path)
+    return Tokenizer.from_pretrained(path)
+
+
+def test_a_scripted_model_that_is_always_right_scores_100(tokenizer):
+    for name, benchmark in BENCHMARKS.items():
+        items = benchmark.load(DATA, None)
+        scripted = Scripted(tokenizer, {item.prompt: correct_answer(name, item) for item in items})
+        result = Evaluator(scripted).run(name, DATA)
+        assert result.score == 100.0, (name, [s for s in result.samples if not s["correct"]])
+
+
+def test_a_model_that_always_answers_a_scores_the_share_of_a(tokenizer):
+    for name in ("mmlu", "ceval", "cmmlu"):
+        items = BENCHMARKS[name].load(DATA, None)
+        result = Evaluator(Scripted(tokenizer, {item.prompt: "A" for item in items})).run(name, DATA)
+        share = 100.0 * sum(item.reference == "A" for item in items) / len(items)
+        assert result.score == pytest.approx(share) and 0 < share < 100
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_model(TINY_LITE, vocab_size=512, max_position_embeddings=4096).save_pretrained(path)
+    make_tokenizer_files(path)
+    return path
+
+
+def test_every_task_end_to_end_through_the_engine(checkpoint, tmp_path):
+    results = evaluate(checkpoint, list(BENCHMARKS), DATA, tmp_path, kv_cache_memory=32_000_000, use_tqdm=False,
+                       dtype="float32")
+    assert [r.benchmark.name for r in results] == list(BENCHMARKS)
+    table = (tmp_path / "results.md").read_text()
+    assert "| MMLU | English |" in table and "| HumanEval | Code |" in table and "| C-Eval | Chinese |" in table
+    audit = json.loads((tmp_path / "results.json").read_text())
+    assert set(audit["samples"]) == set(BENCHMARKS)
+    assert all({"prompt", "answer", "reference", "correct"} <= set(s) for samples in audit["samples"].values()
+               for s in samples)
+    assert {"completion", "program"} <= set(audit["samples"]["humaneval"][0])
+
+
+def test_engine_loglikelihoods_equal_a_plain_forward_pass(checkpoint):
+    """The evaluator's multiple-choice path through the real engine (prompt log-probabilities, prefix cache)."""
+    import torch
+
+    llm = LLM(model=checkpoint, kv_cache_memory=8_000_000, dtype="float32")
+    tok = llm.tokenizer
+    context = tok.encode("The following are questions. Answer:")
+    options = [tok.encode(f" {c}", add_special_tokens=False) for c in ["A", "B", "yes", "no way"]]
+    scores = EngineBackend(llm, use_tqdm=False).loglikelihoods([(context, o) for o in options], "test")
+    for option, (logprob, greedy) in zip(options, scores, strict=True):
+        ids = context + option
+        with torch.no_grad():
+            logprobs = llm.model(torch.tensor([ids]))[0].log_softmax(-1)  # [T, vocab]
+        steps = range(len(context) - 1, len(ids) - 1)
+        assert logprob == pytest.approx(sum(logprobs[t, ids[t + 1]].item() for t in steps), abs=1e-4)
+        assert greedy == all(int(logprobs[t].argmax()) == ids[t + 1] for t in steps)
+
+
+def test_lm_eval_adapter_runs_a_local_task(checkpoint, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    import dsv2.eval.lm_eval  # noqa: F401  (registers "dsv2")
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": ["yes", "no"], "answer": a}) + "\n"
+                            for q, a in [("Is the sky blue?", 0), ("Is fire cold?", 1), ("Do fish swim?", 0)]))
+    (tmp_path / "dsv2_local_qa.yaml").write_text(f"""
+task: dsv2_local_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    (tmp_path / "dsv2_local_gen.yaml").write_text(f"""
+task: dsv2_local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+""")
+    (tmp_path / "dsv2_local_ppl.yaml").write_text(f"""
+task: dsv2_local_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{question}}}}"
+metric_list:
+  - metric: word_perplexity
+""")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tmp_path))
+    out = lm_eval.simple_evaluate(model="dsv2", model_args=f"pretrained={checkpoint},kv_cache_memory=8000000",
+                                  tasks=["dsv2_local_qa", "dsv2_local_gen", "dsv2_local_ppl"], task_manager=manager)
+    results = out["results"]
+    assert 0 <= results["dsv2_local_qa"]["acc,none"] <= 1
+    assert "exact_match,none" in results["dsv2_local_gen"]
+    assert results["dsv2_local_ppl"]["word_perplexity,none"] > 1
+
+
+def test_results_table_layout(tmp_path):
+    from dsv2.eval.runner import TaskResult
+
+    results = [TaskResult(BENCHMARKS["gsm8k"], 41.1, [{"correct": True}], 1.0)]
+    table, audit = write_results(results, tmp_path, "m", {})
+    assert "| GSM8K | Math | 41.1 | 1 |" in table.read_text() and json.loads(audit.read_text())["scores"]["gsm8k"]
