@@ -233,6 +233,9 @@ class Trainer:
         for first in range(0, share, micro):
             x = tokens[first:first + micro].to(self.device)  # [b, L + 1]
             m = mask[first:first + micro].to(self.device)  # [b, L]
+            if not bool(m[:, -1].any()):  # padded rows (SFT): drop the columns after the last target
+                width = int(m.any(dim=0).nonzero().max()) + 1 if bool(m.any()) else 1
+                x, m = x[:, : width + 1], m[:, :width]
             sync = first + micro >= share  # DDP all-reduces on the last micro-batch only
             context = contextlib.nullcontext() if sync or not isinstance(
                 self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
