@@ -86,7 +86,8 @@ def engine_arguments(args: argparse.Namespace) -> dict:
              "block_size")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return {**given, "enable_prefix_caching": not args.no_prefix_caching,
-            "enable_chunked_prefill": not args.no_chunked_prefill}
+            "enable_chunked_prefill": not args.no_chunked_prefill, "tensor_parallel_size": args.tensor_parallel_size,
+            "enable_expert_parallel": args.expert_parallel}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="tokens per cache block")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share computed prompt prefixes")
     parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices (processes) to shard over")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="with tensor parallelism: whole routed experts per device instead of slices of each")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:

@@ -109,12 +109,13 @@ class _SafetensorsFile:
         except SafetensorError as e:
             raise WeightsError(f"{self.path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
+        """The tensor, or only its ``index`` slice (read without reading the rest)."""
         if self._handle is None or self._mapped_bytes > REMAP_BYTES:
             self.close()
             self._handle = self._open()
             self._handle.__enter__()
-        tensor = self._handle.get_tensor(key)
+        tensor = self._handle.get_tensor(key) if index is None else self._handle.get_slice(key)[index]
         self._mapped_bytes += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -135,8 +136,8 @@ class _PickleFile:
             raise WeightsError(f"{path}: cannot be read as a PyTorch weights file ({e})") from None
         self.shapes = {k: list(v.shape) for k, v in self._tensors.items()}
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+    def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
+        return self._tensors[key] if index is None else self._tensors[key][index]
 
     def close(self) -> None:
         self._tensors = {}
@@ -167,24 +168,35 @@ def _check_keys_and_shapes(files: list, layout: dict[str, Slot], params: dict[st
         raise WeightsError(f"{folder}: the weights do not match config.json ({len(problems)} problem(s)):\n  {shown}")
 
 
-def load_weights(model: nn.Module, folder: str | Path, progress: bool | None = None,
-                 allow_pickle: bool = False) -> None:
-    """Fill ``model``'s parameters (any dtype/device) from a checkpoint folder, one tensor at a time."""
+def load_weights(model: nn.Module, folder: str | Path, progress: bool | None = None, allow_pickle: bool = False,
+                 full_model: nn.Module | None = None, place=None) -> None:
+    """Fill ``model``'s parameters (any dtype/device) from a checkpoint folder, one tensor at a time.
+
+    For a shard of a model (tensor parallelism), ``full_model`` is the unsharded model (on the meta device: its
+    names and shapes are checked against the checkpoint) and ``place(slot, file_shape)`` returns where a checkpoint
+    tensor goes: None to skip it, or (target tensor, index of the slice to read).
+    """
     folder = Path(folder)
     paths = weight_files(folder, allow_pickle)
     files = [(_PickleFile if p.suffix == ".bin" else _SafetensorsFile)(p) for p in paths]
-    layout = checkpoint_layout(model)
+    layout = checkpoint_layout(full_model or model)
+    _check_keys_and_shapes(files, layout, dict((full_model or model).named_parameters()), folder)
     params = dict(model.named_parameters())
-    _check_keys_and_shapes(files, layout, params, folder)
-    total = sum(p.stat().st_size for p in paths)
-    show = total >= PROGRESS_BYTES if progress is None else progress
-    with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
+    if place is None:
+        def place(slot: Slot, shape: list[int]) -> tuple[torch.Tensor, tuple | None]:
+            return _target(params, slot), None
+    show = sum(p.stat().st_size for p in paths) >= PROGRESS_BYTES if progress is None else progress
+    count = sum(len(file.shapes) for file in files)
+    with torch.no_grad(), tqdm(total=count, unit="tensor", desc="loading weights", disable=not show) as bar:
         for file in files:
-            for key in file.shapes:
-                if key in layout:
-                    tensor = file.get(key)
-                    _target(params, layout[key]).copy_(tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
+            for key, shape in file.shapes.items():
+                if key not in layout:
+                    continue
+                where = place(layout[key], shape)
+                if where is not None:
+                    target, index = where
+                    target.copy_(file.get(key, index))
+                bar.update(1)
             file.close()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,14 +89,15 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig) -> None:
+    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
+                 runner_factory: Callable[[PagedLatentCache], ModelRunner] | None = None) -> None:
         config.validate(model.config)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.cache = PagedLatentCache(model.config, config.num_blocks, config.block_size, model.dtype, model.device)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = (runner_factory or functools.partial(ModelRunner, model))(self.cache)
         self.requests: dict[str, Request] = {}
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos

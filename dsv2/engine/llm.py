@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from dsv2.config import DTYPES
 from dsv2.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from dsv2.engine.runner import PagedLatentCache
+from dsv2.generation_config import GenerationConfig
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.sampling import SamplingParams
 from dsv2.tokenizer import Tokenizer
@@ -24,6 +26,7 @@ CPU_CACHE_CAP = 4 * 2**30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_S
 # vLLM arguments that have no meaning here; accepted so that vLLM programs run unchanged.
 IGNORED = {"trust_remote_code", "enforce_eager", "tokenizer_mode", "swap_space", "cpu_offload_gb", "quantization",
            "revision", "tokenizer_revision", "download_dir", "load_format", "disable_custom_all_reduce",
+           "distributed_executor_backend",
            "max_seq_len_to_capture", "disable_log_stats", "compilation_config", "hf_overrides", "seed"}
 
 
@@ -66,38 +69,64 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 device: str | torch.device | None = None, **kwargs: Any) -> None:
+                 device: str | torch.device | None = None, enable_expert_parallel: bool = False,
+                 **kwargs: Any) -> None:
         unknown = set(kwargs) - IGNORED
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
-        if tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not available yet in dsv2")
         from dsv2.bundled import resolve_model
 
-        model = resolve_model(model)  # the bundled model when none is given
+        path = resolve_model(model)  # the bundled model when none is given
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else DTYPES[dtype]
-        self.model = DeepseekV2ForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+
+        def num_blocks_for(config, cache_dtype: torch.dtype) -> int:
+            nonlocal max_model_len
+            per_token = PagedLatentCache.bytes_per_token(config, cache_dtype)
+            capacity = cache_budget(device, kv_cache_memory, gpu_memory_utilization) // (per_token * block_size)
+            if max_model_len is None:
+                max_model_len = min(config.max_position_embeddings, capacity * block_size)
+            useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
+            return max(1, min(capacity, useful))
+
+        self.group = None
+        if tensor_parallel_size > 1:
+            from dsv2.parallel.group import TensorParallelGroup
+
+            self.group = TensorParallelGroup(path, tensor_parallel_size, enable_expert_parallel, dtype, device,
+                                             num_blocks_for)
+            self.model, num_blocks = self.group.model, self.group.num_blocks
+            block_size = self.group.block_size
+            self.model.generation_config = GenerationConfig.from_pretrained(path)
+            if (Path(path) / "tokenizer.json").exists():
+                self.model.tokenizer = Tokenizer.from_pretrained(path)
+        else:
+            self.model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+            num_blocks = num_blocks_for(self.model.config, self.model.dtype)
         self.tokenizer = Tokenizer.from_pretrained(tokenizer) if tokenizer else self.model.tokenizer
-        config = self.model.config
-        per_token = PagedLatentCache.bytes_per_token(config, self.model.dtype)
-        budget = cache_budget(device, kv_cache_memory, gpu_memory_utilization)
-        capacity = budget // (per_token * block_size)
-        if max_model_len is None:
-            max_model_len = min(config.max_position_embeddings, capacity * block_size)
-        useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
-        num_blocks = min(capacity, useful)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 4096 if enable_chunked_prefill else max(4096, max_model_len)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
             num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
-        ))
-        log.info("latent cache: %d blocks × %d tokens × %d bytes = %.2f GiB; max_model_len %d", num_blocks,
+        ), runner_factory=self.group.make_runner if self.group else None)
+        per_token = PagedLatentCache.bytes_per_token(self.model.config, self.model.dtype)
+        log.info("latent cache: %d blocks × %d tokens × %d bytes = %.2f GiB per rank; max_model_len %d", num_blocks,
                  block_size, per_token, num_blocks * block_size * per_token / 2**30, max_model_len)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        if self.group is not None:
+            self.group.close()
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            with contextlib.suppress(Exception):  # at interpreter shutdown the workers exit with their parent anyway
+                group.close()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer

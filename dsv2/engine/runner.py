@@ -73,6 +73,10 @@ class ModelRunner:
     def run(self, batch: Batch, extra: list[list[int]] | None = None) -> torch.Tensor:
         """Compute the batch's chunks; return logits [B, K, vocab]: at each sequence's ``extra`` positions (absolute,
         within its chunk), then at its last computed token; rows with fewer positions repeat their last."""
+        return self.execute(self.prepare(batch, extra))
+
+    def prepare(self, batch: Batch, extra: list[list[int]] | None = None) -> dict[str, torch.Tensor | None]:
+        """The step's tensors: what every rank of a tensor-parallel group needs to run it."""
         items = batch.items
         T = max(item.end - item.start for item in items)
         S = max(item.end for item in items)
@@ -87,15 +91,24 @@ class ModelRunner:
         starts, ends = tensor([item.start for item in items]), tensor([item.end for item in items])  # [B]
         positions = starts[:, None] + torch.arange(T, device=self.device)  # [B, T]
         context = torch.arange(S, device=self.device).expand(len(items), S)  # [B, S]
-        write_slots = self._slots(tables, positions, positions < ends[:, None])  # [B, T]
-        read_slots = self._slots(tables, context, context < ends[:, None])  # [B, S]
         # Plain causal when every chunk starts at position 0 (keys = the queries, padding at the ends) or when one
         # sequence decodes; otherwise each query sees the keys up to its own position.
         fresh = all(item.start == 0 for item in items) or (len(items) == 1 and T == 1)
-        mask = None if fresh else context[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        step_cache = PagedStepCache(self.cache, write_slots, read_slots, mask)
         extra = extra or [[] for _ in items]
         K = 1 + max(len(e) for e in extra)
-        logits_at = tensor([[p - item.start for p in e] + [item.end - item.start - 1] * (K - len(e))
-                            for item, e in zip(items, extra, strict=True)])  # [B, K]
-        return self.model(input_ids, positions=positions, cache=step_cache, logits_at=logits_at)  # [B, K, vocab]
+        return {
+            "input_ids": input_ids,
+            "positions": positions,
+            "write_slots": self._slots(tables, positions, positions < ends[:, None]),  # [B, T]
+            "read_slots": self._slots(tables, context, context < ends[:, None]),  # [B, S]
+            "mask": None if fresh else context[:, None, :] <= positions[:, :, None],  # [B, T, S]
+            "logits_at": tensor([[p - item.start for p in e] + [item.end - item.start - 1] * (K - len(e))
+                                 for item, e in zip(items, extra, strict=True)]),  # [B, K]
+        }
+
+    @torch.no_grad()
+    def execute(self, step: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Run prepared step tensors through the model over this rank's cache → logits [B, K, vocab]."""
+        step_cache = PagedStepCache(self.cache, step["write_slots"], step["read_slots"], step["mask"])
+        return self.model(step["input_ids"], positions=step["positions"], cache=step_cache,
+                          logits_at=step["logits_at"])

@@ -1,0 +1,207 @@
+"""A tensor-parallel group for the engine: this process is rank 0, one worker process per other device.
+
+Every rank builds the model on the meta device, swaps in its parallel modules (`shard_model`) and reads only its
+slice of each checkpoint tensor from the safetensors files — no rank ever holds the whole model. Rank 0 runs the
+engine: it schedules, sends each step's tensors (`ModelRunner.prepare`) to the workers' queues and samples; every
+rank runs the step through its own shard and its own latent cache, the collectives (torch.distributed: gloo on the
+CPU, NCCL on GPUs) happening inside the model's parallel layers. A worker that dies makes rank 0 raise
+`WorkerDiedError` at the next step (or mid-step, from the failed collective); a rank 0 that dies makes the workers
+exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsv2.config import DTYPES, ModelConfig
+from dsv2.engine.runner import ModelRunner, PagedLatentCache
+from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.parallel.tensor_parallel import SKIP, shard_model
+from dsv2.weights import load_weights
+
+log = logging.getLogger("dsv2.parallel")
+
+
+class WorkerDiedError(RuntimeError):
+    """A rank of the tensor-parallel group is gone; the engine cannot go on."""
+
+
+def load_sharded(path: str | Path, rank: int, world: int, expert_parallel: bool, dtype: torch.dtype,
+                 device: torch.device) -> DeepseekV2ForCausalLM:
+    """This rank's shard of a checkpoint: the parallel model, filled with the slices of the tensors it owns."""
+    config = ModelConfig.from_pretrained(path)
+    with torch.device("meta"):
+        full = DeepseekV2ForCausalLM(config)
+        model = DeepseekV2ForCausalLM(config)
+    plan = shard_model(model, rank, world, expert_parallel)
+    model.to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    params = dict(model.named_parameters())
+
+    def place(slot, shape):
+        index = plan.index(slot.param, slot.expert, shape)
+        if index == SKIP:
+            return None
+        target = params[slot.param]
+        if slot.expert is not None:
+            target = target[plan.local_expert(slot.param, slot.expert)]
+        return target, index
+
+    load_weights(model, path, full_model=full, place=place)
+    return model.eval()
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int, device: torch.device) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Collectives run only inside steps, where every rank takes part; idle workers wait on their queue instead.
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive rank 0 (it would wait for steps forever)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            print(f"dsv2 worker {os.getpid()}: rank 0 (pid {parent}) is gone; exiting", file=sys.stderr)
+            os._exit(1)
+
+
+def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device_name: str, expert_parallel: bool,
+            num_blocks: int, block_size: int, threads: int, parent: int, steps: mp.Queue, reports: mp.Queue) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(threads)
+    device = torch.device(device_name if device_name != "cuda" else f"cuda:{rank}")
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _init(rank, world, port, device)
+        model = load_sharded(path, rank, world, expert_parallel, DTYPES[dtype_name], device)
+        runner = ModelRunner(model, PagedLatentCache(model.config, num_blocks, block_size, model.dtype, device))
+        reports.put((rank, "ready", resident_bytes(model)))
+        while (step := steps.get()) is not None:
+            runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
+    except Exception as e:  # a loading error, or a failed collective because another rank went away
+        reports.put((rank, "failed", f"{type(e).__name__}: {e}"))
+        print(f"dsv2 worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+class TensorParallelGroup:
+    """Starts the workers and owns rank 0's shard; `runner` drives all ranks."""
+
+    def __init__(self, path: str | Path, world: int, expert_parallel: bool, dtype: torch.dtype | None,
+                 device: torch.device, num_blocks_for, start_timeout: float = 600.0) -> None:
+        if world < 2:
+            raise ValueError("a tensor-parallel group needs at least 2 ranks")
+        if device.type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size={world} but only {torch.cuda.device_count()} CUDA devices")
+        config = ModelConfig.from_pretrained(path)
+        dtype = dtype or config.dtype
+        self.world, self.block_size = world, 16
+        self.num_blocks = num_blocks_for(config, dtype)
+        port = _free_port()
+        context = mp.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // world)
+        self.steps = [context.Queue() for _ in range(1, world)]
+        reports = context.Queue()
+        self.workers = [
+            context.Process(target=_worker, daemon=True, name=f"dsv2-tp-rank{rank}",
+                            args=(rank, world, port, str(path), str(dtype).removeprefix("torch."), device.type,
+                                  expert_parallel, self.num_blocks, self.block_size, threads, os.getpid(),
+                                  self.steps[rank - 1], reports))
+            for rank in range(1, world)
+        ]
+        for worker in self.workers:
+            worker.start()
+        self.closed = False
+        torch.set_num_threads(threads)
+        _init(0, world, port, device if device.type != "cuda" else torch.device("cuda:0"))
+        self.model = load_sharded(path, 0, world, expert_parallel, dtype, device)
+        self.rank_bytes = [resident_bytes(self.model)] + [0] * (world - 1)
+        self._wait_ready(reports, start_timeout)
+
+    def _wait_ready(self, reports: mp.Queue, timeout: float) -> None:
+        deadline, ready = time.monotonic() + timeout, 0
+        while ready < len(self.workers):
+            try:
+                rank, status, detail = reports.get(timeout=0.5)
+            except queue.Empty:
+                self.check_workers()
+                if time.monotonic() > deadline:
+                    raise WorkerDiedError(f"tensor-parallel workers did not start within {timeout:g} s") from None
+                continue
+            if status != "ready":
+                self.close()
+                raise WorkerDiedError(f"tensor-parallel worker rank {rank} failed to start: {detail}")
+            self.rank_bytes[rank] = detail
+            ready += 1
+
+    def make_runner(self, cache: PagedLatentCache) -> DistributedRunner:
+        return DistributedRunner(self.model, cache, self)
+
+    def check_workers(self) -> None:
+        dead = [(i + 1, w.exitcode) for i, w in enumerate(self.workers) if not w.is_alive()]
+        if dead:
+            rank, code = dead[0]
+            raise WorkerDiedError(f"tensor-parallel worker rank {rank} exited (exit code {code}); the engine cannot "
+                                  "continue — restart it")
+
+    def send(self, step: dict) -> None:
+        for q in self.steps:
+            q.put(step)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.send(None)
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedRunner(ModelRunner):
+    """Rank 0's runner: prepares each step, sends it to the workers, runs its own shard of it."""
+
+    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: TensorParallelGroup) -> None:
+        super().__init__(model, cache)
+        self.group = group
+
+    @torch.no_grad()
+    def run(self, batch, extra=None) -> torch.Tensor:
+        self.group.check_workers()
+        step = self.prepare(batch, extra)
+        self.group.send({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
+        try:
+            return self.execute(step)
+        except RuntimeError as e:  # a collective failed: most likely a rank died under it
+            self.group.check_workers()
+            raise WorkerDiedError(f"a collective of the tensor-parallel group failed: {e}") from e
