@@ -187,6 +187,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
     assert len(results) == len(tasks)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Throughput of the engine on this machine: a batch of random prompts, greedy, EOS ignored."""
+    import time
+
+    from dsv2.engine.llm import LLM
+    from dsv2.sampling import SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=None if args.device == "auto" else args.device,
+              **engine_arguments(args))
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(llm.model.config.vocab_size, llm.tokenizer.vocab_size if llm.tokenizer else 10**9)
+    prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=generator).tolist() for _ in range(args.requests)]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"{args.requests} requests × ({args.prompt_len} prompt + {args.max_tokens} generated tokens) in "
+          f"{seconds:.2f} s: {generated / seconds:.1f} generated tokens/s, "
+          f"{(generated + args.requests * args.prompt_len) / seconds:.1f} tokens/s in all "
+          f"({llm.model.dtype}, {llm.model.device}, {torch.get_num_threads()} threads)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv2.info import format_summary
 
@@ -237,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     add_engine_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = commands.add_parser("bench", help="engine throughput on this machine (random prompts, greedy)")
+    bench.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    bench.add_argument("--requests", type=int, default=32)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_engine_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     tokenize = commands.add_parser("tokenize", help="text files → memory-mapped token ids for training")
     tokenize.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)")

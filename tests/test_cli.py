@@ -63,3 +63,14 @@ def test_generate_without_a_model_uses_the_bundled_one():
         assert result.returncode == 2 and "bundled model is not installed" in result.stderr
     else:
         assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_bench_command(tmp_path, capsys):
+    from helpers import make_tokenizer_files
+
+    tiny_model(vocab_size=512).save_pretrained(tmp_path)
+    make_tokenizer_files(tmp_path)
+    main(["bench", "--model", str(tmp_path), "--requests", "4", "--prompt-len", "8", "--max-tokens", "4",
+          "--kv-cache-memory", "2000000"])
+    out = capsys.readouterr().out
+    assert "4 requests × (8 prompt + 4 generated tokens)" in out and "generated tokens/s" in out
