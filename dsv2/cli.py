@@ -90,6 +90,12 @@ def engine_arguments(args: argparse.Namespace) -> dict:
             "enable_expert_parallel": args.expert_parallel}
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                        help="weights dtype (default: the checkpoint's)")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
@@ -243,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
-    serve.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    serve.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_device_arguments(serve)
     add_engine_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -257,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--chat", action="store_true", help="prompt through the chat template (chat models)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="sequences the engine runs together")
     evaluate.add_argument("--out", default="results", help="folder for results.md and results.json")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_device_arguments(evaluate)
     add_engine_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
@@ -267,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=32)
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--max-tokens", type=int, default=64)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    add_device_arguments(bench)
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -297,9 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                        help="weights dtype (default: the checkpoint's)")
+    add_device_arguments(parser)
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config)")

@@ -104,6 +104,30 @@ def index_path(data: Path) -> Path:
     return data.with_suffix(".idx.json")
 
 
+class EpochOrder:
+    """The order of n training items: a permutation fixed by (seed, epoch), walked across epoch boundaries."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._cached: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        if self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=generator))
+        return self._cached[1]
+
+    def take(self, epoch: int, start: int, count: int) -> tuple[list[int], int, int]:
+        """The ``count`` items from position (epoch, start) on, and the position after them."""
+        items = []
+        while len(items) < count:
+            if start >= self.n:
+                epoch, start = epoch + 1, 0
+            items.append(int(self(epoch)[start]))
+            start += 1
+        return items, epoch, start
+
+
 @dataclass
 class TokenFile:
     """A tokenized corpus: the memory-mapped token stream and its document offsets."""
@@ -142,31 +166,17 @@ class PackedDataset:
         self.num_val = max(0, (len(self.val_tokens) - 1) // seq_len)
         if self.num_train < 1:
             raise ValueError(f"{len(self.train_tokens)} training tokens cannot fill one sequence of {seq_len + 1}")
-        self._order: tuple[int, torch.Tensor | None] = (-1, None)
+        self.order = EpochOrder(self.num_train, seed)
 
     def _sequence(self, tokens: np.ndarray, i: int) -> torch.Tensor:
         chunk = tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1]
         return torch.from_numpy(chunk.astype(np.int64))  # [seq_len + 1]
 
-    def order(self, epoch: int) -> torch.Tensor:
-        """The training sequences' order in ``epoch``: a permutation fixed by (seed, epoch)."""
-        if self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.num_train, generator=generator))
-        return self._order[1]
-
     def train_batch(self, epoch: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``count`` sequences [count, seq_len + 1] from position (epoch, start), their target mask [count, seq_len]
         (all ones: every token is predicted), and the position after them."""
-        rows = []
-        order = self.order(epoch)
-        while len(rows) < count:
-            if start >= self.num_train:
-                epoch, start = epoch + 1, 0
-                order = self.order(epoch)
-            rows.append(self._sequence(self.train_tokens, int(order[start])))
-            start += 1
-        tokens = torch.stack(rows)
+        indices, epoch, start = self.order.take(epoch, start, count)
+        tokens = torch.stack([self._sequence(self.train_tokens, i) for i in indices])
         return tokens, torch.ones(count, self.seq_len, dtype=torch.bool), epoch, start
 
     def val_batches(self, batch_size: int, max_sequences: int | None = None) -> Iterator[tuple[torch.Tensor,

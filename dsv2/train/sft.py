@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dsv2.tokenizer import Tokenizer, validate_messages
+from dsv2.train.data import EpochOrder
 
 
 def render_segments(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -61,7 +62,7 @@ class ChatDataset:
         self.train = conversations[: len(conversations) - n_val]
         self.val = conversations[len(conversations) - n_val:]
         self.num_train, self.num_val = len(self.train), len(self.val)
-        self._order: tuple[int, torch.Tensor | None] = (-1, None)
+        self.order = EpochOrder(self.num_train, seed)
 
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer_dir: str | Path | None, seq_len: int, val_fraction: float = 0.01,
@@ -89,19 +90,9 @@ class ChatDataset:
         mask = torch.tensor(targets[1:] + [False] * pad, dtype=torch.bool)  # [L]: is tokens[t + 1] a target
         return tokens, mask
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.num_train, generator=generator))
-        return self._order[1]
-
     def train_batch(self, epoch: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        rows = []
-        while len(rows) < count:
-            if start >= self.num_train:
-                epoch, start = epoch + 1, 0
-            rows.append(self._row(self.train[int(self.order(epoch)[start])]))
-            start += 1
+        indices, epoch, start = self.order.take(epoch, start, count)
+        rows = [self._row(self.train[i]) for i in indices]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), epoch, start
 
     def val_batches(self, batch_size: int, max_sequences: int | None = None) -> Iterator[tuple[torch.Tensor,
