@@ -163,8 +163,13 @@ configs/bundled-sft.toml:
           f"{pre['unigram_entropy']:.3f}")
 
 
-def run(stages: list[str], work: Path, target: Path, force: set[str]) -> None:
-    corpus, pretrain = work / "data" / "corpus", work / "data" / "pretrain"
+def run(stages: list[str], work: Path, target: Path, force: set[str], quick: bool = False) -> None:
+    """The pipeline in ``work`` (data/, runs/); ``quick``: a few steps of each training stage (for the tests)."""
+    corpus, pretrain, sft = work / "data" / "corpus", work / "data" / "pretrain", work / "data" / "sft"
+    runs = work / "runs"
+    short = ["--steps", "4", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--eval-sequences", "2",
+             "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "64", "--warmup-steps", "1",
+             "--val-fraction", "0.2"] if quick else []
 
     def needed(stage: str, output: Path) -> bool:
         return stage in stages and (stage in force or not output.exists())
@@ -179,13 +184,17 @@ def run(stages: list[str], work: Path, target: Path, force: set[str]) -> None:
     if needed("tokenize", pretrain / "corpus.bin"):
         dsv2("tokenize", "--tokenizer", str(work / "data/tokenizer"), "--input", str(pretrain / "documents.jsonl"),
              "--output", str(pretrain / "corpus.bin"))
-    if needed("pretrain", work / "runs" / "bundled-pretrain" / "model" / "model.safetensors"):
-        dsv2("train", "--config", str(ROOT / "configs/bundled-pretrain.toml"))
-    if needed("chats", work / "data" / "sft" / "chats.jsonl"):
+    if needed("pretrain", runs / "bundled-pretrain" / "model" / "model.safetensors"):
+        dsv2("train", "--config", str(ROOT / "configs/bundled-pretrain.toml"), "--tokenizer",
+             str(work / "data/tokenizer"), "--data", str(pretrain / "corpus.bin"), "--out",
+             str(runs / "bundled-pretrain"), *short)
+    if needed("chats", sft / "chats.jsonl"):
         subprocess.run([sys.executable, str(ROOT / "scripts/build_chat_set.py"), "--corpus", str(corpus),
-                        "--out", str(work / "data/sft/chats.jsonl")], check=True)
-    if needed("sft", work / "runs" / "bundled-sft" / "model" / "model.safetensors"):
-        dsv2("sft", "--config", str(ROOT / "configs/bundled-sft.toml"))
+                        "--out", str(sft / "chats.jsonl"), *(["--per-kind", "20"] if quick else [])], check=True)
+    if needed("sft", runs / "bundled-sft" / "model" / "model.safetensors"):
+        dsv2("sft", "--config", str(ROOT / "configs/bundled-sft.toml"), "--model",
+             str(runs / "bundled-pretrain" / "model"), "--data", str(sft / "chats.jsonl"),
+             "--out", str(runs / "bundled-sft"), *short)
     if "finish" in stages:
         finish(work, target)
 
@@ -193,10 +202,12 @@ def run(stages: list[str], work: Path, target: Path, force: set[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", action="append", choices=STAGES, help="run (again) only these stages")
-    parser.add_argument("--out", type=Path, default=ROOT / "models" / NAME)
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / NAME, help="where the model goes")
+    parser.add_argument("--work", type=Path, default=ROOT, help="where data/ and runs/ go")
+    parser.add_argument("--quick", action="store_true", help="a few steps per training stage (a smoke run)")
     args = parser.parse_args()
     stages = args.stage or STAGES
-    run(stages, ROOT, args.out, force=set(args.stage or []))
+    run(stages, args.work, args.out, force=set(args.stage or []), quick=args.quick)
 
 
 if __name__ == "__main__":
