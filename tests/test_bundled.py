@@ -80,3 +80,14 @@ def test_the_bundled_model_answers_in_the_chat_format_and_stops():
     out = model.generate(torch.tensor([ids]), max_new_tokens=200, do_sample=False)[0, len(ids):].tolist()
     assert tok.eos_token_id in out  # it ends its answer
     assert "dsv2" in tok.decode(out, skip_special_tokens=True)
+
+
+@needs_bundled
+def test_the_bundled_model_runs_every_benchmark_on_the_fixtures(tmp_path):
+    from dsv2.eval.runner import evaluate
+    from dsv2.eval.tasks import BENCHMARKS
+
+    results = evaluate(None, list(BENCHMARKS), ROOT / "tests" / "fixtures" / "eval", tmp_path, limit=2,
+                       use_tqdm=False, kv_cache_memory=64_000_000)
+    assert [r.benchmark.name for r in results] == list(BENCHMARKS)
+    assert all(0 <= r.score <= 100 and r.samples for r in results)
