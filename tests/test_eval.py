@@ -2,18 +2,18 @@
 the lm-evaluation-harness adapter."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from dsv2 import LLM, Tokenizer
+from dsv2 import LLM, DeepseekV2ForCausalLM, Tokenizer
 from dsv2.eval import scoring
 from dsv2.eval.runner import EngineBackend, Evaluator, evaluate, write_results
 from dsv2.eval.sandbox import run_program
 from dsv2.eval.tasks import BENCHMARKS, MissingData
 
-from helpers import TINY_LITE, make_tokenizer_files, tiny_model
+from helpers import make_tokenizer_files, tiny_checkpoint
 
 DATA = Path(__file__).parent / "fixtures" / "eval"
 COUNTS = {"mmlu": 4, "ceval": 2, "cmmlu": 3, "bbh": 3, "gsm8k": 3, "math": 2, "humaneval": 2, "mbpp": 2}
@@ -62,6 +62,8 @@ def test_math_equivalence(predicted, reference, equal):
 def test_math_and_bbh_extraction():
     assert scoring.extract_math_answer("so $x = \\boxed{\\frac{a}{\\sqrt{b}}}$ and done") == "\\frac{a}{\\sqrt{b}}"
     assert scoring.extract_math_answer("The answer is 42.") == "42"
+    assert scoring.extract_math_answer("so $\\boxed 5$, as in {the set}") == "5"  # no brace of its own
+    assert scoring.extract_math_answer("$\\fbox{7}$") == "7"
     assert scoring.extract_bbh_answer("True and False is False. So the answer is False.") == "False"
     assert scoring.bbh_equal("(A)", "(A)") and not scoring.bbh_equal("(B)", "(A)")
 
@@ -90,13 +92,27 @@ def test_hostile_programs_fail_alone(tmp_path):
         "subprocess": ("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen is not allowed"),
         "native code": ("import ctypes\nctypes.CDLL(None)", "ctypes.dlopen is not allowed"),
         "raising limits": ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "not allowed"),
+        # the guard's own state and helpers are out of the program's reach
+        "re-arming the guard": ("import __main__, subprocess\nvars(__main__).clear()\nsubprocess.run(['true'])",
+                                "subprocess.Popen is not allowed"),
+        "faking realpath": (f"import os\nr = os.getcwd()\nos.path.realpath = lambda *a, **k: r\n"
+                            f"open({str(precious)!r}).read()", "no access"),
+        "faking builtins": (f"import builtins\nbuiltins.any = lambda *a: True\nbuiltins.type = lambda x: int\n"
+                            f"open({str(precious)!r}).read()", "no access"),
+        "a directory descriptor": (f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+                                   "os.open('x', os.O_WRONLY | os.O_CREAT, dir_fd=fd)", "os.open is not allowed"),
+        "leaving the directory": ("import os\nos.chdir('..')", "os.chdir is not allowed"),
+        "linking out": (f"import os\nos.symlink({str(precious)!r}, 'link')", "os.symlink is not allowed"),
+        "flooding stderr": ("import sys\nwhile True:\n    sys.stderr.write('x' * 65536)", "xxxxxxxx"),
     }
     for name, (program, expected) in hostile.items():
         outcome = run_program(program, timeout=3)
         assert not outcome.passed, name
         assert expected in (outcome.detail if outcome.status != "timeout" else "timeout"), (name, outcome)
-    assert precious.read_text() == "keep"
+    assert precious.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
     assert run_program("open('scratch.txt', 'w').write('ok')\nimport os\nos.remove('scratch.txt')").passed
+    assert run_program("import os, glob, json, collections\nos.mkdir('d')\nopen('d/a', 'w').close()\n"
+                       "assert os.listdir('d') == ['a'] and glob.glob('d/*') == ['d/a']\nprint('x' * 10**6)").passed
 
 
 class Scripted:
@@ -157,9 +173,7 @@ def test_a_model_that_always_answers_a_scores_the_share_of_a(tokenizer):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tiny_model(TINY_LITE, vocab_size=512, max_position_embeddings=4096).save_pretrained(path)
-    make_tokenizer_files(path)
-    return path
+    return tiny_checkpoint(path, max_position_embeddings=4096)
 
 
 def test_every_task_end_to_end_through_the_engine(checkpoint, tmp_path):
@@ -193,7 +207,7 @@ def test_engine_loglikelihoods_equal_a_plain_forward_pass(checkpoint):
         assert greedy == all(int(logprobs[t].argmax()) == ids[t + 1] for t in steps)
 
 
-def test_lm_eval_adapter_runs_a_local_task(checkpoint, tmp_path):
+def test_lm_eval_adapter_runs_a_local_task(checkpoint, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     import dsv2.eval.lm_eval  # noqa: F401  (registers "dsv2")
 
@@ -243,15 +257,26 @@ doc_to_target: "{{{{question}}}}"
 metric_list:
   - metric: word_perplexity
 """)
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tmp_path))
     out = lm_eval.simple_evaluate(model="dsv2", model_args=f"pretrained={checkpoint},kv_cache_memory=8000000",
                                   tasks=["dsv2_local_qa", "dsv2_local_gen", "dsv2_local_ppl"], task_manager=manager)
     results = out["results"]
-    assert 0 <= results["dsv2_local_qa"]["acc,none"] <= 1
-    assert "exact_match,none" in results["dsv2_local_gen"]
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    tok = model.tokenizer
+
+    def loglikelihood(context: str, continuation: str) -> float:  # straight from the model's logits
+        ctx, cont = tok.encode(context), tok.encode(continuation, add_special_tokens=False)
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ctx + cont]))[0].log_softmax(-1)  # [T, V]
+        return sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    picks = [max(range(2), key=lambda c: loglikelihood(f"Question: {q}\nAnswer:", [" yes", " no"][c])) == a
+             for q, a in [("Is the sky blue?", 0), ("Is fire cold?", 1), ("Do fish swim?", 0)]]
+    assert results["dsv2_local_qa"]["acc,none"] == pytest.approx(sum(picks) / 3)
+    assert "exact_match,none" in results["dsv2_local_gen"]  # generate_until ran through the engine
     assert results["dsv2_local_ppl"]["word_perplexity,none"] > 1
 
 

@@ -58,7 +58,7 @@ class DSV2LM(LM):
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._fit(*self._encode_pair(*request.args)) for request in requests]
-        return loglikelihoods(self.llm.engine, pairs, "loglikelihood", use_tqdm=not disable_tqdm)
+        return loglikelihoods(self.llm, pairs, "loglikelihood", use_tqdm=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
@@ -67,7 +67,7 @@ class DSV2LM(LM):
             for window in get_rolling_token_windows(ids, self.bos, self.max_length - 1, 1):
                 windows.append(make_disjoint_window(window))
                 owners.append(n)
-        scores = loglikelihoods(self.llm.engine, windows, "loglikelihood_rolling", use_tqdm=not disable_tqdm)
+        scores = loglikelihoods(self.llm, windows, "loglikelihood_rolling", use_tqdm=not disable_tqdm)
         totals = [0.0] * len(requests)
         for owner, (logprob, _) in zip(owners, scores, strict=True):
             totals[owner] += logprob
@@ -81,8 +81,8 @@ class DSV2LM(LM):
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             temperature = 0.0 if not kwargs.get("do_sample", False) else float(kwargs.get("temperature", 1.0))
-            max_tokens = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tokenizer.encode(context)[-(self.max_length - max_tokens - 1):]
+            max_tokens = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 2)
+            ids = self.tokenizer.encode(context)[-(self.max_length - max_tokens):]  # the context's end, with room
             prompts.append(ids)
             params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=until or None))
         outputs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=not disable_tqdm)

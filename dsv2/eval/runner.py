@@ -7,7 +7,6 @@ computes each few-shot prefix once. Multiple choice scores each option by the lo
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import time
@@ -15,52 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from dsv2.engine.engine import LLMEngine
 from dsv2.engine.llm import LLM
 from dsv2.eval.sandbox import run_programs
 from dsv2.eval.tasks import BENCHMARKS, Benchmark, Item
 from dsv2.sampling import SamplingParams
 
-_ids = itertools.count()
 
-
-def loglikelihoods(engine: LLMEngine, requests: list[tuple[list[int], list[int]]], desc: str = "log-likelihoods",
+def loglikelihoods(llm: LLM, requests: list[tuple[list[int], list[int]]], desc: str = "log-likelihoods",
                    use_tqdm: bool = True) -> list[tuple[float, bool]]:
     """For each (context, continuation) of token ids: log p(continuation | context), summed over its tokens, and
     whether it is the greedy continuation (every token the most likely)."""
-    pending = {}
     for context, continuation in requests:
         if not continuation:
             raise ValueError("a continuation needs at least one token")
         if not context:
             raise ValueError("a context needs at least one token (start it with BOS)")
-        request_id = f"ll-{next(_ids)}"
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=len(context))
-        engine.add_request(request_id, context + continuation, params)
-        pending[request_id] = len(pending)
-    return _collect(engine, pending, desc, use_tqdm, lambda out: _score(out.prompt_logprobs, out.prompt_token_ids,
-                                                                          len(out.prompt_token_ids) - 1))
+    params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=len(context))
+              for context, _ in requests]
+    outputs = llm.generate(prompt_token_ids=[context + continuation for context, continuation in requests],
+                           sampling_params=params, use_tqdm=use_tqdm, desc=desc)
+    return [_score(out.prompt_logprobs, out.prompt_token_ids, len(out.prompt_token_ids) - 1) for out in outputs]
 
 
 def _score(logprobs: list, ids: list[int], last: int) -> tuple[float, bool]:
     first = next(i for i, entry in enumerate(logprobs) if entry is not None)
     entries = [logprobs[p][ids[p]] for p in range(first, last + 1)]
     return sum(e.logprob for e in entries), all(e.rank == 1 for e in entries)
-
-
-def _collect(engine: LLMEngine, pending: dict[str, int], desc: str, use_tqdm: bool, convert) -> list:
-    results: list = [None] * len(pending)
-    with tqdm(total=len(pending), desc=desc, disable=not use_tqdm, unit="req") as bar:
-        while any(r is None for r in results):
-            for out in engine.step():
-                if out.finished and out.request_id in pending:
-                    results[pending.pop(out.request_id)] = convert(out)
-                    bar.update(1)
-            if not engine.has_unfinished_requests() and pending:
-                raise RuntimeError("the engine stopped with requests unanswered")
-    return results
 
 
 @dataclass
@@ -80,7 +59,7 @@ class EngineBackend:
         self.llm, self.tokenizer, self.use_tqdm = llm, llm.tokenizer, use_tqdm
 
     def loglikelihoods(self, requests: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
-        return loglikelihoods(self.llm.engine, requests, desc, self.use_tqdm)
+        return loglikelihoods(self.llm, requests, desc, self.use_tqdm)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
         outputs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=self.use_tqdm)

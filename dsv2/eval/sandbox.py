@@ -3,11 +3,16 @@
 Each program runs in its own Python process (``python -I -B``), in a fresh temporary working directory, with:
 - resource limits set before the program starts: address space (memory), CPU seconds, file size, core dumps;
 - a wall-clock time limit, after which its whole process group is killed;
-- an audit hook (PEP 578, which code cannot remove) installed before the program runs, refusing: network access,
-  starting processes (fork, exec, subprocess, os.system — a fork bomb stops at its first fork), loading native code
-  through ctypes, signalling other processes, and touching files outside the temporary directory (reading is allowed
-  only there and in the Python installation; writing, deleting, renaming only there).
-A hostile program fails (or times out) on its own; it cannot take the evaluation, or the user's files, with it.
+- an audit hook (PEP 578, which code cannot remove) installed before the program runs, its state out of the
+  program's reach, refusing: network access, starting processes (fork, exec, subprocess, os.system — a fork bomb
+  stops at its first fork), loading native code through ctypes, signalling other processes, changing directory,
+  making links, raw ``os.open``, and touching files outside the temporary directory (reading is allowed only there
+  and in the Python installation; writing, deleting, renaming only there);
+- its output discarded, and its error output written to a file in that directory (so capped at the file-size
+  limit).
+A program that loops, forks, allocates, floods its output or deletes files fails (or times out) on its own; it
+cannot take the evaluation, or the user's files, with it. Audit hooks are a guard, not an operating-system
+boundary: to run code from an untrusted source, run the whole evaluation in a container or VM as well.
 """
 
 from __future__ import annotations
@@ -23,45 +28,74 @@ from pathlib import Path
 
 GUARD = r'''
 import os, resource, sys
+
 MEMORY, CPU = int(sys.argv[1]), int(sys.argv[2])
 for limit, value in ((resource.RLIMIT_AS, MEMORY), (resource.RLIMIT_CPU, CPU), (resource.RLIMIT_FSIZE, 16 << 20),
                      (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(limit, (value, value))
-ROOT = os.path.realpath(os.getcwd())
-READABLE = [ROOT] + sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                            sys.base_exec_prefix)}) + ["/dev/null", "/dev/urandom"]
-DENIED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-          "pty.", "ctypes.", "os.kill", "os.killpg", "os.putenv", "os.unsetenv", "os.setuid", "os.setgid", "os.chroot",
-          "resource.setrlimit", "signal.pthread_kill", "sys.remote_exec", "os.startfile", "webbrowser.")
-PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "os.replace", "os.chmod", "os.chown", "os.truncate", "os.link",
-               "os.symlink", "os.mkdir", "shutil.rmtree", "shutil.move", "shutil.copyfile", "os.utime", "os.chdir"}
-LISTING_EVENTS = {"os.listdir", "os.scandir", "glob.glob"}
 
-def _inside(path, roots):
-    try:
-        real = os.path.realpath(os.fsdecode(path) if not isinstance(path, int) else "")
-    except (TypeError, ValueError):
+
+def install():
+    # Everything the hook reads is bound here, before the program runs, as immutable values or local names:
+    # nothing the program can reach (module globals, builtins, os.path, pathlib) changes what the hook decides.
+    root = os.path.realpath(os.getcwd())
+    readable = (root, *sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                               sys.base_exec_prefix)}), "/dev/null", "/dev/urandom")
+    denied = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+              "os.forkpty", "pty.", "ctypes.", "os.kill", "os.killpg", "os.putenv", "os.unsetenv", "os.setuid",
+              "os.setgid", "os.chroot", "os.chdir", "os.symlink", "os.link", "resource.setrlimit",
+              "signal.pthread_kill", "sys.remote_exec", "os.startfile", "webbrowser.")
+    one_path = frozenset({"os.remove", "os.rmdir", "os.chmod", "os.chown", "os.truncate", "os.mkdir",
+                          "shutil.rmtree", "os.utime", "os.listdir", "os.scandir", "glob.glob"})
+    two_paths = frozenset({"os.rename", "os.replace", "shutil.move", "shutil.copyfile"})
+    listing = frozenset({"os.listdir", "os.scandir", "glob.glob", "glob.glob/2"})
+    type_of, decode, error = type, bytes.decode, PermissionError
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def inside(path, roots):
+        # Only plain str / bytes paths (a path object's __fspath__ could answer differently the second time), and
+        # pure string work: the working directory cannot change (os.chdir is refused) and no link can be made.
+        if type_of(path) is bytes:
+            path = decode(path, "utf-8", "surrogateescape")
+        if type_of(path) is not str or not path or "\0" in path:
+            return False
+        parts = []
+        for part in (path if path[0] == "/" else root + "/" + path).split("/"):
+            if part == "..":
+                parts = parts[:-1]
+            elif part and part != ".":
+                parts.append(part)
+        real = "/" + "/".join(parts)
+        for r in roots:
+            if real == r or real.startswith(r.rstrip("/") + "/"):
+                return True
         return False
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
 
-def _guard(event, args):
-    if event.startswith(DENIED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open":
-        path, mode, flags = args
-        if isinstance(path, int):
-            return
-        writing = (mode and any(c in mode for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-        if not _inside(path, [ROOT] if writing else READABLE):
-            raise PermissionError(f"sandbox: no access to {path}")
-    elif event in PATH_EVENTS or event in LISTING_EVENTS:
-        roots = READABLE if event in LISTING_EVENTS else [ROOT]
-        for arg in args[:2]:
-            if isinstance(arg, (str, bytes, os.PathLike)) and not _inside(arg, roots):
-                raise PermissionError(f"sandbox: {event} outside the working directory")
+    def guard(event, args):
+        if event.startswith(denied):
+            raise error(f"sandbox: {event} is not allowed")
+        roots = readable if event in listing else (root,)
+        if event == "open":  # builtin open (mode: a str) or os.open (mode None)
+            path, mode, flags = args
+            if type_of(path) is int:  # an already open descriptor
+                return
+            if mode is None:  # os.open: the one way to a directory's descriptor (dir_fd=), which no task needs
+                raise error("sandbox: os.open is not allowed")
+            if not inside(path, (root,) if flags & write_flags else readable):
+                raise error(f"sandbox: no access to {path}")
+        elif event == "glob.glob/2":  # pathname, recursive, root_dir, dir_fd
+            if not (args[2] is None or inside(args[2], roots)) or args[3] is not None:
+                raise error(f"sandbox: {event} outside the working directory")
+        elif event in one_path or event in two_paths:
+            for arg in args[:2 if event in two_paths else 1]:
+                if not (arg is None and event in listing) and not inside(arg, roots):
+                    raise error(f"sandbox: {event} outside the working directory")
 
-sys.addaudithook(_guard)
-del _guard
+    sys.addaudithook(guard)
+
+
+install()
+del install
 source = open("program.py", encoding="utf-8").read()
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
 '''
@@ -80,23 +114,28 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> O
         Path(workdir, "program.py").write_text(program, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "no_proxy": "*"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", GUARD, str(memory_mb * 2**20), str(int(timeout) + 1)], cwd=workdir,
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            errors="replace", start_new_session=True,  # its own process group, killed as a whole
-        )
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return Outcome(False, "timeout", f"over {timeout:g} s")
-        finally:
-            if proc.poll() is None:
+        stderr_path = Path(workdir, "stderr.txt")  # a file, not a pipe: capped by the program's file-size limit
+        with stderr_path.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-c", GUARD, str(memory_mb * 2**20), str(int(timeout) + 1)],
+                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return Outcome(False, "timeout", f"over {timeout:g} s")
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
         if proc.returncode == 0:
             return Outcome(True, "passed")
-        last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {proc.returncode}"
+        with stderr_path.open("rb") as f:  # its last lines only
+            f.seek(max(stderr_path.stat().st_size - 4096, 0))
+            tail = f.read().decode("utf-8", "replace").strip()
+        last = tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"
         return Outcome(False, "failed", last[-300:])
 
 

@@ -46,8 +46,8 @@ def last_boxed(text: str) -> str | None:
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    brace = text.find("{", start)
-    if brace < 0:
+    brace = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+    if not text.startswith("{", brace):  # "\\boxed 5": up to the closing $
         rest = text[start:].split("\\boxed ", 1)
         return rest[1].split("$")[0].strip() if len(rest) == 2 else None
     depth = 0
