@@ -5,14 +5,13 @@ import pytest
 from dsv2 import LLM, SamplingParams
 from dsv2.engine.async_engine import AsyncEngine, EngineDeadError
 
-from helpers import TINY_LITE, make_tokenizer_files, tiny_model
+from helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tiny_model(TINY_LITE, vocab_size=512).save_pretrained(path)
-    make_tokenizer_files(path)
+    tiny_checkpoint(path)
     return LLM(model=path, kv_cache_memory=4_000_000, max_model_len=256)
 
 
@@ -83,3 +82,39 @@ def test_bad_requests_raise_and_shutdown_releases_waiters(llm):
     with pytest.raises(EngineDeadError):
         asyncio.run(asyncio.wait_for(cut_off(), timeout=30))
     assert not engine.is_alive and not llm.engine.has_unfinished_requests()
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_request_is_unharmed(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = llm.generate(prompt_token_ids=[[0, 5, 7]], sampling_params=params, use_tqdm=False)[0]
+    engine = AsyncEngine(llm.engine)
+    try:
+        async def main():
+            first = engine.generate([0, 5, 7], params, request_id="same")
+            await first.__anext__()
+            with pytest.raises(ValueError, match="'same' is already in flight"):
+                await engine.generate([0, 5, 7], params, request_id="same").__anext__()
+            return [out async for out in first][-1]
+
+        final = asyncio.run(asyncio.wait_for(main(), timeout=30))
+        assert final.finished and final.outputs[0].token_ids == expected.outputs[0].token_ids
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_racing_the_engine_stopping_fails_instead_of_hanging(llm, monkeypatch):
+    engine = AsyncEngine(llm.engine)
+    alive_check = engine._check_alive
+
+    def check_then_stop():  # the engine thread ends between generate's alive check and its registering
+        alive_check()
+        engine.shutdown()
+        assert not engine._thread.is_alive()
+
+    monkeypatch.setattr(engine, "_check_alive", check_then_stop)
+
+    async def main():
+        return [out async for out in engine.generate([0, 1], SamplingParams(max_tokens=2))]
+
+    with pytest.raises(EngineDeadError, match="shut down"):
+        asyncio.run(asyncio.wait_for(main(), timeout=10))

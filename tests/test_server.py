@@ -3,11 +3,11 @@
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -19,19 +19,14 @@ uvicorn = pytest.importorskip("uvicorn")
 from dsv2 import LLM, SamplingParams  # noqa: E402
 from dsv2.engine.async_engine import AsyncEngine  # noqa: E402
 from dsv2.server.app import create_app  # noqa: E402
+from dsv2.server.streams import merge  # noqa: E402
 
-from helpers import TINY_LITE, make_eos_prone_, make_tokenizer_files, tiny_model  # noqa: E402
+from helpers import TINY_LITE, free_port, make_eos_prone_, make_tokenizer_files, tiny_model  # noqa: E402
 
 NAME = "deepseek-chat"
 MAX_LEN = 8192
 ENGINE = {"kv_cache_memory": 64_000_000, "max_model_len": MAX_LEN}
 QUESTIONS = [f"Question {i}: what is {i} + {i}?" for i in range(40)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -226,12 +221,97 @@ def test_completions_bad_input(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
 
+@pytest.mark.parametrize("prompt", [[5, 512], [[5, 6], [7, 10**6]]], ids=["one prompt", "second of two"])
+def test_token_ids_outside_the_vocabulary_get_a_400(server, prompt):
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 3})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "prompt" and "[0, 512)" in error["message"]
+        assert server.idle()  # checked before anything was queued, the valid first prompt included
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": [5, 6], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_several_prompts_run_at_once(server, offline):
+    prompts = ["An attention function", "Write a piece of quicksort"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].text for o in offline.generate(prompts, params, use_tqdm=False)]
+    steps_before = server.llm.engine.num_steps
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": prompts, "max_tokens": 8, "temperature": 0,
+                                               "n": 2, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["text"] for c in choices] == [expected[0], expected[0], expected[1], expected[1]]
+    assert server.llm.engine.num_steps - steps_before < 12  # one after the other would take 2 × 8 steps
+
+
+@pytest.mark.parametrize(("count", "n"), [(257, 1), (32, 9)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompts_times_n_is_capped(server, count, n, stream):
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": [[5, 6]] * count, "n": n, "max_tokens": 2,
+                                               "stream": stream})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and f"{count * n} completions" in error["message"]
+    assert server.idle()
+
+
+@pytest.mark.parametrize("how", ["close", "cancel"])
+def test_merge_stopped_early_closes_every_stream(how):
+    closed = []
+
+    async def stream(i):
+        try:
+            if i == 0:
+                yield "first"
+            await asyncio.Event().wait()  # never set: the stream stays suspended inside merge's task for it
+            yield "never"
+        finally:
+            closed.append(i)
+
+    async def main():
+        merged = merge([stream(i) for i in range(3)])
+        assert await merged.__anext__() == (0, "first")
+        await asyncio.sleep(0.01)
+        if how == "close":  # the consumer stops listening
+            await merged.aclose()
+            return
+        task = asyncio.create_task(merged.__anext__())  # a streaming response whose client disconnects
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):  # not replaced by a RuntimeError
+            await task
+        await merged.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert sorted(closed) == [0, 1, 2]
+
+
 def test_body_size_limit(checkpoint):
     s = Server(checkpoint, max_body_bytes=2000)
     try:
         with httpx.Client(base_url=s.url) as http:
             r = http.post("/v1/chat/completions", json={"model": NAME, "messages": chat("x" * 5000)})
             assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            assert http.get("/health").status_code == 200
+
+            def chunked(body: dict):  # no Content-Length: Transfer-Encoding: chunked
+                data = json.dumps(body).encode()
+                yield from (data[i:i + 500] for i in range(0, len(data), 500))
+
+            headers = {"content-type": "application/json"}
+            r = http.post("/v1/chat/completions", content=chunked({"model": NAME, "messages": chat("x" * 5000)}),
+                          headers=headers)
+            assert r.status_code == 413, r.text
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["code"] == "request_too_large"
+            small = {"model": NAME, "messages": chat("x" * 900), "max_tokens": 2}  # in several chunks, under the limit
+            r = http.post("/v1/chat/completions", content=chunked(small), headers=headers)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
             assert http.get("/health").status_code == 200
     finally:
         s.close()
@@ -272,6 +352,23 @@ def test_metrics(server, client):
                  "dsv2_num_requests_running", "dsv2_num_requests_waiting", "dsv2_kv_cache_usage_ratio",
                  "dsv2_time_to_first_token_seconds_bucket", "dsv2_time_per_output_token_seconds_bucket"):
         assert name in text, name
+
+
+def test_metrics_label_routes_not_raw_paths(server):
+    def series(http):
+        text = http.get("/metrics").text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("dsv2_http_requests_total{")}
+
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get(f"/{uuid.uuid4().hex}").status_code == 404
+        series(http)  # the first /metrics request is counted in the next one
+        before = series(http)
+        for _ in range(2):
+            assert http.get(f"/v1/{uuid.uuid4().hex}").status_code == 404
+        after = series(http)
+    assert after == before  # random paths add no series
+    assert 'dsv2_http_requests_total{endpoint="other",status="404"}' in after
+    assert 'dsv2_http_requests_total{endpoint="/metrics",status="200"}' in after
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

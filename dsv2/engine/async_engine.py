@@ -40,6 +40,7 @@ class AsyncEngine:
         self._streams_lock = threading.Lock()
         self._ids = itertools.count()
         self.error: BaseException | None = None
+        self._closed = False  # set by the engine thread as it ends, under _streams_lock
         self._thread = threading.Thread(target=self._loop, name="dsv2-engine", daemon=True)
         self._thread.start()
 
@@ -48,14 +49,14 @@ class AsyncEngine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's (cumulative) output after every step that advances it; the last one is finished.
 
-        Validation errors (prompt too long, ...) raise ValueError before anything is queued.
+        Validation errors (`LLMEngine.check_request`, a ``request_id`` already in flight) raise ValueError before
+        anything is queued; a stopped engine raises EngineDeadError.
         """
         self._check_alive()
-        self.validate(prompt_token_ids, params)
+        self.engine.check_request(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._streams_lock:
-            self._streams[request_id] = stream
+        self._register(request_id, stream)  # outside the try: a refused request must not abort or unregister another
         self._inbox.put(("add", request_id, prompt_token_ids, params, prompt))
         finished = False
         try:
@@ -72,17 +73,6 @@ class AsyncEngine:
                 self.abort(request_id)
             with self._streams_lock:
                 self._streams.pop(request_id, None)
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """The checks add_request makes, without queueing anything (raises ValueError)."""
-        limit = self.engine.config.max_model_len
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if len(prompt_token_ids) >= limit:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt "
-                             "and output together)")
-        if params.stop and self.engine.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -104,8 +94,21 @@ class AsyncEngine:
 
     def _check_alive(self) -> None:
         if not self.is_alive:
-            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error
-                                  else "the engine is not running")
+            raise self._dead_error()
+
+    def _dead_error(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine is not running ({self.error!r})" if self.error
+                               else "the engine is not running")
+
+    def _register(self, request_id: str, stream: _Stream) -> None:
+        """Make ``stream`` the receiver of the request's outputs. Under the lock that the engine thread's last act
+        (closing) takes too, so that no stream registers after the thread has told every waiter that it stopped."""
+        with self._streams_lock:
+            if self._closed:
+                raise self._dead_error()
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            self._streams[request_id] = stream
 
     # ------------------------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
@@ -138,6 +141,7 @@ class AsyncEngine:
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
             with self._streams_lock:
+                self._closed = True
                 waiting = list(self._streams)
             for request_id in waiting:
                 self._deliver(request_id, self.error)

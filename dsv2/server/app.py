@@ -6,6 +6,7 @@ error JSON. A streaming client that disconnects has its request aborted, which f
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -28,7 +29,9 @@ log = logging.getLogger("dsv2.server")
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is read whole."""
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 (OpenAI's error JSON) without reaching
+    the app. A declared Content-Length is checked before reading; a body without one (chunked) is read up to the
+    limit first, then handed to the app."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -39,17 +42,28 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(self.limit)(scope, receive, send)
-        seen = 0
+        messages = await self._read_body(receive)
+        if messages is None:
+            return await _too_large(self.limit)(scope, receive, send)
 
-        async def limited_receive():
-            nonlocal seen
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> list[dict] | None:
+        """The request's body messages, up to the end of the body (or a disconnect); None past the limit."""
+        messages, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
-            return message
-
-        return await self.app(scope, limited_receive, send)
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return messages
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -101,11 +115,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
                                         status_code=401)
                 _log_line(request, response.status_code, start)
                 return response
-        try:
-            response = await call_next(request)
-        except APIError as e:  # raised while reading the body (size limit)
-            response = JSONResponse(e.body(), status_code=e.status)
-        metrics.requests.labels(endpoint=path, status=str(response.status_code)).inc()
+        response = await call_next(request)
+        metrics.requests.labels(endpoint=_route_path(request), status=str(response.status_code)).inc()
         _log_line(request, response.status_code, start)
         return response
 
@@ -145,6 +156,13 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
+    def check_request(prompt_ids: list[int], params, param: str, what: str) -> None:
+        """The engine's own checks (token ids in the vocabulary, ...), made now: a 400 instead of a failed stream."""
+        try:
+            engine.engine.check_request(prompt_ids, params)
+        except ValueError as e:
+            raise APIError(400, f"{what}: {e}", param=param, code="invalid_value") from None
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
@@ -157,6 +175,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
             raise APIError(400, str(e), param="messages") from None
         check_length(len(prompt_ids), req.output_limit(), "messages")
         params = params_or_400(req, req.output_limit(), req.logprob_count())
+        check_request(prompt_ids, params, "messages", "the rendered messages")
         response_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         outputs = metrics.track(engine.generate(prompt_ids, params), len(prompt_ids))
         head = {"id": response_id, "created": now, "model": model_name}
@@ -164,7 +183,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(_chat_chunks(outputs, head, req.n, include_usage, len(prompt_ids))),
                                      media_type="text/event-stream")
-        final = await _last(outputs, request)
+        [final] = await _finals([outputs], request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": _chat_logprobs(c.logprobs) if req.logprobs else None,
                     "finish_reason": _finish(c)} for c in final.outputs]
@@ -175,15 +194,14 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         check_model(req.model)
         if (problem := req.unsupported()) is not None:
             raise problem
+        params = params_or_400(req, req.max_tokens, req.logprobs)
         prompts = []
         for i, prompt in enumerate(req.prompts()):
             ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids or any(not isinstance(t, int) or t < 0 for t in ids):
-                raise APIError(400, f"prompt {i} is empty or holds invalid token ids", param="prompt")
             check_length(len(ids), req.max_tokens, "prompt")
+            check_request(ids, params, "prompt", f"prompt {i}")
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
             prompts.append((text, ids))
-        params = params_or_400(req, req.max_tokens, req.logprobs)
         response_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         streams = [metrics.track(engine.generate(ids, params, text), len(ids)) for text, ids in prompts]
         head = {"id": response_id, "created": now, "model": model_name}
@@ -191,7 +209,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(_completion_chunks(streams, prompts, head, req, include_usage)),
                                      media_type="text/event-stream")
-        finals = [await _last(s, request) for s in streams]
+        finals = await _finals(streams, request)  # every prompt in the batch at once
         choices = []
         for p, (final, (text, _)) in enumerate(zip(finals, prompts, strict=True)):
             for c in final.outputs:
@@ -213,16 +231,23 @@ def _log_line(request: Request, status: int, start: float) -> None:
              (time.monotonic() - start) * 1e3)
 
 
-async def _last(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
-    """The final output; gives up (aborting the request) if the client goes away meanwhile."""
-    final = None
-    async for output in outputs:
-        final = output
-        if await request.is_disconnected():
-            await outputs.aclose()
-            raise APIError(499, "client disconnected", type="client_error")
-    assert final is not None
-    return final
+def _route_path(request: Request) -> str:
+    """The matched route's template ("/v1/completions"), or "other": a metrics label with a bounded set of values."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
+async def _finals(streams: list[AsyncIterator[RequestOutput]], request: Request) -> list[RequestOutput]:
+    """The final output of every stream, all running at once; gives up (aborting every request) if the client goes
+    away meanwhile."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async with contextlib.aclosing(merge(streams)) as outputs:
+        async for index, output in outputs:
+            finals[index] = output
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected", type="client_error")
+    assert all(f is not None and f.finished for f in finals)
+    return finals
 
 
 def _finish(c: CompletionOutput) -> str | None:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dsv2.sampling import SamplingParams
 
-MAX_N = 16
+MAX_N = 16  # completions of one prompt
+MAX_SEQUENCES = 256  # prompts × n of one /v1/completions request
 
 
 class APIError(Exception):
@@ -145,12 +146,14 @@ class CompletionRequest(_Sampling):
         return super().unsupported()
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: text, or token ids."""
+        """One entry per prompt: text, or token ids; prompts × n is at most MAX_SEQUENCES."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
         if not p:
             raise APIError(400, "prompt is empty", param="prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        prompts = [list(p)] if all(isinstance(x, int) for x in p) else list(p)
+        if len(prompts) * self.n > MAX_SEQUENCES:
+            raise APIError(400, f"{len(prompts)} prompts × n={self.n} = {len(prompts) * self.n} completions is more "
+                           f"than this server allows ({MAX_SEQUENCES})", param="prompt", code="invalid_value")
+        return prompts

@@ -50,5 +50,8 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
     finally:
         for task in tasks:
             task.cancel()
+        # A stream may be suspended inside its task (closing it then would raise "already running"): wait until every
+        # task has ended, so that each stream is finished, or never started, before it is closed.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for stream in streams:
             await stream.aclose()
