@@ -9,7 +9,7 @@ from dsv2.engine.sequence import Sequence
 from dsv2.generate import generate
 from dsv2.sampling import SamplingRow
 
-from helpers import TINY_LITE, TINY_V2, make_tokenizer_files, tiny_model
+from helpers import TINY_LITE, TINY_V2, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -17,9 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module", params=["lite", "v2"])
 def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    tiny_model(TINY_LITE if request.param == "lite" else TINY_V2, vocab_size=512).save_pretrained(path)
-    make_tokenizer_files(path)
-    return path
+    return tiny_checkpoint(path, TINY_LITE if request.param == "lite" else TINY_V2)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +151,29 @@ def test_bad_requests_and_settings(checkpoint):
         LLM(model=checkpoint, max_model_len=10**6)
 
 
+def test_a_bad_prompt_queues_nothing_and_later_calls_get_their_own_outputs(checkpoint, prompts, reference):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000)
+    with pytest.raises(ValueError, match=r"prompt 1: prompt token ids must lie in \[0, 512\); got 512"):
+        llm.generate(prompt_token_ids=[prompts[0], [5, 512]], sampling_params=GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()  # prompt 0 was not left behind
+    llm.engine.add_request("someone else's", [5, 6], SamplingParams(max_tokens=1))  # finishes first: not ours
+    got = llm.generate(prompt_token_ids=prompts[1:3], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == reference[1:3]
+
+
+def test_generate_raises_if_its_requests_leave_the_engine_unanswered(checkpoint, monkeypatch):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000)
+
+    def lose_every_request():
+        for request_id in list(llm.engine.requests):
+            llm.engine.abort_request(request_id)
+        return []
+
+    monkeypatch.setattr(llm.engine, "step", lose_every_request)
+    with pytest.raises(RuntimeError, match="1 requests unanswered"):  # a loop forever under python -O before
+        llm.generate(prompt_token_ids=[[5, 6]], use_tqdm=False)
+
+
 def test_block_manager_shares_and_evicts_in_order():
     bm = BlockManager(num_blocks=6, block_size=4)
 
@@ -181,10 +202,33 @@ def test_block_manager_shares_and_evicts_in_order():
     assert bm.cached == {}
 
 
+def test_a_chunked_prefill_waiting_for_blocks_is_not_overtaken():
+    from dsv2.engine.scheduler import Scheduler
+
+    def seq(tokens):
+        tokens = list(tokens)
+        return Sequence("r", 0, tokens, len(tokens), GREEDY, 10, SamplingRow(GREEDY, tokens))
+
+    def run(batch):  # what the engine does after a step: the chunk's latents are computed
+        for item in batch.items:
+            item.seq.num_computed_tokens = item.end
+
+    scheduler = Scheduler(BlockManager(num_blocks=5, block_size=4), max_num_seqs=4, max_num_batched_tokens=8)
+    decoding, long, late = seq(range(100, 107)), seq(range(200, 220)), seq([1, 2, 3])
+    scheduler.add(decoding)
+    run(scheduler.schedule())  # its 7 prompt tokens: 2 blocks
+    decoding.token_ids.append(5)
+    scheduler.add(long)
+    run(scheduler.schedule())  # its first chunk of 8: 2 more blocks, 1 left; the next chunk needs 2
+    scheduler.add(late)
+    batch = scheduler.schedule()
+    assert not batch.is_prefill and [item.seq for item in batch.items] == [decoding]
+    assert list(scheduler.waiting) == [late]  # it would take the block the long prompt waits for
+
+
 def test_the_model_card_vllm_program_runs_with_only_the_import_changed(tmp_path, capsys):
     pytest.importorskip("transformers")
-    tiny_model(TINY_LITE, vocab_size=512, max_position_embeddings=16384).save_pretrained(tmp_path)
-    make_tokenizer_files(tmp_path)
+    tiny_checkpoint(tmp_path, max_position_embeddings=16384)
     program = f'model_name = "{tmp_path}"\n' + '''
 from transformers import AutoTokenizer
 from dsv2 import LLM, SamplingParams

@@ -1,12 +1,15 @@
 """Cache blocks of the paged latent cache: ref-counted, with prefix caching by chained block hashes.
 
-A full block is identified by the hash of (previous block's hash, its tokens), so equal hashes mean equal prefixes.
+A full block is identified by a cryptographic digest of (previous block's digest, its tokens), so equal digests mean
+equal prefixes: no request can craft a collision and be served latents computed for another prompt.
 Freed blocks keep their contents and hash until the block is handed out again (least recently freed first), so a
 later request with the same prompt prefix finds them and skips recomputing it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -19,12 +22,13 @@ NO_HASH = None
 class Block:
     id: int
     ref_count: int = 0
-    hash: int | None = NO_HASH
+    hash: bytes | None = NO_HASH
     token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
-def chained_hash(previous: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((previous, token_ids))
+def chained_hash(previous: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """blake2b of the previous block's digest and this block's token ids (as 64-bit integers)."""
+    return hashlib.blake2b((previous or b"") + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -33,7 +37,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # oldest first
-        self.cached: dict[int, int] = {}  # hash → block id, for full blocks whose contents are computed
+        self.cached: dict[bytes, int] = {}  # digest → block id, for full blocks whose contents are computed
         self.prefix_hits = 0  # prompt tokens served from the prefix cache
         self.prefix_queries = 0  # prompt tokens looked up
 

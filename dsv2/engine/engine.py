@@ -107,20 +107,11 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
-        """Queue a request; errors that name the problem for an empty or too long prompt."""
+        """Queue a request; a ValueError that names the problem (see `check_request`) queues nothing."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        self.check_request(prompt_token_ids, params)
         limit = self.config.max_model_len
-        if len(prompt_token_ids) >= limit:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt and "
-                             "output together)")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
         max_tokens = min(params.max_tokens or limit, limit - len(prompt_token_ids))
         seqs = []
         for index in range(params.n):
@@ -137,6 +128,22 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request cannot be served: an empty or too long prompt, token ids outside the
+        vocabulary, stop strings without a tokenizer. Reads only settings fixed at construction (thread-safe)."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.model.config.vocab_size
+        outside = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {outside[0]}")
+        limit = self.config.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt and "
+                             "output together)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its cache blocks."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dsv2.config import DTYPES
+from dsv2.config import parse_dtype
 from dsv2.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from dsv2.engine.runner import PagedLatentCache
 from dsv2.generation_config import GenerationConfig
@@ -78,8 +78,7 @@ class LLM:
 
         path = resolve_model(model)  # the bundled model when none is given
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else DTYPES[dtype]
+        dtype = parse_dtype(dtype)
 
         def num_blocks_for(config, cache_dtype: torch.dtype) -> int:
             nonlocal max_model_len
@@ -95,9 +94,8 @@ class LLM:
             from dsv2.parallel.group import TensorParallelGroup
 
             self.group = TensorParallelGroup(path, tensor_parallel_size, enable_expert_parallel, dtype, device,
-                                             num_blocks_for)
+                                             num_blocks_for, block_size=block_size)
             self.model, num_blocks = self.group.model, self.group.num_blocks
-            block_size = self.group.block_size
             self.model.generation_config = GenerationConfig.from_pretrained(path)
             if (Path(path) / "tokenizer.json").exists():
                 self.model.tokenizer = Tokenizer.from_pretrained(path)
@@ -134,12 +132,12 @@ class LLM:
     # ------------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | Sequence[int] | None = None, use_tqdm: bool = True,
-                 **ignored: Any) -> list[RequestOutput]:
+                 desc: str = "Processed prompts", **ignored: Any) -> list[RequestOutput]:
         """Generate for every prompt (strings, {"prompt_token_ids": [...]} / {"prompt": ...} dicts, or the
-        ``prompt_token_ids`` argument); the results come back in input order."""
+        ``prompt_token_ids`` argument); the results come back in input order. ``desc`` labels the progress bar."""
         requests = self._normalize_prompts(prompts, prompt_token_ids)
         params = self._normalize_params(sampling_params, len(requests))
-        return self._run(requests, params, use_tqdm)
+        return self._run(requests, params, use_tqdm, desc)
 
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -190,17 +188,35 @@ class LLM:
         return params
 
     def _run(self, requests: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, desc: str = "Processed prompts") -> list[RequestOutput]:
+        for i, ((_, token_ids), p) in enumerate(zip(requests, params, strict=True)):  # all or nothing is queued
+            try:
+                self.engine.check_request(token_ids, p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
         ids = [str(next(self._ids)) for _ in requests]
-        for request_id, (prompt, token_ids), p in zip(ids, requests, params, strict=True):
-            self.engine.add_request(request_id, token_ids, p, prompt)
+        added = []
+        try:
+            for request_id, (prompt, token_ids), p in zip(ids, requests, params, strict=True):
+                self.engine.add_request(request_id, token_ids, p, prompt)
+                added.append(request_id)
+            return self._collect(ids, use_tqdm, desc)
+        except BaseException:  # an error or an interrupt: leave no request of this call behind in the engine
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            raise
+
+    def _collect(self, ids: list[str], use_tqdm: bool, desc: str) -> list[RequestOutput]:
+        """Step the engine until every request in ``ids`` has finished; their outputs, in the order of ``ids``."""
+        wanted = set(ids)
         results: dict[str, RequestOutput] = {}
         generated = 0
-        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm, unit="req") as bar:
-            while len(results) < len(requests):
-                assert self.engine.has_unfinished_requests(), "the engine stopped with requests unanswered"
+        with tqdm(total=len(ids), desc=desc, disable=not use_tqdm, unit="req") as bar:
+            while len(results) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"the engine stopped with {len(ids) - len(results)} requests unanswered")
                 for output in self.engine.step():
-                    if output.finished:
+                    if output.finished and output.request_id in wanted:
                         results[output.request_id] = output
                         generated += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)

@@ -69,8 +69,8 @@ class Scheduler:
         for seq in self.running:  # sequences in the middle of a chunked prefill continue first
             if budget and seq.num_tokens - seq.num_computed_tokens > 1:
                 item = self._chunk(seq, budget)
-                if item is None:
-                    break
+                if item is None:  # no room to continue it: admitting newcomers would take what it waits for
+                    return Batch(items, is_prefill=True) if items else None
                 items.append(item)
                 budget -= item.end - item.start
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
