@@ -83,6 +83,29 @@ def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
     torch.testing.assert_close(grouped, looped, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "fallback"])
+def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, grouped_mm):
+    experts = moe_layer(TINY_V2).experts  # expert parallel: this "rank" owns experts 0 .. E/2 - 1
+    if not grouped_mm:
+        monkeypatch.setattr(moe_module, "_grouped_mm_works", lambda device_type, dtype: False)
+    x, ids, weights = torch.randn(11, 64), torch.randint(0, experts.num_experts, (11, 3)), torch.rand(11, 3)
+    owned = ids < experts.num_experts // 2
+    computed = []
+    monkeypatch.setattr(moe_module, "grouped_linear", _counting(moe_module.grouped_linear, computed))
+    with torch.no_grad():
+        got = experts(x, torch.where(owned, ids, 10**6), weights, owned)  # other ranks' ids mean nothing here
+        expected = experts(x, ids, weights * owned)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert computed[0] == int(owned.sum()) and computed[3] == 3 * 11  # rows given to experts: owned ones only
+
+
+def _counting(grouped_linear, sink):
+    def wrapper(x, weight, offsets):
+        sink.append(int(offsets[-1]))
+        return grouped_linear(x, weight, offsets)
+    return wrapper
+
+
 def reference_balance_loss(moe: MoE, x: torch.Tensor, seq_aux: bool) -> torch.Tensor:
     """α·Σ_e f_e·P_e with f_e = count_e / (T·k/E), per sequence then averaged (seq_aux) or over the batch."""
     B, T, _ = x.shape

@@ -1,6 +1,7 @@
 """Tensor- and expert-parallel inference on 2 processes (gloo, CPU) against one process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,12 +10,18 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
-from dsv2 import LLM, DeepseekV2ForCausalLM, ModelConfig, SamplingParams
-from dsv2.parallel.group import WorkerDiedError
+import dsv2.parallel.group as group_module
+from dsv2 import LLM, DeepseekV2ForCausalLM, ModelConfig, SamplingParams, WeightsError
+from dsv2.engine.engine import EngineConfig, LLMEngine
+from dsv2.engine.runner import ModelRunner
+from dsv2.parallel.group import DistributedRunner, TensorParallelGroup, WorkerDiedError
 from dsv2.parallel.tensor_parallel import shard_model
 
-from helpers import TINY_V2, make_tokenizer_files, tiny_model
+from helpers import TINY_V2, tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -24,20 +31,26 @@ PROMPTS = [[0, *range(5 + i, 12 + 3 * i)] for i in range(8)]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tiny_model(TINY_V2, vocab_size=512).save_pretrained(path)
-    make_tokenizer_files(path)
-    return path
+    return tiny_checkpoint(path, TINY_V2)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32")
-    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
-                                                          use_tqdm=False)]
+    """One process, on one thread as each of the 2 ranks runs here (sums in another order could flip a near-tie of
+    this random model's logits whichever side is right)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32")
+        return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
+                                                              use_tqdm=False)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor-parallel", "expert-parallel"])
 def test_two_ranks_generate_what_one_does(checkpoint, reference, expert_parallel):
+    threads = torch.get_num_threads()
     llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2,
               enable_expert_parallel=expert_parallel)
     try:
@@ -56,6 +69,7 @@ def test_two_ranks_generate_what_one_does(checkpoint, reference, expert_parallel
         assert split / sum(sizes.values()) > 0.8  # most of the model is sharded
     finally:
         llm.shutdown()
+    assert torch.get_num_threads() == threads  # rank 0's share of the cores is given back
 
 
 def test_a_dead_worker_stops_the_engine_with_a_clear_error(checkpoint):
@@ -68,6 +82,86 @@ def test_a_dead_worker_stops_the_engine_with_a_clear_error(checkpoint):
         with pytest.raises(WorkerDiedError, match="worker rank 1 exited"):
             llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
         assert time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
+
+
+def test_the_cache_is_sized_after_loading_in_the_given_block_size(checkpoint, reference, monkeypatch):
+    events, load_sharded = [], group_module.load_sharded
+
+    def load_then_record(*args, **kwargs):
+        model = load_sharded(*args, **kwargs)
+        events.append("rank 0 loaded")
+        return model
+
+    def num_blocks_for(config, dtype):
+        events.append("cache sized")
+        return 16
+
+    monkeypatch.setattr(group_module, "load_sharded", load_then_record)
+    group = TensorParallelGroup(checkpoint, 2, False, torch.float32, torch.device("cpu"), num_blocks_for,
+                                block_size=32)
+    monkeypatch.undo()
+    try:
+        assert events == ["rank 0 loaded", "cache sized"] and group.block_size == 32
+        # prompts and outputs span several 32-token blocks: the workers' caches must be laid out like rank 0's
+        engine = LLMEngine(group.model, None, EngineConfig(num_blocks=group.num_blocks, block_size=32,
+                                                           max_model_len=256), runner_factory=group.make_runner)
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(str(i), prompt, GREEDY)
+        got = {}
+        while engine.has_unfinished_requests():
+            got.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        assert [got[str(i)] for i in range(len(PROMPTS))] == reference
+    finally:
+        group.close()
+
+
+def test_a_failed_start_up_leaves_nothing_behind(checkpoint, reference, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"model\.norm\.weight: missing"):
+        LLM(model=broken, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+    assert not dist.is_initialized()
+    assert not [p for p in mp.active_children() if p.name.startswith("dsv2-tp")]
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+    try:
+        got = llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == reference[:2]
+    finally:
+        llm.shutdown()
+
+
+def test_an_error_on_rank_0_is_not_blamed_on_the_workers(checkpoint, monkeypatch):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+
+    def execute_then_fail(self, step):
+        ModelRunner.execute(self, step)  # every rank completes the step
+        raise RuntimeError("rank 0 went wrong")
+
+    monkeypatch.setattr(DistributedRunner, "execute", execute_then_fail)
+    try:
+        with pytest.raises(RuntimeError, match="rank 0 went wrong") as failure:
+            llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
+        assert failure.type is RuntimeError  # not WorkerDiedError: both workers are alive
+    finally:
+        llm.shutdown()
+
+
+def test_a_worker_dying_mid_step_is_reported_as_such(checkpoint, monkeypatch):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+
+    def kill_then_execute(self, step):  # the worker dies under the step's collectives
+        os.kill(llm.group.workers[0].pid, signal.SIGKILL)
+        return ModelRunner.execute(self, step)
+
+    monkeypatch.setattr(DistributedRunner, "execute", kill_then_execute)
+    try:
+        with pytest.raises(WorkerDiedError, match="worker rank 1 exited"):
+            llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
 

@@ -86,6 +86,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x [M, in] sorted by expert; rows offsets[e-1]:offsets[e] use weight[e] [out, in]. → [M, out].
 
+    Rows past offsets[-1] belong to no expert here: they are not computed, and their output is undefined.
     Under autocast both operands take the autocast dtype, as a linear layer's would."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -95,7 +96,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if _grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
-    return torch.cat([chunk @ w.T for chunk, w in zip(x.split(counts), weight, strict=True)])
+    rest = x.shape[0] - sum(counts)
+    chunks = [chunk @ w.T for chunk, w in zip(x[:sum(counts)].split(counts), weight, strict=True)]
+    return torch.cat([*chunks, x.new_zeros(rest, weight.shape[1])])
 
 
 class RoutedExperts(nn.Module):
@@ -111,19 +114,26 @@ class RoutedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H], expert_ids/weights [N, k] → Σ_k weights·expert(x) [N, H], combined in float32."""
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                owned: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H], expert_ids/weights [N, k] → Σ_k weights·expert(x) [N, H], combined in float32.
+
+        ``owned`` [N, k] (expert parallel): which assignments are to these experts; the others (ids outside
+        [0, E), e.g. another rank's) cost nothing and add nothing."""
         N, k = expert_ids.shape
-        flat_ids = expert_ids.flatten()  # [N·k]
-        order = flat_ids.argsort(stable=True)  # [N·k]: assignment slots grouped by expert
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # [E]
-        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
+        E = self.num_experts
+        flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
+        order = flat_ids.argsort(stable=True)  # [N·k]: assignment slots grouped by expert (not owned: last)
+        counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # [E + 1]
+        offsets = counts[:E].cumsum(0, dtype=torch.int32)  # [E]
         xs = x[order // k]  # [N·k, H]: each slot's token, sorted by expert
         h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)  # [N·k, I]
         ys = grouped_linear(h, self.down_proj, offsets)  # [N·k, H]
-        out = ys[order.argsort()]  # back to (token, slot) order: a gather, cheaper than scattering (and its grad)
-        return (out.view(N, k, -1).to(torch.float32) * weights[:, :, None]).sum(dim=1)  # [N, H]
+        out = ys[order.argsort()].view(N, k, -1)  # back to (token, slot) order: a gather, cheaper than a scatter
+        if owned is not None:
+            out = torch.where(owned[:, :, None], out, 0)  # rows of no expert here are undefined
+        return (out.to(torch.float32) * weights[:, :, None]).sum(dim=1)  # [N, H]
 
 
 @dataclass

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from dsv2.parallel.tensor_parallel import SKIP, shard_model
 from dsv2.weights import load_weights
 
 log = logging.getLogger("dsv2.parallel")
+DEATH_GRACE_S = 1.0  # after a failed step, how long to wait for a worker's exit before blaming the step itself
 
 
 class WorkerDiedError(RuntimeError):
@@ -91,7 +93,8 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device_name: str, expert_parallel: bool,
-            num_blocks: int, block_size: int, threads: int, parent: int, steps: mp.Queue, reports: mp.Queue) -> None:
+            block_size: int, threads: int, parent: int, steps: mp.Queue, reports: mp.Queue) -> None:
+    """Load this rank's shard, report "loaded", take the cache size from rank 0, report "ready", then run steps."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     device = torch.device(device_name if device_name != "cuda" else f"cuda:{rank}")
@@ -100,10 +103,13 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
             torch.cuda.set_device(device)
         _init(rank, world, port, device)
         model = load_sharded(path, rank, world, expert_parallel, DTYPES[dtype_name], device)
-        runner = ModelRunner(model, PagedLatentCache(model.config, num_blocks, block_size, model.dtype, device))
-        reports.put((rank, "ready", resident_bytes(model)))
-        while (step := steps.get()) is not None:
-            runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
+        reports.put((rank, "loaded", resident_bytes(model)))
+        num_blocks = steps.get()  # rank 0 sizes the cache once every shard is resident; None: it gave up
+        if num_blocks is not None:
+            runner = ModelRunner(model, PagedLatentCache(model.config, num_blocks, block_size, model.dtype, device))
+            reports.put((rank, "ready", None))
+            while (step := steps.get()) is not None:
+                runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
     except Exception as e:  # a loading error, or a failed collective because another rank went away
         reports.put((rank, "failed", f"{type(e).__name__}: {e}"))
         print(f"dsv2 worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -112,42 +118,62 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
 
 
 class TensorParallelGroup:
-    """Starts the workers and owns rank 0's shard; `runner` drives all ranks."""
+    """Starts the workers and owns rank 0's shard; `runner` drives all ranks.
+
+    ``num_blocks_for(config, dtype)`` sizes the latent cache (blocks of ``block_size`` tokens, the same on every
+    rank); it is called once every rank holds its shard, so that a budget measured from free memory leaves the
+    weights their room. A failed start-up stops the workers and the process group before raising.
+    """
 
     def __init__(self, path: str | Path, world: int, expert_parallel: bool, dtype: torch.dtype | None,
-                 device: torch.device, num_blocks_for, start_timeout: float = 600.0) -> None:
+                 device: torch.device, num_blocks_for: Callable[[ModelConfig, torch.dtype], int],
+                 start_timeout: float = 600.0, *, block_size: int = 16) -> None:
         if world < 2:
             raise ValueError("a tensor-parallel group needs at least 2 ranks")
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size={world} but only {torch.cuda.device_count()} CUDA devices")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be at least 1")
+        self.world, self.block_size, self.closed = world, block_size, False
+        self.caller_threads = torch.get_num_threads()  # rank 0 takes its share of the cores until close()
+        self.workers, self.steps = [], []
+        try:
+            self._start(path, expert_parallel, dtype, device, num_blocks_for, start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, path: str | Path, expert_parallel: bool, dtype: torch.dtype | None, device: torch.device,
+               num_blocks_for: Callable[[ModelConfig, torch.dtype], int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         config = ModelConfig.from_pretrained(path)
         dtype = dtype or config.dtype
-        self.world, self.block_size = world, 16
-        self.num_blocks = num_blocks_for(config, dtype)
         port = _free_port()
         context = mp.get_context("spawn")
-        threads = max(1, torch.get_num_threads() // world)
-        self.steps = [context.Queue() for _ in range(1, world)]
+        threads = max(1, torch.get_num_threads() // self.world)
+        self.steps = [context.Queue() for _ in range(1, self.world)]
         reports = context.Queue()
         self.workers = [
             context.Process(target=_worker, daemon=True, name=f"dsv2-tp-rank{rank}",
-                            args=(rank, world, port, str(path), str(dtype).removeprefix("torch."), device.type,
-                                  expert_parallel, self.num_blocks, self.block_size, threads, os.getpid(),
-                                  self.steps[rank - 1], reports))
-            for rank in range(1, world)
+                            args=(rank, self.world, port, str(path), str(dtype).removeprefix("torch."), device.type,
+                                  expert_parallel, self.block_size, threads, os.getpid(), self.steps[rank - 1],
+                                  reports))
+            for rank in range(1, self.world)
         ]
         for worker in self.workers:
             worker.start()
-        self.closed = False
         torch.set_num_threads(threads)
-        _init(0, world, port, device if device.type != "cuda" else torch.device("cuda:0"))
-        self.model = load_sharded(path, 0, world, expert_parallel, dtype, device)
-        self.rank_bytes = [resident_bytes(self.model)] + [0] * (world - 1)
-        self._wait_ready(reports, start_timeout)
+        _init(0, self.world, port, device if device.type != "cuda" else torch.device("cuda:0"))
+        self.model = load_sharded(path, 0, self.world, expert_parallel, dtype, device)
+        self.rank_bytes = [resident_bytes(self.model), *self._wait_for(reports, "loaded", deadline, timeout)]
+        self.num_blocks = num_blocks_for(config, dtype)  # now that the weights take their memory on every rank
+        self.send(self.num_blocks)
+        self._wait_for(reports, "ready", deadline, timeout)
 
-    def _wait_ready(self, reports: mp.Queue, timeout: float) -> None:
-        deadline, ready = time.monotonic() + timeout, 0
-        while ready < len(self.workers):
+    def _wait_for(self, reports: mp.Queue, expected: str, deadline: float, timeout: float) -> list:
+        """Every worker's report ``expected`` (its detail, by rank), or WorkerDiedError."""
+        details: dict[int, object] = {}
+        while len(details) < len(self.workers):
             try:
                 rank, status, detail = reports.get(timeout=0.5)
             except queue.Empty:
@@ -155,21 +181,26 @@ class TensorParallelGroup:
                 if time.monotonic() > deadline:
                     raise WorkerDiedError(f"tensor-parallel workers did not start within {timeout:g} s") from None
                 continue
-            if status != "ready":
-                self.close()
+            if status != expected:
                 raise WorkerDiedError(f"tensor-parallel worker rank {rank} failed to start: {detail}")
-            self.rank_bytes[rank] = detail
-            ready += 1
+            details[rank] = detail
+        return [details[rank] for rank in sorted(details)]
 
     def make_runner(self, cache: PagedLatentCache) -> DistributedRunner:
         return DistributedRunner(self.model, cache, self)
 
-    def check_workers(self) -> None:
-        dead = [(i + 1, w.exitcode) for i, w in enumerate(self.workers) if not w.is_alive()]
-        if dead:
-            rank, code = dead[0]
-            raise WorkerDiedError(f"tensor-parallel worker rank {rank} exited (exit code {code}); the engine cannot "
-                                  "continue — restart it")
+    def check_workers(self, grace: float = 0.0) -> None:
+        """Raise WorkerDiedError if a worker has exited, waiting up to ``grace`` seconds for one to do so."""
+        deadline = time.monotonic() + grace
+        while True:
+            dead = [(i + 1, w.exitcode) for i, w in enumerate(self.workers) if not w.is_alive()]
+            if dead:
+                rank, code = dead[0]
+                raise WorkerDiedError(f"tensor-parallel worker rank {rank} exited (exit code {code}); the engine "
+                                      "cannot continue — restart it")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def send(self, step: dict) -> None:
         for q in self.steps:
@@ -181,11 +212,14 @@ class TensorParallelGroup:
         self.closed = True
         self.send(None)
         for worker in self.workers:
+            if worker.pid is None:  # never started
+                continue
             worker.join(timeout=10)
             if worker.is_alive():
                 worker.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self.caller_threads)
 
 
 class DistributedRunner(ModelRunner):
@@ -202,6 +236,7 @@ class DistributedRunner(ModelRunner):
         self.group.send({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
         try:
             return self.execute(step)
-        except RuntimeError as e:  # a collective failed: most likely a rank died under it
-            self.group.check_workers()
-            raise WorkerDiedError(f"a collective of the tensor-parallel group failed: {e}") from e
+        except RuntimeError:
+            # a collective that fails because a rank died under it can do so just before the rank is seen to exit
+            self.group.check_workers(grace=DEATH_GRACE_S)
+            raise

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.model.attention import MultiHeadLatentAttention
-from dsv2.model.moe import MLP, MoE, RoutedExperts, grouped_linear
+from dsv2.model.moe import MLP, MoE, RoutedExperts
 from dsv2.model.transformer import DeepseekV2ForCausalLM
 
 SKIP = "skip"  # a checkpoint tensor this rank does not hold (another rank's expert)
@@ -80,28 +80,15 @@ class ParallelRoutedExperts(RoutedExperts):
         super().__init__(num_experts, hidden_size, intermediate_size)
         self.first_expert, self.total_experts = first_expert, total_experts
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                owned: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_experts == self.total_experts:  # tensor parallel: every expert, a slice of each
-            out = super().forward(x, expert_ids, weights)
-        else:  # expert parallel: only the assignments to this rank's experts count
+            out = super().forward(x, expert_ids, weights, owned)
+        else:  # expert parallel: only the assignments to this rank's experts are computed
             local = expert_ids - self.first_expert  # [N, k]
-            mine = (local >= 0) & (local < self.num_experts)
-            out = self._local(x, local.clamp(0, self.num_experts - 1), weights * mine)
+            out = super().forward(x, local, weights, (local >= 0) & (local < self.num_experts))
         dist.all_reduce(out)
         return out
-
-    def _local(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Like RoutedExperts.forward over this rank's experts; assignments elsewhere have weight 0."""
-        N, k = local_ids.shape
-        flat = local_ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        xs = x[order // k]
-        h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)
-        ys = grouped_linear(h, self.down_proj, offsets)[order.argsort()]  # [N·k, H]
-        return (ys.view(N, k, -1).to(torch.float32) * weights[:, :, None]).sum(dim=1)
 
 
 @dataclass
