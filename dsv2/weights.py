@@ -178,26 +178,38 @@ def load_weights(model: nn.Module, folder: str | Path, progress: bool | None = N
     """
     folder = Path(folder)
     paths = weight_files(folder, allow_pickle)
-    files = [(_PickleFile if p.suffix == ".bin" else _SafetensorsFile)(p) for p in paths]
-    layout = checkpoint_layout(full_model or model)
-    _check_keys_and_shapes(files, layout, dict((full_model or model).named_parameters()), folder)
-    params = dict(model.named_parameters())
-    if place is None:
-        def place(slot: Slot, shape: list[int]) -> tuple[torch.Tensor, tuple | None]:
-            return _target(params, slot), None
-    show = sum(p.stat().st_size for p in paths) >= PROGRESS_BYTES if progress is None else progress
-    count = sum(len(file.shapes) for file in files)
-    with torch.no_grad(), tqdm(total=count, unit="tensor", desc="loading weights", disable=not show) as bar:
-        for file in files:
-            for key, shape in file.shapes.items():
-                if key not in layout:
-                    continue
-                where = place(layout[key], shape)
-                if where is not None:
-                    target, index = where
+    files = []
+    try:
+        for path in paths:
+            files.append((_PickleFile if path.suffix == ".bin" else _SafetensorsFile)(path))
+        layout = checkpoint_layout(full_model or model)
+        _check_keys_and_shapes(files, layout, dict((full_model or model).named_parameters()), folder)
+        params = dict(model.named_parameters())
+        if place is None:
+            def place(slot: Slot, shape: list[int]) -> tuple[torch.Tensor, tuple | None]:
+                return _target(params, slot), None
+        work = [(file, _copies(file, layout, place)) for file in files]
+        total = sum(len(copies) for _, copies in work)
+        show = sum(p.stat().st_size for p in paths) >= PROGRESS_BYTES if progress is None else progress
+        with torch.no_grad(), tqdm(total=total, unit="tensor", desc="loading weights", disable=not show) as bar:
+            for file, copies in work:
+                for key, target, index in copies:
                     target.copy_(file.get(key, index))
-                bar.update(1)
+                    bar.update(1)
+                file.close()  # unmap what this file's reads touched before the next file's
+    finally:
+        for file in files:
             file.close()
+
+
+def _copies(file, layout: dict[str, Slot], place) -> list[tuple[str, torch.Tensor, tuple | None]]:
+    """(key, target, index) for every tensor of ``file`` that this model loads (ignored and skipped keys left out)."""
+    copies = []
+    for key, shape in file.shapes.items():
+        where = place(layout[key], shape) if key in layout else None  # after the key check, only ignored keys miss
+        if where is not None:
+            copies.append((key, *where))
+    return copies
 
 
 # ------------------------------------------------------------------------------------------------------------- saving
@@ -230,6 +242,13 @@ def _plan_shards(layout: dict[str, Slot], params: dict[str, nn.Parameter], max_b
         current.append(key)
         current_bytes += nbytes
     return [*shards, current] if current else shards
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
@@ -267,6 +286,7 @@ def save_weights(model: nn.Module, folder: str | Path, max_shard_size: int | str
                 total_size += tensors[key].numel() * tensors[key].element_size()
                 weight_map[key] = name
             save_file(tensors, staging / name, metadata={"format": "pt"})
+            os.chmod(staging / name, _new_file_mode())  # safetensors writes 0600; a checkpoint is for sharing
             del tensors
         written = [*names, "config.json"]
         if len(names) > 1:

@@ -249,3 +249,12 @@ def test_bad_settings_are_named(tmp_path):
         TrainConfig.load(None, data="x", steps=1, batch_size=5, micro_batch_size=2)
     (tmp_path / "c.toml").write_text("[optim]\nlr = 1e-3\n[data]\ndata = 'x'\nsteps = 2\n")
     assert TrainConfig.load(tmp_path / "c.toml", steps=5).steps == 5
+
+
+def test_a_commands_defaults_sit_below_the_config_file_and_the_flags(tmp_path):
+    from dsv2.cli import SFT_DEFAULTS
+
+    (tmp_path / "sft.toml").write_text("lr = 5e-4\nseq_len = 512\nsft_data = 'chats.jsonl'\n")
+    config = TrainConfig.load(tmp_path / "sft.toml", defaults=SFT_DEFAULTS, seq_len=256)
+    assert config.lr == 5e-4 and config.seq_len == 256  # the file over the defaults, a flag over the file
+    assert config.epochs == SFT_DEFAULTS["epochs"] and config.batch_size == SFT_DEFAULTS["batch_size"]

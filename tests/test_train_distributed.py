@@ -1,26 +1,19 @@
 """2 ranks (gloo, CPU) against 1: data parallel (DDP, FSDP2) and expert parallel give the same losses."""
 
-import json
 import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dsv2 import DeepseekV2ForCausalLM
 from dsv2.train.config import TrainConfig
 from dsv2.train.trainer import Trainer
 
-from test_train import TINY, corpus  # noqa: F401  (the fixture)
+from helpers import free_port
+from test_train import TINY, corpus, losses  # noqa: F401  (corpus: the fixture)
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(corpus_dir, out, **changes):
@@ -31,20 +24,27 @@ def settings(corpus_dir, out, **changes):
     return {**base, **changes}
 
 
+def _refuse_full_models_off_rank_0(rank: int) -> None:
+    """Saving gathers the model for rank 0 alone: another rank building one (63 GB in fp32 for V2-Lite) fails."""
+    if rank == 0:
+        return
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"rank {rank} built a whole model to save a checkpoint")
+
+    DeepseekV2ForCausalLM.empty = classmethod(refuse)  # this rank's process only; after its trainer is built
+
+
 def _rank(rank: int, world: int, port: int, config: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     trainer = Trainer(TrainConfig.load(None, **config))
+    _refuse_full_models_off_rank_0(rank)
     try:
         trainer.train()
     finally:
         torch.distributed.destroy_process_group()
-
-
-def losses(out):
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
 @pytest.mark.parametrize("layout", [{"data_parallel": "ddp"}, {"data_parallel": "fsdp"},
@@ -68,8 +68,6 @@ def test_two_ranks_match_one(corpus, tmp_path, layout):  # noqa: F811
     assert len(got) == 5
     assert max(abs(a - b) for a, b in zip(expected, got, strict=True)) <= 1e-5, (expected, got)
     # the 2-rank run's checkpoint holds the complete model (every rank's experts) in the official layout
-    from dsv2 import DeepseekV2ForCausalLM
-
     a = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "one" / "model", dtype=torch.float32)
     b = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "two" / "model", dtype=torch.float32)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -85,6 +83,7 @@ def _rank_crashing_after(rank: int, world: int, port: int, config: dict, crash_s
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     trainer = Trainer(TrainConfig.load(None, **config))
+    _refuse_full_models_off_rank_0(rank)
     save = trainer.save
 
     def save_then_crash():

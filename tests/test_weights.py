@@ -1,3 +1,4 @@
+import io
 import json
 import os
 
@@ -34,6 +35,13 @@ def test_single_file_round_trip_with_official_key_names(model, tmp_path):
     # embed/norm/lm_head + 3 layers × (2 norms + 7 attention) + dense MLP (3) + 2 × (gate + 16 × 3 experts + 3 shared)
     assert len(keys) == 3 + 3 * 9 + 3 + 2 * (1 + 16 * 3 + 3)
     assert_same_weights(DeepseekV2ForCausalLM.from_pretrained(tmp_path), model)
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    assert {(p.name, p.stat().st_mode & 0o777) for p in (tmp_path / "shared").iterdir()} == {
+        ("config.json", 0o644), ("model.safetensors", 0o644)}  # readable by others, like any file written
 
 
 def test_sharded_round_trip(model, tmp_path):
@@ -107,6 +115,53 @@ def test_missing_truncated_and_corrupt_files_are_named(model, tmp_path):
         DeepseekV2ForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint folder"):
         DeepseekV2ForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+def mapped(folder) -> bool:
+    """Whether any file of ``folder`` is memory-mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return str(folder) in f.read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_load_that_fails_midway_leaves_no_file_open(model, tmp_path):
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    params, calls = dict(model.named_parameters()), []
+
+    def place(slot, shape):
+        calls.append(slot)
+        if len(calls) == 20:  # a target that cannot take the tensor: copy_ fails with a file open
+            return torch.empty(3, 5), None
+        return dsv2.weights._target(params, slot), None
+
+    with pytest.raises(RuntimeError) as failure:
+        dsv2.weights.load_weights(model, tmp_path, place=place)
+    assert not mapped(tmp_path), failure.value  # with the traceback, and so the loader's frames, still alive
+
+
+def test_progress_counts_only_the_tensors_loaded(model, tmp_path, monkeypatch):
+    model.save_pretrained(tmp_path)
+    rewrite(tmp_path / "model.safetensors",
+            lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))  # ignored on load
+    bars, real_tqdm = [], dsv2.weights.tqdm
+
+    def recording_tqdm(**kwargs):
+        bars.append(real_tqdm(**kwargs, file=io.StringIO()))
+        return bars[-1]
+
+    params = dict(model.named_parameters())
+    experts_skipped = []
+
+    def place(slot, shape):  # like a tensor-parallel rank: skip the odd experts
+        if slot.expert is not None and slot.expert % 2:
+            experts_skipped.append(slot)
+            return None
+        return dsv2.weights._target(params, slot), None
+
+    monkeypatch.setattr(dsv2.weights, "tqdm", recording_tqdm)
+    dsv2.weights.load_weights(model, tmp_path, progress=True, place=place)
+    loaded = len(dsv2.weights.checkpoint_layout(model)) - len(experts_skipped)
+    assert experts_skipped and bars[0].total == bars[0].n == loaded
 
 
 def test_pickled_weights_need_explicit_permission(model, tmp_path):

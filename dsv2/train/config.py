@@ -100,9 +100,11 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * num_train_sequences / self.batch_size))
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-        """A TOML file's settings (flat keys, or grouped in tables), then ``overrides`` (flags that were given)."""
-        values: dict[str, Any] = {}
+    def load(cls, path: str | Path | None = None, defaults: dict[str, Any] | None = None,
+             **overrides: Any) -> TrainConfig:
+        """``defaults`` (a command's own, e.g. SFT's), then a TOML file's settings (flat keys, or grouped in
+        tables), then ``overrides`` (flags that were given): each layer wins over the one before."""
+        values: dict[str, Any] = dict(defaults or {})
         if path is not None:
             try:
                 raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))

@@ -189,7 +189,11 @@ class PackedDataset:
 
     def unigram_entropy(self, which: str = "val") -> float:
         """Entropy (nats/token) of the token frequencies of a split: the loss of the best context-free model."""
-        tokens = self.val_tokens if which == "val" else self.train_tokens
-        counts = np.bincount(np.asarray(tokens, dtype=np.int64))
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        return unigram_entropy(self.val_tokens if which == "val" else self.train_tokens)
+
+
+def unigram_entropy(ids) -> float:
+    """Entropy (nats) of the token ids' frequencies: the loss of the best model that ignores context."""
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -13,11 +13,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dsv2.tokenizer import Tokenizer, validate_messages
-from dsv2.train.data import EpochOrder
+from dsv2.train.data import EpochOrder, unigram_entropy
 
 
 def render_segments(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -107,6 +106,4 @@ class ChatDataset:
         pool = self.val if which == "val" and self.val else self.train
         ids = [t for conversation_ids, targets in pool for t, is_target in zip(conversation_ids, targets,
                                                                                strict=True) if is_target]
-        counts = np.bincount(np.asarray(ids, dtype=np.int64))
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        return unigram_entropy(ids)

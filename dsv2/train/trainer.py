@@ -82,6 +82,10 @@ class Trainer:
         config.validate()
         self.config = config
         self.dist = dist_ctx or init_distributed()
+        ranks = self.dist.world_size
+        if config.batch_size % (config.micro_batch_size * ranks):  # before anything is loaded
+            raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
+                             f"{config.micro_batch_size * ranks}")
         self.out = Path(config.out)
         self.device = self.dist.device
         self.model, self.tokenizer_dir = build_model(config, self.device)
@@ -109,10 +113,6 @@ class Trainer:
             self._load_optimizer(checkpoint)
         if self.dist.is_main:
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.position.step if checkpoint else None)
-        ranks = self.dist.world_size
-        if config.batch_size % (config.micro_batch_size * ranks):
-            raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
-                             f"{config.micro_batch_size * ranks}")
 
     # -------------------------------------------------------------------------------------------------- set-up
     def _dataset(self):
@@ -305,8 +305,9 @@ class Trainer:
         return {"val_loss": ce_sum / count, "unigram_entropy": self.dataset.unigram_entropy()}
 
     # --------------------------------------------------------------------------------------------- checkpoints
-    def _full_model(self) -> DeepseekV2ForCausalLM:
-        """A model with the complete weights (experts gathered from every rank) for saving; rank 0 only uses it."""
+    def _full_model(self) -> DeepseekV2ForCausalLM | None:
+        """A model with the complete weights (experts gathered from every rank) for saving, which only rank 0 uses:
+        every rank takes part in the gather, but where a new model would have to be built, the others get None."""
         if not self.expert_params and self.config.data_parallel != "fsdp":
             return self.model
         if self.config.data_parallel == "fsdp" and self.dist.enabled:
@@ -317,9 +318,10 @@ class Trainer:
         else:
             state = {k: v for k, v in self.model.state_dict().items() if k not in self.expert_params}
             state.update(gather_experts(self.model, self.dist.world_size))
+        if not self.dist.is_main:
+            return None
         full = DeepseekV2ForCausalLM.empty(self.model_config, torch.float32, "cpu")
-        if self.dist.is_main:
-            full.load_state_dict({k: v.cpu() for k, v in state.items()})
+        full.load_state_dict({k: v.cpu() for k, v in state.items()})
         return full
 
     def save(self) -> None:
