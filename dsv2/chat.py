@@ -42,13 +42,19 @@ class ChatSession:
             raise ValueError(f"the conversation is {len(ids)} tokens, over the model's {limit}: /reset to start over")
         kwargs = dict(self.generate_kwargs)
         kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or limit, limit - len(ids))
-        answer = []
+        answer, refused = [], False
         try:
             for delta in stream(self.model, self.tokenizer, ids, **kwargs):
                 answer.append(delta)
                 yield delta
+        except ValueError:
+            refused = not answer
+            raise
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+            if refused:  # bad settings, refused before a word: the question leaves the history as well
+                self.messages.pop()
+            else:
+                self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
 def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
@@ -75,7 +81,10 @@ def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: Text
         if not line:
             continue
         try:
+            started = False
             for delta in session.respond(line):
+                delta = delta if started else delta.lstrip()  # the template puts a space before the answer
+                started = started or bool(delta)
                 out.write(delta)
                 out.flush()
             print(file=out)

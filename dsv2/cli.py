@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dsv2.config import DTYPES, PRESETS, ModelConfig
+from dsv2.config import DTYPES, PRESETS, ModelConfig, parse_dtype
 
 
 def load_config(path_or_preset: str) -> tuple[ModelConfig, str]:
@@ -30,8 +30,7 @@ def load_model(args: argparse.Namespace):
 
     path = resolve_model(args.model)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=parse_dtype(args.dtype), device=device)
     if model.tokenizer is None:
         raise SystemExit(f"dsv2: {path} has no tokenizer.json")
     return model
@@ -143,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = train_overrides(args)
     if args.command == "sft":
         overrides["sft_data"] = overrides.pop("data", None)
-        overrides = {**SFT_DEFAULTS, **overrides}
-    summary = run_training(TrainConfig.load(args.config, **overrides))
+    defaults = SFT_DEFAULTS if args.command == "sft" else None  # below the --config file and the flags
+    summary = run_training(TrainConfig.load(args.config, defaults=defaults, **overrides))
     if "val_loss" in summary:
         print(f"validation loss {summary['val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})")
 

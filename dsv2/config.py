@@ -23,6 +23,20 @@ ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", 
 # transformers 5 adds these to config.json; they are derived from the fields below, so they are not carried along.
 DERIVED_KEYS = ("head_dim", "qk_head_dim", "rope_parameters", "dtype")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype argument as vLLM and transformers take it: a torch.dtype, a name ("bfloat16", "half", ...), or
+    None / "auto" (→ None: the checkpoint's own)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join([*DTYPES, *DTYPE_ALIASES])}")
+    return DTYPES[name]
 
 
 class ConfigError(ValueError):

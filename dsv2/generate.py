@@ -7,8 +7,8 @@ absorbed one. `generate` mirrors transformers' (ids in, ids out, greedy by defau
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,7 @@ def sampling_params(max_new_tokens: int = 128, do_sample: bool | None = None, te
                           stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
 
 
-@dataclass
+@dataclasses.dataclass
 class Step:
     """One decoding step: the token each row drew (-1 for rows already done) and which rows are now done.
 
@@ -69,7 +69,9 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     logits = model(padded, cache=cache, logits_at=last[:, None])[:, 0]  # [B, V]
     positions = last + 1  # [B] where each row's next token goes
 
-    rows = [SamplingRow.start(params, prompt, device) for prompt in prompts]
+    # row i draws from seed + i (as the engine's n samples do): seeded rows of one batch differ, and repeat
+    rows = [SamplingRow.start(params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
+                              prompt, device) for i, prompt in enumerate(prompts)]
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
     done = [False] * B
     for step in range(max_new):
@@ -93,6 +95,8 @@ def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | 
     """The model's generation_config overridden by the call's arguments → (params, EOS ids, pad id)."""
     defaults = model.generation_config.generate_kwargs()
     default_eos, default_pad = defaults.pop("eos_token_id", None), defaults.pop("pad_token_id", None)
+    if default_eos is None:  # a generation_config.json without one: the model's own EOS still ends a reply
+        default_eos = model.config.eos_token_id
     eos = default_eos if eos_token_id is None else eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     pad = default_pad if pad_token_id is None else pad_token_id

@@ -10,15 +10,13 @@ import pytest
 from dsv2 import DeepseekV2ForCausalLM
 from dsv2.chat import ChatSession, run_repl
 
-from helpers import TINY_LITE, make_tokenizer_files, tiny_model
+from helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tiny_model(TINY_LITE, vocab_size=512).save_pretrained(path)
-    make_tokenizer_files(path)
-    return path
+    return tiny_checkpoint(path)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +42,13 @@ def test_an_interrupted_answer_stays_in_the_history(model):
     partial = next(answer) + next(answer)
     answer.close()  # what Ctrl-C does to the generator
     assert session.messages[-1] == {"role": "assistant", "content": partial.strip()}
+
+
+def test_refused_settings_leave_no_trace_in_the_history(model):
+    session = ChatSession(model, model.tokenizer, system="Be brief.", max_new_tokens=6, top_p=2.0)
+    with pytest.raises(ValueError, match="top_p"):
+        "".join(session.respond("hello"))
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
 
 
 def test_repl_commands(model):

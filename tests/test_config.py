@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from dsv2 import ConfigError, ModelConfig
 
@@ -154,3 +155,12 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_LITE, "kv_lora_rank": None}))
     with pytest.raises(ConfigError, match=r"config\.json: .*'kv_lora_rank'"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_dtype_names_as_vllm_and_transformers_take_them():
+    from dsv2.config import parse_dtype
+
+    assert parse_dtype("half") is torch.float16 and parse_dtype("bf16") is torch.bfloat16
+    assert parse_dtype("auto") is None and parse_dtype(None) is None and parse_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match="dtype='bfloat61' is not one of auto, float32"):
+        parse_dtype("bfloat61")

@@ -4,16 +4,14 @@ import torch
 from dsv2 import DeepseekV2ForCausalLM, LatentCache, Tokenizer
 from dsv2.generate import generate
 
-from helpers import TINY_LITE, TINY_V2, make_tokenizer_files, randomize_, tiny_model
+from helpers import TINY_LITE, TINY_V2, randomize_, tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny model (vocabulary padded past the tokenizer's 400 ids, as the official 102,400 > 100,015) + tokenizer."""
     path = tmp_path_factory.mktemp("ckpt")
-    tiny_model(TINY_LITE, vocab_size=512, bos_token_id=0, eos_token_id=1).save_pretrained(path)
-    make_tokenizer_files(path)
-    return path
+    return tiny_checkpoint(path, bos_token_id=0, eos_token_id=1)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +83,8 @@ def test_seeded_sampling_repeats(model):
     other = model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=6, ignore_eos=True)
     greedy = model.generate(prompt, max_new_tokens=20, ignore_eos=True)
     assert not torch.equal(runs[0], other) and not torch.equal(runs[0], greedy)
+    batch = model.generate(prompt.repeat(2, 1), max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True)
+    assert torch.equal(batch[0], runs[0][0]) and torch.equal(batch[1], other[0])  # row i draws from seed + i
 
 
 def test_cache_size_per_token(model, monkeypatch):
@@ -117,6 +117,19 @@ def test_generation_config_defaults_and_overrides(checkpoint, tmp_path):
     prompt = torch.tensor([[0, 11, 12]])
     greedy = DeepseekV2ForCausalLM.from_pretrained(checkpoint).generate(prompt, max_new_tokens=8, ignore_eos=True)
     assert torch.equal(sampled.generate(prompt, max_new_tokens=8, do_sample=False, ignore_eos=True), greedy)
+
+
+def test_a_generation_config_without_eos_still_stops_at_the_models_eos(checkpoint, tmp_path):
+    import shutil
+
+    from helpers import make_eos_prone_
+
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false}')
+    model = make_eos_prone_(DeepseekV2ForCausalLM.from_pretrained(tmp_path), strength=50.0)
+    assert model.generation_config.eos_token_id is None
+    out = model.generate(torch.tensor([[0, 11, 12]]), max_new_tokens=20)[0, 3:].tolist()
+    assert out[0] == model.config.eos_token_id and len(out) == 1  # stopped at the first EOS
 
 
 def test_generate_rejects_bad_input(model):

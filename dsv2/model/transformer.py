@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dsv2.config import DTYPES, ModelConfig
+from dsv2.config import ModelConfig, parse_dtype
 from dsv2.generation_config import GenerationConfig
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
@@ -84,7 +85,7 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, logits_at: torch.Tensor | None = None,
-                return_aux: bool | None = None):
+                return_aux: bool | None = None) -> torch.Tensor | CausalLMOutput:
         """input_ids [B, T] → logits [B, T, vocab] (float32).
 
         positions [B, T] or [T]: defaults to cache.seq_len + arange(T). With a ``cache``, the tokens' latents are
@@ -154,10 +155,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         from dsv2.weights import load_weights
 
         config = ModelConfig.from_pretrained(path)
-        dtype = dtype or torch_dtype
-        if isinstance(dtype, str):
-            dtype = config.dtype if dtype == "auto" else DTYPES[dtype]
-        model = cls.empty(config, dtype or config.dtype, device)
+        model = cls.empty(config, parse_dtype(dtype or torch_dtype) or config.dtype, device)
         load_weights(model, path, progress=progress, allow_pickle=allow_pickle)
         if (Path(path) / "tokenizer.json").exists():
             from dsv2.tokenizer import Tokenizer
@@ -183,7 +181,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         kwargs.setdefault("tokenizer", self.tokenizer)
         return generate(self, input_ids, **kwargs)
 
-    def stream(self, prompt, **kwargs):
+    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         """Yield the completion of ``prompt`` (text or token ids) as text deltas. See dsv2.generate.stream."""
         from dsv2.generate import stream
 
