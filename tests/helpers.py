@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import torch
 
 from dsv2 import DeepseekV2ForCausalLM, LatentCache, ModelConfig
@@ -99,14 +102,30 @@ def make_tokenizer_files(folder, vocab_size: int = 400, chat_template: str | Non
 
 
 @torch.no_grad()
+def tiny_checkpoint(folder, base: dict = TINY_LITE, **overrides) -> Path:
+    """A checkpoint folder as the official ones look: a tiny random model (vocabulary 512, padded past the
+    tokenizer's 400 ids) with config.json, safetensors and the test tokenizer. → the folder."""
+    tiny_model(base, **{"vocab_size": 512, **overrides}).save_pretrained(folder)
+    make_tokenizer_files(folder)
+    return Path(folder)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for a test server or a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_eos_prone_(model: DeepseekV2ForCausalLM, strength: float = 5.0) -> DeepseekV2ForCausalLM:
     """Point the EOS row of the output head along the model's typical final hidden state, so that sampled answers
     end after a token or two (a random model otherwise rambles until max_tokens)."""
     eos = model.config.eos_token_id
     hidden = []
     model.lm_head.register_forward_hook(lambda module, args, out: hidden.append(args[0].detach()))
-    model(torch.randint(2, model.config.vocab_size, (4, 32)))
-    model.lm_head._forward_hooks.clear()
-    mean = torch.cat(hidden).flatten(0, -2).float().mean(0)  # [H]
-    model.lm_head.weight[eos] = (strength * mean / mean.square().sum()).to(model.lm_head.weight.dtype)
+    with torch.no_grad():
+        model(torch.randint(2, model.config.vocab_size, (4, 32)))
+        model.lm_head._forward_hooks.clear()
+        mean = torch.cat(hidden).flatten(0, -2).float().mean(0)  # [H]
+        model.lm_head.weight[eos] = (strength * mean / mean.square().sum()).to(model.lm_head.weight.dtype)
     return model

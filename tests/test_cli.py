@@ -3,7 +3,7 @@ import sys
 
 from dsv2.cli import main
 
-from helpers import tiny_model
+from helpers import tiny_checkpoint, tiny_model
 
 
 def test_info_on_the_v2_lite_preset(capsys):
@@ -40,10 +40,8 @@ def test_generate_command_streams_the_greedy_completion(tmp_path, capsys):
 
     from dsv2 import DeepseekV2ForCausalLM
 
-    from helpers import make_tokenizer_files
 
-    tiny_model(vocab_size=512).save_pretrained(tmp_path)
-    make_tokenizer_files(tmp_path)
+    tiny_checkpoint(tmp_path)
     main(["generate", "--model", str(tmp_path), "Hello 你好", "--max-new-tokens", "12", "--ignore-eos"])
     printed = capsys.readouterr().out
     model = DeepseekV2ForCausalLM.from_pretrained(tmp_path)
@@ -66,10 +64,8 @@ def test_generate_without_a_model_uses_the_bundled_one():
 
 
 def test_bench_command(tmp_path, capsys):
-    from helpers import make_tokenizer_files
 
-    tiny_model(vocab_size=512).save_pretrained(tmp_path)
-    make_tokenizer_files(tmp_path)
+    tiny_checkpoint(tmp_path)
     main(["bench", "--model", str(tmp_path), "--requests", "4", "--prompt-len", "8", "--max-tokens", "4",
           "--kv-cache-memory", "2000000"])
     out = capsys.readouterr().out
