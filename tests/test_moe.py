@@ -83,10 +83,11 @@ def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
     torch.testing.assert_close(grouped, looped, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "fallback"])
-def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, grouped_mm):
+@pytest.mark.parametrize("path", ["grouped_mm", "fallback", "padded"])
+def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, path):
     experts = moe_layer(TINY_V2).experts  # expert parallel: this "rank" owns experts 0 .. E/2 - 1
-    if not grouped_mm:
+    monkeypatch.setattr(moe_module, "_padding_pays", lambda x, weight: path == "padded")
+    if path == "fallback":
         monkeypatch.setattr(moe_module, "_grouped_mm_works", lambda device_type, dtype: False)
     x, ids, weights = torch.randn(11, 64), torch.randint(0, experts.num_experts, (11, 3)), torch.rand(11, 3)
     owned = ids < experts.num_experts // 2
@@ -96,7 +97,31 @@ def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeyp
         got = experts(x, torch.where(owned, ids, 10**6), weights, owned)  # other ranks' ids mean nothing here
         expected = experts(x, ids, weights * owned)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    assert computed[0] == int(owned.sum()) and computed[3] == 3 * 11  # rows given to experts: owned ones only
+    if path != "padded":  # rows given to experts: the owned ones only
+        assert computed[0] == int(owned.sum()) and computed[3] == 3 * 11
+
+
+def test_padded_decode_path_equals_grouped_mm(monkeypatch):
+    moe = moe_layer(TINY_V2).eval().to(torch.bfloat16)  # the path is for 16-bit matmuls on CPU
+    x = torch.randn(4, 1, 64, dtype=torch.bfloat16)  # a decode step of 4 sequences: few rows per expert
+    counts = []
+    monkeypatch.setattr(moe_module, "_few_rows_per_expert", _recording(moe_module._few_rows_per_expert, counts))
+    with torch.no_grad():
+        padded, _ = moe(x)
+        assert counts == [True]  # it took the padded path
+        monkeypatch.setattr(moe_module, "_few_rows_per_expert", lambda counts: False)
+        grouped, _ = moe(x)
+    torch.testing.assert_close(padded.float(), grouped.float(), atol=2e-2, rtol=2e-2)
+    assert not moe_module._padding_pays(x.float(), moe.experts.gate_proj.float())  # float32: grouped_mm
+    assert not moe_module._few_rows_per_expert(torch.tensor([0, 0, 3, 0]))  # 1 expert of 4 in use: grouped_mm
+    assert not moe_module._few_rows_per_expert(torch.tensor([65, 1, 1, 1]))  # a busy expert: grouped_mm
+
+
+def _recording(function, sink):
+    def wrapper(*args):
+        sink.append(function(*args))
+        return sink[-1]
+    return wrapper
 
 
 def _counting(grouped_linear, sink):

@@ -128,12 +128,49 @@ class RoutedExperts(nn.Module):
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # [E + 1]
         offsets = counts[:E].cumsum(0, dtype=torch.int32)  # [E]
         xs = x[order // k]  # [N·k, H]: each slot's token, sorted by expert
-        h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)  # [N·k, I]
-        ys = grouped_linear(h, self.down_proj, offsets)  # [N·k, H]
+        if _padding_pays(x, self.gate_proj) and _few_rows_per_expert(counts[:E]):
+            ys = self._padded(xs, flat_ids[order], counts[:E], offsets)
+        else:
+            h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)
+            ys = grouped_linear(h, self.down_proj, offsets)  # [N·k, H]
         out = ys[order.argsort()].view(N, k, -1)  # back to (token, slot) order: a gather, cheaper than a scatter
         if owned is not None:
             out = torch.where(owned[:, :, None], out, 0)  # rows of no expert here are undefined
         return (out.to(torch.float32) * weights[:, :, None]).sum(dim=1)  # [N, H]
+
+
+    def _padded(self, xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+        """The experts as three batched matmuls over a [E, C, H] buffer (C = the most rows any expert has), for
+        decoding on CPU in 16-bit: there bmm streams the weights 2-3× faster than grouped_mm (measured: 1.2 vs
+        3.0 ms for 32 experts × 8 rows of 1024 → 352), and a few padded rows cost nothing.
+        xs [M', H] sorted by expert (rows past offsets[-1]: no expert here) → [M', H]."""
+        E, C, M = self.num_experts, int(counts.max()), int(offsets[-1])
+        slot = torch.arange(M, device=xs.device) - (offsets - counts)[sorted_ids[:M]]  # [M] row within its expert
+        buffer = xs.new_zeros(E, C, xs.shape[1])
+        buffer[sorted_ids[:M], slot] = xs[:M]  # [E, C, H]
+        if not torch.is_autocast_enabled(xs.device.type):
+            buffer = buffer.to(self.gate_proj.dtype)
+        h = F.silu(torch.bmm(buffer, self.gate_proj.transpose(1, 2))) * torch.bmm(buffer, self.up_proj.transpose(1, 2))
+        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # [E, C, H]
+        ys = out.new_zeros(xs.shape[0], out.shape[-1])
+        ys[:M] = out[sorted_ids[:M], slot]
+        return ys
+
+
+def _padding_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU matmuls in 16-bit: there bmm beats grouped_mm (in float32 on CPU, and on GPUs, it does not)."""
+    if x.device.type != "cpu":
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _few_rows_per_expert(counts: torch.Tensor, max_rows: int = 64) -> bool:
+    """Decode-sized routing (on CPU, where reading counts costs no sync): at most ``max_rows`` rows per expert and
+    at least half the experts in use, so padding to the busiest expert is cheap and every weight read is needed."""
+    busiest = int(counts.max())
+    return 0 < busiest <= max_rows and 2 * int((counts > 0).sum()) >= counts.numel()
 
 
 @dataclass
