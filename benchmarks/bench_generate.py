@@ -372,9 +372,11 @@ def best_limits(a: Limits, b: Limits) -> Limits:
 
 
 class CpuAccount:
-    """CPU seconds that other processes used, and that the hypervisor stole, since construction (/proc/stat)."""
+    """Wall time since construction, and the CPU seconds that other processes used and that the hypervisor stole
+    meanwhile (/proc/stat)."""
 
     def __init__(self) -> None:
+        self.started = time.perf_counter()
         self.start = self.snapshot()
 
     @staticmethod
@@ -387,13 +389,30 @@ class CpuAccount:
                   for field in ("ru_utime", "ru_stime"))
         return (user + nice + system + irq + softirq) / tick, steal / tick, own
 
-    def summary(self, seconds: float) -> str:
+    def summary(self) -> str:
+        """The run's closing line: its wall time and what the rest of the machine did meanwhile."""
+        seconds = time.perf_counter() - self.started
         busy, steal, own = (end - start for start, end in zip(self.start, self.snapshot(), strict=True))
         other = max(busy - own, 0.0)
         warning = ""
         if other + steal > 0.05 * seconds * (os.cpu_count() or 1):
             warning = " — more than 5% of the machine went elsewhere: rerun on a quiet machine"
-        return f"other processes used {other:.0f} CPU-s, the hypervisor stole {steal:.0f} CPU-s{warning}"
+        return (f"(total {seconds:.0f} s; during the run other processes used {other:.0f} CPU-s, the hypervisor "
+                f"stole {steal:.0f} CPU-s{warning})")
+
+
+def describe_checkpoint(config: ModelConfig) -> str:
+    """One line on the mid-size checkpoint and the software measured."""
+    import transformers
+
+    summary = summarize(config)
+    return (f"mid-size checkpoint: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.n_routed_experts} routed experts × {config.moe_intermediate_size} "
+            f"({config.num_experts_per_tok} per token) + {config.n_shared_experts} shared, kv_lora_rank "
+            f"{config.kv_lora_rank}, vocab {config.vocab_size}: {summary.total_params / 1e6:.1f}M parameters, "
+            f"{(summary.activated_params - summary.embedding_params) / 1e6:.1f}M active per token (without the "
+            f"input embedding); {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}")
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -502,22 +521,13 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="contexts 32 and 1024 only, fewer repeats")
     args = parser.parse_args()
-    import transformers
-
     torch.set_num_threads(THREADS)
     settings = (Settings(contexts=(32, 1024), prefill_repeats=1, decode_tokens=6, decode_calls=1) if args.quick
                 else Settings(contexts=(32, 1024, 2048), prefill_repeats=5, decode_tokens=16, decode_calls=2))
     config = bench_config()
     summary = summarize(config)
-    started = time.perf_counter()
-    print(f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.n_routed_experts} routed experts "
-          f"× {config.moe_intermediate_size} ({config.num_experts_per_tok} per token) + {config.n_shared_experts} "
-          f"shared, kv_lora_rank {config.kv_lora_rank}, vocab {config.vocab_size}: "
-          f"{summary.total_params / 1e6:.1f}M parameters, "
-          f"{(summary.activated_params - summary.embedding_params) / 1e6:.1f}M active per token "
-          f"(without the input embedding); {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}", flush=True)
     account = CpuAccount()
+    print(describe_checkpoint(config), flush=True)
     rows, lines = [], []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(config, tmp)
@@ -533,8 +543,7 @@ def main() -> None:
     print("\n".join(rows))
     print()
     print("\n".join(lines))
-    elapsed = time.perf_counter() - started
-    print(f"\n(total {elapsed:.0f} s; during the run {account.summary(elapsed)})")
+    print(f"\n{account.summary()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,265 @@
+"""Training throughput: one optimizer step of dsv2 vs transformers' DeepseekV2ForCausalLM on the same checkpoint.
+
+    python benchmarks/bench_train.py [--precisions bfloat16] [--batch 8] [--seq-len 512] [--steps 3] [--quick]
+    python benchmarks/bench_train.py --precisions float32    # plain float32 as well: another ~10 minutes
+
+The shared mid-size random checkpoint (see bench_generate.py) is loaded by both implementations with float32 master
+weights. A step is what dsv2's trainer does: forward (under bfloat16 autocast, or plain float32), cross-entropy over
+every next token (dsv2 adds its expert balance loss, `model(x, return_aux=True).aux_loss`; transformers' model has
+none), backward, gradient clipping at 1.0 and an AdamW step (`dsv2.train.optim.make_optimizer` for both: lr 4.2e-4,
+β (0.9, 0.95), weight decay 0.1 on matrices). transformers runs with the (experts, attention) implementation pair
+that ran a forward + backward fastest on one sequence (batched_mm is not tried when it would gather more than 2 GiB
+of expert weights). Both run in this process on 2 threads, one after the other per precision; tokens/s is the median
+of the timed steps after a warm-up step, on a fixed batch of random tokens.
+
+Model FLOPs utilization: (6 × active parameters without the embedding lookup × tokens + causal attention, 3 × the
+forward's QKᵀ and PV over the expanded heads) ÷ step time ÷ the machine's matmul FLOP/s in that precision (measured
+after the precision's runs; bfloat16 for autocast).
+
+``--quick``: 2 sequences × 128 tokens, one timed step, bfloat16 only (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2 import DeepseekV2ForCausalLM, ModelConfig
+from dsv2.info import summarize
+from dsv2.train.optim import make_optimizer
+
+from bench_generate import (
+    CpuAccount,
+    bench_config,
+    describe_checkpoint,
+    load_theirs,
+    mark,
+    matmul_flops,
+    write_checkpoint,
+)
+
+THREADS = 2
+SPEEDUP_GOAL = 2.0  # dsv2 / transformers training tokens/s
+LR = 4.2e-4  # TrainConfig's default
+GRAD_CLIP = 1.0
+BATCHED_MM_LIMIT = 2 * 2**30
+SHORT = {"float32": "fp32", "bfloat16": "bf16 autocast"}
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # tokens [B, T + 1] → (loss, cross-entropy)
+
+
+@dataclass
+class Settings:
+    batch: int
+    seq_len: int
+    steps: int  # timed steps, after one warm-up step
+    pick_batch: int = 1  # sequences of the forward + backward that picks transformers' implementations
+
+
+@dataclass
+class Run:
+    """One implementation in one precision."""
+
+    step_s: list[float] = field(default_factory=list)
+    first_ce: float = 0.0  # cross-entropy of the warm-up step (computed on the checkpoint's weights)
+    impl: str = ""
+    tried: str = ""
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_s)
+
+
+def random_tokens(config: ModelConfig, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[batch, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, config.vocab_size, (batch, seq_len + 1), generator=generator)
+
+
+def autocast(precision: str) -> AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- the two models
+def ours_loss(model: DeepseekV2ForCausalLM, precision: str) -> LossFn:
+    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(precision):
+            out = model(x[:, :-1], return_aux=True)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        return ce + out.aux_loss, ce
+
+    return loss_fn
+
+
+def theirs_loss(model, precision: str) -> LossFn:
+    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(precision):
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        return ce, ce
+
+    return loss_fn
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, x: torch.Tensor) -> float:
+    """One optimizer step. → the step's cross-entropy."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, ce = loss_fn(x)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    optimizer.step()
+    return ce.item()
+
+
+def timed_steps(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, steps: int, run: Run) -> None:
+    """A fresh optimizer; one warm-up step (its cross-entropy kept), then `steps` timed ones."""
+    optimizer = make_optimizer(model, lr=LR)
+    run.first_ce = train_step(model, optimizer, loss_fn, x)
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, loss_fn, x)
+        run.step_s.append(time.perf_counter() - start)
+
+
+def batched_mm_bytes(config: ModelConfig, tokens: int) -> int:
+    """What transformers' batched_mm experts gather in one forward pass (float32 master weights)."""
+    return tokens * config.num_experts_per_tok * 3 * config.hidden_size * config.moe_intermediate_size * 4
+
+
+def forward_backward_s(model: nn.Module, loss_fn: LossFn, x: torch.Tensor) -> float:
+    """Seconds of one forward + backward (no optimizer step: the weights stay as they are); gradients dropped."""
+    start = time.perf_counter()
+    loss_fn(x)[0].backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def pick_theirs(model, precision: str, config: ModelConfig, settings: Settings) -> tuple[str, str]:
+    """transformers' fastest (experts, attention) implementation pair for training: one forward + backward each
+    on `pick_batch` sequences of the real length (the optimizer step costs every pair the same). → (chosen, tried)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    x = random_tokens(config, settings.pick_batch, settings.seq_len, seed=1)
+    loss_fn = theirs_loss(model, precision)
+    forward_backward_s(model, loss_fn, x[:, :65])  # the first backward's one-time costs, paid by no candidate
+    tried, times = [], {}
+    for experts in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]:
+        gathered = batched_mm_bytes(config, settings.batch * settings.seq_len)
+        if experts == "batched_mm" and gathered > BATCHED_MM_LIMIT:
+            tried.append(f"batched_mm not tried (would gather {gathered / 2**30:.0f} GiB of expert weights)")
+            continue
+        for attn in ("sdpa", "eager"):
+            try:
+                model.set_experts_implementation(experts)
+                model.set_attn_implementation(attn)
+                times[experts, attn] = forward_backward_s(model, loss_fn, x)
+            except Exception as e:  # CUDA-only kernels, missing packages, no backward
+                model.zero_grad(set_to_none=True)
+                tried.append(f"{experts}+{attn} does not run ({type(e).__name__})")
+                continue
+            tried.append(f"{experts}+{attn} {times[experts, attn]:.2f} s")
+    experts, attn = min(times, key=times.get)
+    model.set_experts_implementation(experts)
+    model.set_attn_implementation(attn)
+    return f"experts={experts}, attn={attn}", ", ".join(tried)
+
+
+def run_ours(path: str, precision: str, x: torch.Tensor, settings: Settings) -> Run:
+    run = Run(impl="attn_impl=auto (expanded for training)")
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False).train()
+    timed_steps(model, ours_loss(model, precision), x, settings.steps, run)
+    return run
+
+
+def run_theirs(path: str, precision: str, x: torch.Tensor, config: ModelConfig, settings: Settings) -> Run:
+    run = Run()
+    model = load_theirs(path, torch.float32, private_weights=True).train()
+    run.impl, run.tried = pick_theirs(model, precision, config, settings)
+    timed_steps(model, theirs_loss(model, precision), x, settings.steps, run)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def step_flops(config: ModelConfig, batch: int, seq_len: int) -> float:
+    """6 FLOPs per active parameter (the embedding lookup excluded, the output head included) per token, plus
+    causal attention over the expanded heads: forward QKᵀ and PV = L · n_h · T² · (qk + v) per sequence, ×3."""
+    summary = summarize(config)
+    active = summary.activated_params - summary.embedding_params
+    attention = config.num_hidden_layers * config.num_attention_heads * seq_len**2 * (
+        config.qk_head_dim + config.v_head_dim)
+    return 6 * active * batch * seq_len + 3 * attention * batch
+
+
+def table_row(precision: str, theirs: Run, ours: Run, tokens: int, flops: float, peak: float) -> str:
+    t, o = tokens / theirs.median_s, tokens / ours.median_s
+    return (f"| {SHORT[precision]} | {theirs.median_s:.2f} | {ours.median_s:.2f} | {t:,.0f} | {o:,.0f} | {o / t:.2f}× "
+            f"| {flops / theirs.median_s / peak:.1%} | {flops / ours.median_s / peak:.1%} | {peak / 1e9:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", default=["bfloat16"], choices=["bfloat16", "float32"],
+                        help="bfloat16: autocast over float32 master weights (the trainer's default); float32: plain")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and precision")
+    parser.add_argument("--quick", action="store_true", help="2 × 128 tokens, 1 timed step, bfloat16 only")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.quick:
+        settings, precisions = Settings(batch=2, seq_len=128, steps=1), ["bfloat16"]
+    else:
+        settings, precisions = Settings(batch=args.batch, seq_len=args.seq_len, steps=args.steps), args.precisions
+    config = bench_config()
+    tokens = settings.batch * settings.seq_len
+    flops = step_flops(config, settings.batch, settings.seq_len)
+    print(f"{describe_checkpoint(config)}; batch {settings.batch} × {settings.seq_len} tokens = {tokens} tokens "
+          f"per step, {flops / 1e12:.2f} TFLOP per step", flush=True)
+    account = CpuAccount()
+    x = random_tokens(config, settings.batch, settings.seq_len, seed=0)
+    rows, notes, goals = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(config, tmp)
+        for precision in precisions:
+            matmul_dtype = getattr(torch, precision)
+            ours = run_ours(tmp, precision, x, settings)
+            gc.collect()
+            print(f"{precision}: dsv2 {tokens / ours.median_s:,.0f} tokens/s", flush=True)
+            theirs = run_theirs(tmp, precision, x, config, settings)
+            gc.collect()
+            print(f"{precision}: transformers ({theirs.impl}) {tokens / theirs.median_s:,.0f} tokens/s", flush=True)
+            peak = matmul_flops(matmul_dtype, config)
+            rows.append(table_row(precision, theirs, ours, tokens, flops, peak))
+            notes.append(f"{SHORT[precision]}: transformers with {theirs.impl} (candidates: {theirs.tried}); "
+                         f"cross-entropy of the first step on the checkpoint's weights: dsv2 {ours.first_ce:.4f}, "
+                         f"transformers {theirs.first_ce:.4f}; step times dsv2 "
+                         f"{', '.join(f'{s:.2f}' for s in ours.step_s)} s, transformers "
+                         f"{', '.join(f'{s:.2f}' for s in theirs.step_s)} s")
+            speedup = theirs.median_s / ours.median_s
+            goals.append(f"goal: dsv2 training ≥ {SPEEDUP_GOAL:.0f}× transformers' tokens/s ({SHORT[precision]}): "
+                         f"{speedup:.2f}× {mark(speedup >= SPEEDUP_GOAL)}")
+    print()
+    print("| precision | transformers, s/step | dsv2, s/step | transformers, tokens/s | dsv2, tokens/s | ratio | "
+          "transformers MFU | dsv2 MFU | matmul peak, GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print()
+    print("\n".join(notes))
+    print()
+    print("\n".join(goals))
+    print(f"\n{account.summary()}")
+
+
+if __name__ == "__main__":
+    main()
