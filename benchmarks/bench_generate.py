@@ -153,15 +153,19 @@ def prompt(config: ModelConfig, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
-def median_wall(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
+def call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_wall(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def forward_start_times(model: torch.nn.Module, fn: Callable[[], object]) -> list[float]:
@@ -327,13 +331,7 @@ def memory_in_subprocess(path: str, impl: str, dtype_name: str, context: int, ne
 
 # ----------------------------------------------------------------------------------------------- physical limits
 def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_seconds(fn, repeats))
 
 
 def read_bandwidth() -> tuple[float, float]:
