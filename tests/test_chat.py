@@ -1,4 +1,5 @@
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -64,27 +65,28 @@ def test_ctrl_c_stops_the_answer_not_the_program(checkpoint):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsv2", "chat", "--model", str(checkpoint), "--max-new-tokens", "2400",
          "--temperature", "1.0", "--seed", "0", "--ignore-eos"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    output: list[bytes] = []  # read as it comes, in whole chunks: the pipe never fills and blocks the chat
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: os.read(proc.stdout.fileno(), 65536), b"")),
+                              daemon=True)
     reader.start()
     try:
-        proc.stdin.write("tell me a long story\n")
+        proc.stdin.write(b"tell me a long story\n")
         proc.stdin.flush()
         deadline = time.time() + 60
-        while len(output) < 300 and time.time() < deadline:  # the answer is streaming
+        while sum(map(len, output)) < 300 and time.time() < deadline:  # the answer is streaming
             time.sleep(0.05)
-        assert len(output) >= 300, "".join(output)
+        assert sum(map(len, output)) >= 300, b"".join(output)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert proc.poll() is None  # still running
-        proc.stdin.write("/exit\n")
+        proc.stdin.write(b"/exit\n")
         proc.stdin.flush()
         proc.wait(timeout=30)
         reader.join(timeout=5)
         assert proc.returncode == 0, proc.stderr.read()
-        text = "".join(output)
+        text = b"".join(output).decode("utf-8", "replace")
         assert "[stopped]" in text and text.rstrip().endswith(">>>")  # back at the prompt, then /exit
     finally:
         proc.kill()
