@@ -61,9 +61,12 @@ def test_repl_commands(model):
     assert session.messages == []
 
 
-def test_ctrl_c_stops_the_answer_not_the_program(checkpoint):
+def test_ctrl_c_stops_the_answer_not_the_program(tmp_path):
+    # an answer of up to 16,000 tokens: long enough that Ctrl-C always comes while it streams (2,400 random
+    # single-byte tokens of the tiny model can be done in a second, before a loaded machine sends the signal)
+    checkpoint = tiny_checkpoint(tmp_path, max_position_embeddings=16384)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dsv2", "chat", "--model", str(checkpoint), "--max-new-tokens", "2400",
+        [sys.executable, "-m", "dsv2", "chat", "--model", str(checkpoint), "--max-new-tokens", "16000",
          "--temperature", "1.0", "--seed", "0", "--ignore-eos"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
