@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from dsv2.chat import ChatSession, run_repl
 
     model = load_model(args)
+    # Ctrl-C stops an answer: make sure it raises KeyboardInterrupt even where SIGINT was inherited as ignored
+    # (a process started in the background by a non-interactive shell, under nohup, ...)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_repl(ChatSession(model, model.tokenizer, system=args.system, **generate_kwargs(args)))
 
 
