@@ -96,9 +96,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if _grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
-    rest = x.shape[0] - sum(counts)
-    chunks = [chunk @ w.T for chunk, w in zip(x[:sum(counts)].split(counts), weight, strict=True)]
-    return torch.cat([*chunks, x.new_zeros(rest, weight.shape[1])])
+    rows = sum(counts)
+    chunks = [chunk @ w.T for chunk, w in zip(x[:rows].split(counts), weight, strict=True)]
+    return torch.cat([*chunks, x.new_zeros(x.shape[0] - rows, weight.shape[1])])
 
 
 class RoutedExperts(nn.Module):
