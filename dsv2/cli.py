@@ -90,7 +90,7 @@ def engine_arguments(args: argparse.Namespace) -> dict:
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return {**given, "enable_prefix_caching": not args.no_prefix_caching,
             "enable_chunked_prefill": not args.no_chunked_prefill, "tensor_parallel_size": args.tensor_parallel_size,
-            "enable_expert_parallel": args.expert_parallel}
+            "data_parallel_size": args.data_parallel_size, "enable_expert_parallel": args.expert_parallel}
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,9 +109,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="tokens per cache block")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share computed prompt prefixes")
     parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices (processes) to shard over")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="devices (processes) to shard every layer over")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="devices (processes) with their own requests and latent cache (attention data parallel)")
     parser.add_argument("--expert-parallel", action="store_true",
-                        help="with tensor parallelism: whole routed experts per device instead of slices of each")
+                        help="whole routed experts per device: E/W each (with -tp: instead of slices of every expert; "
+                             "with -dp: instead of whole replicas)")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:

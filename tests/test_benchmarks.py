@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
     ("bench_engine.py", "| measurement | dtype | transformers | dsv2 engine | ratio |"),
     ("bench_train.py", "| precision | transformers, s/step | dsv2, s/step |"),
     ("bench_serve.py", "| clients |"),
+    ("bench_parallel.py", "| layout | output tok/s |"),
 ])
 def test_benchmark_runs_and_prints_its_table(script, table_header):
     run = subprocess.run([sys.executable, script, "--quick"], cwd=BENCHMARKS, capture_output=True, text=True,

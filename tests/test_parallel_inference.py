@@ -1,5 +1,6 @@
-"""Tensor- and expert-parallel inference on 2 processes (gloo, CPU) against one process."""
+"""Tensor-, expert- and data-parallel inference on 2 processes (gloo, CPU) against one process."""
 
+import asyncio
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 import dsv2.parallel.group as group_module
 from dsv2 import LLM, DeepseekV2ForCausalLM, ModelConfig, SamplingParams, WeightsError
+from dsv2.engine.async_engine import AsyncEngine
 from dsv2.engine.engine import EngineConfig, LLMEngine
 from dsv2.engine.runner import ModelRunner
-from dsv2.parallel.group import DistributedRunner, TensorParallelGroup, WorkerDiedError
+from dsv2.parallel.group import DistributedRunner, ParallelGroup, WorkerDiedError
 from dsv2.parallel.tensor_parallel import shard_model
 
 from helpers import TINY_V2, tiny_checkpoint
@@ -58,11 +60,10 @@ def test_two_ranks_generate_what_one_does(checkpoint, reference, expert_parallel
                                                              use_tqdm=False)]
         assert got == reference
         # every rank holds half of every sharded tensor, plus the replicated ones (latent projection, norms, gate)
-        config = ModelConfig.from_pretrained(checkpoint)
         with torch.device("meta"):
-            full, shard = DeepseekV2ForCausalLM(config), DeepseekV2ForCausalLM(config)
+            shard = DeepseekV2ForCausalLM(ModelConfig.from_pretrained(checkpoint))
         plan = shard_model(shard, 0, 2, expert_parallel)
-        sizes = {n: p.numel() * 4 for n, p in full.named_parameters()}
+        sizes = _parameter_bytes(checkpoint)
         split = sum(v for n, v in sizes.items() if n in plan.dims or n in plan.experts_per_rank)
         expected = split // 2 + sum(sizes.values()) - split
         assert llm.group.rank_bytes == [expected, expected]
@@ -72,8 +73,65 @@ def test_two_ranks_generate_what_one_does(checkpoint, reference, expert_parallel
     assert torch.get_num_threads() == threads  # rank 0's share of the cores is given back
 
 
-def test_a_dead_worker_stops_the_engine_with_a_clear_error(checkpoint):
-    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+def _parameter_bytes(checkpoint) -> dict[str, int]:
+    with torch.device("meta"):
+        full = DeepseekV2ForCausalLM(ModelConfig.from_pretrained(checkpoint))
+    return {n: p.numel() * 4 for n, p in full.named_parameters()}
+
+
+@pytest.mark.parametrize("expert_parallel", [True, False], ids=["attention-dp+expert-parallel", "replicas"])
+def test_data_parallel_attention_generates_what_one_process_does(checkpoint, reference, expert_parallel):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", data_parallel_size=2,
+              enable_expert_parallel=expert_parallel)
+    try:
+        engines = llm.engine.engines
+        assert llm.engine.num_free_blocks == 2 * engines[0].blocks.num_blocks  # a cache per rank, none shared
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
+                                                             use_tqdm=False)]
+        assert got == reference
+        assert all(e.num_steps > 0 for e in engines)  # both ranks served requests of their own
+        # a lone request: the other rank idles through every step (a dummy token for the MoE all-to-alls)
+        before, total = [e.num_steps for e in engines], llm.engine.num_steps
+        one = llm.generate(prompt_token_ids=PROMPTS[3:4], sampling_params=GREEDY, use_tqdm=False)
+        assert one[0].outputs[0].token_ids == reference[3]
+        assert sorted(e.num_steps - b for e, b in zip(engines, before, strict=True)) == [0, llm.engine.num_steps
+                                                                                         - total]
+        # resident weights: the routed experts halved (expert parallel) or whole replicas; the rest whole
+        sizes = _parameter_bytes(checkpoint)
+        experts = sum(v for n, v in sizes.items() if ".mlp.experts." in n)
+        expected = sum(sizes.values()) - (experts // 2 if expert_parallel else 0)
+        assert llm.group.rank_bytes == [expected, expected]
+        if expert_parallel:  # the server's engine thread drives the data-parallel engine like a single one
+            server_engine = AsyncEngine(llm.engine)
+
+            async def answer(prompt):
+                async for output in server_engine.generate(prompt, GREEDY):
+                    final = output
+                return final.outputs[0].token_ids
+
+            async def answers():
+                return await asyncio.gather(*(answer(p) for p in PROMPTS[:4]))
+
+            try:
+                assert asyncio.run(answers()) == reference[:4]
+                assert server_engine.stats()["total_blocks"] == 2 * engines[0].blocks.num_blocks
+            finally:
+                server_engine.shutdown()
+    finally:
+        llm.shutdown()
+
+
+def test_tensor_and_data_parallel_together_are_refused(checkpoint):
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with data_parallel_size=2"):
+        LLM(model=checkpoint, tensor_parallel_size=2, data_parallel_size=2)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2},
+                                    {"data_parallel_size": 2, "enable_expert_parallel": True}],
+                         ids=["tensor-parallel", "data-parallel"])
+def test_a_dead_worker_stops_the_engine_with_a_clear_error(checkpoint, layout):
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", **layout)
     try:
         llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
         os.kill(llm.group.workers[0].pid, signal.SIGKILL)
@@ -99,7 +157,7 @@ def test_the_cache_is_sized_after_loading_in_the_given_block_size(checkpoint, re
         return 16
 
     monkeypatch.setattr(group_module, "load_sharded", load_then_record)
-    group = TensorParallelGroup(checkpoint, 2, False, torch.float32, torch.device("cpu"), num_blocks_for,
+    group = ParallelGroup(checkpoint, 2, False, torch.float32, torch.device("cpu"), num_blocks_for,
                                 block_size=32)
     monkeypatch.undo()
     try:

@@ -79,9 +79,7 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, int]:
         """A snapshot for metrics (read without stopping the engine: numbers may be one step apart)."""
-        scheduler = self.engine.scheduler
-        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
-                "free_blocks": self.engine.num_free_blocks, "total_blocks": self.engine.blocks.num_blocks}
+        return self.engine.stats()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still in flight are aborted and their consumers told so."""

@@ -90,10 +90,14 @@ class Request:
 
 class LLMEngine:
     def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
-                 runner_factory: Callable[[PagedLatentCache], ModelRunner] | None = None) -> None:
+                 runner_factory: Callable[[PagedLatentCache], ModelRunner] | None = None,
+                 cache_device: torch.device | str | None = None) -> None:
+        """``cache_device`` "meta": the cache's blocks are bookkept here but live in another process (a rank of
+        a data-parallel group), so none is allocated."""
         config.validate(model.config)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.cache = PagedLatentCache(model.config, config.num_blocks, config.block_size, model.dtype, model.device)
+        self.cache = PagedLatentCache(model.config, config.num_blocks, config.block_size, model.dtype,
+                                      cache_device or model.device)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
@@ -162,11 +166,22 @@ class LLMEngine:
     # ----------------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the (cumulative) output of every request that got a token or finished."""
+        scheduled = self.schedule()
+        if scheduled is None:
+            return []
+        return self.finish_step(*scheduled, self.runner.run(*scheduled))
+
+    def schedule(self) -> tuple[Batch, list[list[int]]] | None:
+        """The next batch and, per sequence, the positions whose logits it needs besides the last (prompt
+        logprobs); None when there is nothing to run."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
-        extra = [item.seq.prompt_logprob_positions(item.start, item.end) for item in batch.items]
-        logits = self.runner.run(batch, extra)  # [B, K, vocab]: the extra positions, then the last token
+            return None
+        return batch, [item.seq.prompt_logprob_positions(item.start, item.end) for item in batch.items]
+
+    def finish_step(self, batch: Batch, extra: list[list[int]], logits: torch.Tensor) -> list[RequestOutput]:
+        """Record a computed batch (logits [B, K, vocab]: the ``extra`` positions, then the last token), sample,
+        and return the output of every request that got a token or finished."""
         self.num_steps += 1
         for item, positions, row in zip(batch.items, extra, logits, strict=True):
             item.seq.num_computed_tokens = item.end
@@ -258,4 +273,9 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
+
+    def stats(self) -> dict[str, int]:
+        """Sequences running and waiting, free and total cache blocks (for metrics)."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "free_blocks": self.num_free_blocks, "total_blocks": self.blocks.num_blocks}
 

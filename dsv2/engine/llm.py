@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dsv2.config import parse_dtype
+from dsv2.engine.data_parallel import DataParallelEngine
 from dsv2.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from dsv2.engine.runner import PagedLatentCache
 from dsv2.generation_config import GenerationConfig
@@ -62,7 +63,11 @@ def _token_list(ids: Any) -> list[int]:
 
 
 class LLM:
-    """Offline batched generation: ``LLM(model=path).generate(prompts, SamplingParams(...))``."""
+    """Offline batched generation: ``LLM(model=path).generate(prompts, SamplingParams(...))``.
+
+    Over several devices: ``tensor_parallel_size=W`` cuts every layer W ways (``enable_expert_parallel``: whole
+    routed experts per device); ``data_parallel_size=W`` gives every device its own requests and latent cache
+    (attention data parallel; ``enable_expert_parallel``: E/W routed experts per device, else whole replicas)."""
 
     def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None,
                  tensor_parallel_size: int = 1, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
@@ -70,7 +75,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  device: str | torch.device | None = None, enable_expert_parallel: bool = False,
-                 **kwargs: Any) -> None:
+                 data_parallel_size: int = 1, **kwargs: Any) -> None:
         unknown = set(kwargs) - IGNORED
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -89,12 +94,16 @@ class LLM:
             useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
             return max(1, min(capacity, useful))
 
+        if tensor_parallel_size > 1 and data_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with data_parallel_size="
+                             f"{data_parallel_size}: combining the two is not supported; choose one")
+        world = max(tensor_parallel_size, data_parallel_size)
         self.group = None
-        if tensor_parallel_size > 1:
-            from dsv2.parallel.group import TensorParallelGroup
+        if world > 1:
+            from dsv2.parallel.group import ParallelGroup
 
-            self.group = TensorParallelGroup(path, tensor_parallel_size, enable_expert_parallel, dtype, device,
-                                             num_blocks_for, block_size=block_size)
+            self.group = ParallelGroup(path, world, enable_expert_parallel, dtype, device, num_blocks_for,
+                                       block_size=block_size, data_parallel=data_parallel_size > 1)
             self.model, num_blocks = self.group.model, self.group.num_blocks
             self.model.generation_config = GenerationConfig.from_pretrained(path)
             if (Path(path) / "tokenizer.json").exists():
@@ -105,18 +114,24 @@ class LLM:
         self.tokenizer = Tokenizer.from_pretrained(tokenizer) if tokenizer else self.model.tokenizer
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 4096 if enable_chunked_prefill else max(4096, max_model_len)
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
+        engine_config = EngineConfig(
             num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
-        ), runner_factory=self.group.make_runner if self.group else None)
+        )
+        self.engine: LLMEngine | DataParallelEngine
+        if data_parallel_size > 1:
+            self.engine = DataParallelEngine(self.model, self.tokenizer, engine_config, self.group)
+        else:
+            self.engine = LLMEngine(self.model, self.tokenizer, engine_config,
+                                    runner_factory=self.group.make_runner if self.group else None)
         per_token = PagedLatentCache.bytes_per_token(self.model.config, self.model.dtype)
         log.info("latent cache: %d blocks × %d tokens × %d bytes = %.2f GiB per rank; max_model_len %d", num_blocks,
                  block_size, per_token, num_blocks * block_size * per_token / 2**30, max_model_len)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        """Stop the parallel workers, if any (also done at exit)."""
         if self.group is not None:
             self.group.close()
 

@@ -1,12 +1,18 @@
-"""A tensor-parallel group for the engine: this process is rank 0, one worker process per other device.
+"""A group of ranks for the engine: this process is rank 0, one worker process per other device.
 
-Every rank builds the model on the meta device, swaps in its parallel modules (`shard_model`) and reads only its
-slice of each checkpoint tensor from the safetensors files — no rank ever holds the whole model. Rank 0 runs the
-engine: it schedules, sends each step's tensors (`ModelRunner.prepare`) to the workers' queues and samples; every
-rank runs the step through its own shard and its own latent cache, the collectives (torch.distributed: gloo on the
-CPU, NCCL on GPUs) happening inside the model's parallel layers. A worker that dies makes rank 0 raise
-`WorkerDiedError` at the next step (or mid-step, from the failed collective); a rank 0 that dies makes the workers
-exit.
+Tensor parallel: every rank builds the model on the meta device, swaps in its parallel modules (`shard_model`) and
+reads only its slice of each checkpoint tensor from the safetensors files — no rank ever holds the whole model. Rank
+0 runs the engine: it schedules, sends each step's tensors (`ModelRunner.prepare`) to the workers' queues and
+samples; every rank runs the step through its own shard and its own latent cache, the collectives (torch.distributed:
+gloo on the CPU, NCCL on GPUs) happening inside the model's parallel layers.
+
+Data-parallel attention (``data_parallel=True``, `shard_for_data_parallel`): every rank has its own requests and its
+own cache, so the cache capacity grows with the ranks. Rank 0 still schedules them all (one scheduler per rank,
+`dsv2.engine.data_parallel`), sends each rank its own batch — an idle rank gets a one-token dummy, since the MoE
+layers' all-to-alls need every rank — and collects every rank's logits (`gather_logits`) to sample them.
+
+A worker that dies makes rank 0 raise `WorkerDiedError` at the next step (or mid-step, from the failed collective);
+a rank 0 that dies makes the workers exit.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import torch.multiprocessing as mp
 
 from dsv2.config import DTYPES, ModelConfig
 from dsv2.engine.runner import ModelRunner, PagedLatentCache
+from dsv2.engine.scheduler import Batch
 from dsv2.model import DeepseekV2ForCausalLM
-from dsv2.parallel.tensor_parallel import SKIP, shard_model
+from dsv2.parallel.tensor_parallel import SKIP, shard_for_data_parallel, shard_model
 from dsv2.weights import load_weights
 
 log = logging.getLogger("dsv2.parallel")
@@ -37,17 +44,18 @@ DEATH_GRACE_S = 1.0  # after a failed step, how long to wait for a worker's exit
 
 
 class WorkerDiedError(RuntimeError):
-    """A rank of the tensor-parallel group is gone; the engine cannot go on."""
+    """A rank of the parallel group is gone; the engine cannot go on."""
 
 
 def load_sharded(path: str | Path, rank: int, world: int, expert_parallel: bool, dtype: torch.dtype,
-                 device: torch.device) -> DeepseekV2ForCausalLM:
+                 device: torch.device, data_parallel: bool = False) -> DeepseekV2ForCausalLM:
     """This rank's shard of a checkpoint: the parallel model, filled with the slices of the tensors it owns."""
     config = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         full = DeepseekV2ForCausalLM(config)
         model = DeepseekV2ForCausalLM(config)
-    plan = shard_model(model, rank, world, expert_parallel)
+    shard = shard_for_data_parallel if data_parallel else shard_model
+    plan = shard(model, rank, world, expert_parallel)
     model.to(dtype)
     model.to_empty(device=device)
     model.tie_weights()
@@ -62,12 +70,23 @@ def load_sharded(path: str | Path, rank: int, world: int, expert_parallel: bool,
             target = target[plan.local_expert(slot.param, slot.expert)]
         return target, index
 
-    load_weights(model, path, full_model=full, place=place)
+    load_weights(model, path, full_model=full, place=place, progress=None if rank == 0 else False)  # one bar
     return model.eval()
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gather_logits(logits: torch.Tensor, shape: tuple[int, int]) -> list[torch.Tensor] | None:
+    """Data parallel: every rank's step logits [B_r, K_r, V], padded to ``shape`` = (B, K), collected on rank 0
+    (a list by rank there; None on the others)."""
+    B, K = shape
+    padded = logits.new_zeros(B, K, logits.shape[-1])  # [B, K, V]
+    padded[: logits.shape[0], : logits.shape[1]] = logits
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return parts
 
 
 def _free_port() -> int:
@@ -93,7 +112,8 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device_name: str, expert_parallel: bool,
-            block_size: int, threads: int, parent: int, steps: mp.Queue, reports: mp.Queue) -> None:
+            data_parallel: bool, block_size: int, threads: int, parent: int, steps: mp.Queue,
+            reports: mp.Queue) -> None:
     """Load this rank's shard, report "loaded", take the cache size from rank 0, report "ready", then run steps."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
@@ -102,14 +122,17 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         _init(rank, world, port, device)
-        model = load_sharded(path, rank, world, expert_parallel, DTYPES[dtype_name], device)
+        model = load_sharded(path, rank, world, expert_parallel, DTYPES[dtype_name], device, data_parallel)
         reports.put((rank, "loaded", resident_bytes(model)))
         num_blocks = steps.get()  # rank 0 sizes the cache once every shard is resident; None: it gave up
         if num_blocks is not None:
             runner = ModelRunner(model, PagedLatentCache(model.config, num_blocks, block_size, model.dtype, device))
             reports.put((rank, "ready", None))
             while (step := steps.get()) is not None:
-                runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
+                logits = runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                         for k, v in step.items()})
+                if data_parallel:
+                    gather_logits(logits, step["gather_shape"])
     except Exception as e:  # a loading error, or a failed collective because another rank went away
         reports.put((rank, "failed", f"{type(e).__name__}: {e}"))
         print(f"dsv2 worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -117,24 +140,26 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
     dist.destroy_process_group()
 
 
-class TensorParallelGroup:
-    """Starts the workers and owns rank 0's shard; `runner` drives all ranks.
+class ParallelGroup:
+    """Starts the workers and owns rank 0's shard; its runner (`make_runner`) drives all ranks.
 
     ``num_blocks_for(config, dtype)`` sizes the latent cache (blocks of ``block_size`` tokens, the same on every
     rank); it is called once every rank holds its shard, so that a budget measured from free memory leaves the
     weights their room. A failed start-up stops the workers and the process group before raising.
+    ``data_parallel``: attention data parallel (every rank its own requests and cache) instead of tensor parallel.
     """
 
     def __init__(self, path: str | Path, world: int, expert_parallel: bool, dtype: torch.dtype | None,
                  device: torch.device, num_blocks_for: Callable[[ModelConfig, torch.dtype], int],
-                 start_timeout: float = 600.0, *, block_size: int = 16) -> None:
+                 start_timeout: float = 600.0, *, block_size: int = 16, data_parallel: bool = False) -> None:
+        what = "data_parallel_size" if data_parallel else "tensor_parallel_size"
         if world < 2:
-            raise ValueError("a tensor-parallel group needs at least 2 ranks")
+            raise ValueError(f"a parallel group needs at least 2 ranks ({what}={world})")
         if device.type == "cuda" and torch.cuda.device_count() < world:
-            raise ValueError(f"tensor_parallel_size={world} but only {torch.cuda.device_count()} CUDA devices")
+            raise ValueError(f"{what}={world} but only {torch.cuda.device_count()} CUDA devices")
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be at least 1")
-        self.world, self.block_size, self.closed = world, block_size, False
+        self.world, self.block_size, self.data_parallel, self.closed = world, block_size, data_parallel, False
         self.caller_threads = torch.get_num_threads()  # rank 0 takes its share of the cores until close()
         self.workers, self.steps = [], []
         try:
@@ -156,15 +181,15 @@ class TensorParallelGroup:
         self.workers = [
             context.Process(target=_worker, daemon=True, name=f"dsv2-tp-rank{rank}",
                             args=(rank, self.world, port, str(path), str(dtype).removeprefix("torch."), device.type,
-                                  expert_parallel, self.block_size, threads, os.getpid(), self.steps[rank - 1],
-                                  reports))
+                                  expert_parallel, self.data_parallel, self.block_size, threads, os.getpid(),
+                                  self.steps[rank - 1], reports))
             for rank in range(1, self.world)
         ]
         for worker in self.workers:
             worker.start()
         torch.set_num_threads(threads)
         _init(0, self.world, port, device if device.type != "cuda" else torch.device("cuda:0"))
-        self.model = load_sharded(path, 0, self.world, expert_parallel, dtype, device)
+        self.model = load_sharded(path, 0, self.world, expert_parallel, dtype, device, self.data_parallel)
         self.rank_bytes = [resident_bytes(self.model), *self._wait_for(reports, "loaded", deadline, timeout)]
         self.num_blocks = num_blocks_for(config, dtype)  # now that the weights take their memory on every rank
         self.send(self.num_blocks)
@@ -179,15 +204,15 @@ class TensorParallelGroup:
             except queue.Empty:
                 self.check_workers()
                 if time.monotonic() > deadline:
-                    raise WorkerDiedError(f"tensor-parallel workers did not start within {timeout:g} s") from None
+                    raise WorkerDiedError(f"parallel workers did not start within {timeout:g} s") from None
                 continue
             if status != expected:
-                raise WorkerDiedError(f"tensor-parallel worker rank {rank} failed to start: {detail}")
+                raise WorkerDiedError(f"parallel worker rank {rank} failed to start: {detail}")
             details[rank] = detail
         return [details[rank] for rank in sorted(details)]
 
-    def make_runner(self, cache: PagedLatentCache) -> DistributedRunner:
-        return DistributedRunner(self.model, cache, self)
+    def make_runner(self, cache: PagedLatentCache) -> DistributedRunner | DataParallelRunner:
+        return (DataParallelRunner if self.data_parallel else DistributedRunner)(self.model, cache, self)
 
     def check_workers(self, grace: float = 0.0) -> None:
         """Raise WorkerDiedError if a worker has exited, waiting up to ``grace`` seconds for one to do so."""
@@ -196,14 +221,19 @@ class TensorParallelGroup:
             dead = [(i + 1, w.exitcode) for i, w in enumerate(self.workers) if not w.is_alive()]
             if dead:
                 rank, code = dead[0]
-                raise WorkerDiedError(f"tensor-parallel worker rank {rank} exited (exit code {code}); the engine "
+                raise WorkerDiedError(f"parallel worker rank {rank} exited (exit code {code}); the engine "
                                       "cannot continue — restart it")
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
 
-    def send(self, step: dict) -> None:
+    def send(self, step: dict | None) -> None:
         for q in self.steps:
+            q.put(step)
+
+    def send_each(self, steps: list[dict]) -> None:
+        """Rank r (r ≥ 1) gets ``steps[r - 1]``."""
+        for q, step in zip(self.steps, steps, strict=True):
             q.put(step)
 
     def close(self) -> None:
@@ -225,7 +255,7 @@ class TensorParallelGroup:
 class DistributedRunner(ModelRunner):
     """Rank 0's runner: prepares each step, sends it to the workers, runs its own shard of it."""
 
-    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: TensorParallelGroup) -> None:
+    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: ParallelGroup) -> None:
         super().__init__(model, cache)
         self.group = group
 
@@ -240,3 +270,39 @@ class DistributedRunner(ModelRunner):
             # a collective that fails because a rank died under it can do so just before the rank is seen to exit
             self.group.check_workers(grace=DEATH_GRACE_S)
             raise
+
+
+class DataParallelRunner(ModelRunner):
+    """Rank 0's runner under data-parallel attention: one batch per rank (from each rank's own scheduler) in one
+    step; the logits of all of them come back to rank 0."""
+
+    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: ParallelGroup) -> None:
+        super().__init__(model, cache)
+        self.group = group
+
+    def idle_step(self) -> dict[str, torch.Tensor | None]:
+        """One padding token that reads and writes only the trash slot: an idle rank's share of the all-to-alls."""
+        def one(value: int) -> torch.Tensor:
+            return torch.tensor([[value]], dtype=torch.long, device=self.device)  # [1, 1]
+
+        trash = self.cache.trash_slot
+        return {"input_ids": one(0), "positions": one(0), "write_slots": one(trash), "read_slots": one(trash),
+                "mask": None, "logits_at": one(0)}
+
+    @torch.no_grad()
+    def run_all(self, batches: list[tuple[Batch, list[list[int]]] | None]) -> list[torch.Tensor | None]:
+        """``batches[r]``: rank r's batch and its extra logit positions, or None (idle) → rank r's logits
+        [B_r, K_r, vocab] (None where idle)."""
+        assert len(batches) == self.group.world
+        self.group.check_workers()
+        steps = [self.prepare(*scheduled) if scheduled else self.idle_step() for scheduled in batches]
+        shape = (max(s["logits_at"].shape[0] for s in steps), max(s["logits_at"].shape[1] for s in steps))
+        self.group.send_each([{**{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()},
+                               "gather_shape": shape} for step in steps[1:]])
+        try:
+            parts = gather_logits(self.execute(steps[0]), shape)
+        except RuntimeError:
+            self.group.check_workers(grace=DEATH_GRACE_S)
+            raise
+        return [None if scheduled is None else logits[: step["logits_at"].shape[0], : step["logits_at"].shape[1]]
+                for scheduled, step, logits in zip(batches, steps, parts, strict=True)]

@@ -13,6 +13,10 @@ With W ranks, rank r keeps:
   the logit slices).
 The model code is untouched: modules are swapped for their parallel versions (same parameter names, local shapes),
 and `ShardPlan` tells the loader which slice of every checkpoint tensor a rank reads.
+
+Data-parallel attention (`shard_for_data_parallel`) keeps everything whole on every rank — each rank serves its own
+requests through its own latent cache — except, with expert parallelism, the routed experts: E/W per rank, each
+rank's tokens sent to their experts' ranks by all-to-all.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.moe import MLP, MoE, RoutedExperts
 from dsv2.model.transformer import DeepseekV2ForCausalLM
+from dsv2.parallel.expert_parallel import ExpertParallelExperts
 
 SKIP = "skip"  # a checkpoint tensor this rank does not hold (another rank's expert)
 
@@ -174,3 +179,18 @@ def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_para
             mlp.down_proj = _cut(mlp.down_proj, 1, world, RowParallelLinear)
             dims.update({f"{name}.gate_proj.weight": 0, f"{name}.up_proj.weight": 0, f"{name}.down_proj.weight": 1})
     return ShardPlan(rank, world, expert_parallel, dims, experts)
+
+
+def shard_for_data_parallel(model: DeepseekV2ForCausalLM, rank: int, world: int,
+                            expert_parallel: bool) -> ShardPlan:
+    """Data-parallel attention: every rank keeps the whole model (its own requests, its own cache), but with
+    ``expert_parallel`` only E/W routed experts per MoE layer, reached by all-to-all; without, whole replicas."""
+    experts: dict[str, int] = {}
+    if expert_parallel:
+        for i, layer in enumerate(model.model.layers):
+            if isinstance(layer.mlp, MoE):
+                with torch.device("meta"):
+                    layer.mlp.experts = ExpertParallelExperts(layer.mlp.experts, rank, world)
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    experts[f"model.layers.{i}.mlp.experts.{p}"] = layer.mlp.experts.local
+    return ShardPlan(rank, world, expert_parallel, {}, experts)
