@@ -252,6 +252,13 @@ class ParallelGroup:
         torch.set_num_threads(self.caller_threads)
 
 
+def _for_queue(step: dict) -> dict:
+    """The step with its tensors copied to fresh CPU memory for a worker's queue. Never the caller's own tensors:
+    the queue's feeder thread moves a tensor's storage into shared memory when it pickles it, later, and would free
+    the memory under rank 0 while rank 0's step still reads it (seen as rare wrong tokens)."""
+    return {k: (v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v) for k, v in step.items()}
+
+
 class DistributedRunner(ModelRunner):
     """Rank 0's runner: prepares each step, sends it to the workers, runs its own shard of it."""
 
@@ -263,7 +270,7 @@ class DistributedRunner(ModelRunner):
     def run(self, batch, extra=None) -> torch.Tensor:
         self.group.check_workers()
         step = self.prepare(batch, extra)
-        self.group.send({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()})
+        self.group.send(_for_queue(step))
         try:
             return self.execute(step)
         except RuntimeError:
@@ -297,8 +304,7 @@ class DataParallelRunner(ModelRunner):
         self.group.check_workers()
         steps = [self.prepare(*scheduled) if scheduled else self.idle_step() for scheduled in batches]
         shape = (max(s["logits_at"].shape[0] for s in steps), max(s["logits_at"].shape[1] for s in steps))
-        self.group.send_each([{**{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()},
-                               "gather_shape": shape} for step in steps[1:]])
+        self.group.send_each([{**_for_queue(step), "gather_shape": shape} for step in steps[1:]])
         try:
             parts = gather_logits(self.execute(steps[0]), shape)
         except RuntimeError:
