@@ -150,6 +150,8 @@ def penalized(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
 def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Softmax of logits [B, V] restricted to each row's top-k, top-p nucleus and min-p floor."""
     V = logits.shape[1]
+    if not any(0 < r.params.top_k < V or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
+        return logits.softmax(dim=-1)  # nothing to filter: no need to sort the vocabulary
     device = logits.device
     top_k = torch.tensor([r.params.top_k or V for r in rows], device=device)[:, None]  # [B, 1]
     top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]  # [B, 1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dsv2 import SamplingParams
-from dsv2.sampling import SamplingRow, penalized, sample, top_logprobs
+from dsv2.sampling import SamplingRow, filtered_probs, penalized, sample, top_logprobs
 
 V = 8
 
@@ -34,6 +34,15 @@ def test_top_k_top_p_and_min_p_never_pick_outside_the_allowed_set():
     assert set(draws(logits, SamplingParams(min_p=0.3)).tolist()) == {0, 1, 2}  # p ≥ .3 × .46
     assert set(draws(logits, SamplingParams(top_p=0.01)).tolist()) == {0}  # the best token always stays
     assert set(draws(logits, SamplingParams(top_k=3, top_p=0.55, temperature=2.0)).tolist()) <= {0, 1, 2}
+
+
+def test_rows_without_filters_skip_the_sort_with_the_same_probabilities():
+    logits = torch.randn(4, V)
+    plain = rows(SamplingParams(), SamplingParams(temperature=0.5), SamplingParams(top_k=V), SamplingParams(top_k=0))
+    fast = filtered_probs(logits, plain)  # no row filters: a plain softmax
+    sorted_path = filtered_probs(torch.cat([logits, logits[:1]]), plain + rows(SamplingParams(top_k=2)))[:4]
+    assert torch.equal(fast, logits.softmax(-1))
+    torch.testing.assert_close(fast, sorted_path, rtol=0, atol=1e-7)
 
 
 def test_seeded_rows_repeat_and_do_not_depend_on_the_batch():

