@@ -160,7 +160,8 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     drop = torch.arange(V, device=device)[None, :] >= top_k  # [B, V] beyond top-k
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of all better tokens
-    drop |= mass_before >= top_p  # outside the nucleus (the best token always stays)
+    drop |= (mass_before >= top_p) & (top_p < 1)  # outside the nucleus (the best token always stays; top_p 1: none
+    # is dropped, even where float32 sums of the tail round up to 1)
     drop |= sorted_probs < min_p * sorted_probs[:, :1]  # below min_p × the best probability
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order

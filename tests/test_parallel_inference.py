@@ -20,7 +20,7 @@ from dsv2 import LLM, DeepseekV2ForCausalLM, ModelConfig, SamplingParams, Weight
 from dsv2.engine.async_engine import AsyncEngine
 from dsv2.engine.engine import EngineConfig, LLMEngine
 from dsv2.engine.runner import ModelRunner
-from dsv2.parallel.group import DistributedRunner, ParallelGroup, WorkerDiedError
+from dsv2.parallel.group import DistributedRunner, ParallelGroup, ParallelGroupError, WorkerDiedError
 from dsv2.parallel.tensor_parallel import shard_model
 
 from helpers import TINY_V2, tiny_checkpoint
@@ -84,12 +84,17 @@ def test_data_parallel_attention_generates_what_one_process_does(checkpoint, ref
     llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", data_parallel_size=2,
               enable_expert_parallel=expert_parallel)
     try:
-        engines = llm.engine.engines
-        assert llm.engine.num_free_blocks == 2 * engines[0].blocks.num_blocks  # a cache per rank, none shared
-        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY,
-                                                             use_tqdm=False)]
-        assert got == reference
-        assert all(e.num_steps > 0 for e in engines)  # both ranks served requests of their own
+        engine, engines = llm.engine, llm.engine.engines
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(str(i), prompt, GREEDY)
+        outputs = {o.request_id: o for o in engine.step()}
+        tables = [{block for seq in e.scheduler.running for block in seq.block_table} for e in engines]
+        assert tables[0] & tables[1]  # the same block numbers hold different sequences on the two ranks
+        while engine.has_unfinished_requests():
+            outputs.update({o.request_id: o for o in engine.step()})
+        # ... and every token is still right: each rank reads its own cache
+        assert [outputs[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == reference
+        assert all(e.num_steps > 0 for e in engines) and not engine.owner  # both served requests; none left over
         # a lone request: the other rank idles through every step (a dummy token for the MoE all-to-alls)
         before, total = [e.num_steps for e in engines], llm.engine.num_steps
         one = llm.generate(prompt_token_ids=PROMPTS[3:4], sampling_params=GREEDY, use_tqdm=False)
@@ -121,9 +126,11 @@ def test_data_parallel_attention_generates_what_one_process_does(checkpoint, ref
         llm.shutdown()
 
 
-def test_tensor_and_data_parallel_together_are_refused(checkpoint):
+def test_tensor_and_data_parallel_together_or_bad_sizes_are_refused(checkpoint):
     with pytest.raises(ValueError, match="tensor_parallel_size=2 with data_parallel_size=2"):
         LLM(model=checkpoint, tensor_parallel_size=2, data_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size=0 must be an integer >= 1"):
+        LLM(model=checkpoint, data_parallel_size=0)
     assert not dist.is_initialized()
 
 
@@ -184,7 +191,7 @@ def test_a_failed_start_up_leaves_nothing_behind(checkpoint, reference, tmp_path
     with pytest.raises(WeightsError, match=r"model\.norm\.weight: missing"):
         LLM(model=broken, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
     assert not dist.is_initialized()
-    assert not [p for p in mp.active_children() if p.name.startswith("dsv2-tp")]
+    assert not [p for p in mp.active_children() if p.name.startswith("dsv2-rank")]
     llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
     try:
         got = llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=GREEDY, use_tqdm=False)
@@ -205,6 +212,9 @@ def test_an_error_on_rank_0_is_not_blamed_on_the_workers(checkpoint, monkeypatch
         with pytest.raises(RuntimeError, match="rank 0 went wrong") as failure:
             llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
         assert failure.type is RuntimeError  # not WorkerDiedError: both workers are alive
+        # the workers may be anywhere in that step now: no further step may pair its collectives with theirs
+        with pytest.raises(ParallelGroupError, match="out of step"):
+            llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
 

@@ -36,13 +36,21 @@ def test_top_k_top_p_and_min_p_never_pick_outside_the_allowed_set():
     assert set(draws(logits, SamplingParams(top_k=3, top_p=0.55, temperature=2.0)).tolist()) <= {0, 1, 2}
 
 
-def test_rows_without_filters_skip_the_sort_with_the_same_probabilities():
+def test_rows_without_filters_skip_the_sort_with_the_same_probabilities(monkeypatch):
     logits = torch.randn(4, V)
-    plain = rows(SamplingParams(), SamplingParams(temperature=0.5), SamplingParams(top_k=V), SamplingParams(top_k=0))
-    fast = filtered_probs(logits, plain)  # no row filters: a plain softmax
+    plain = rows(SamplingParams(), SamplingParams(temperature=0.5), SamplingParams(top_k=V), SamplingParams(top_k=-1))
     sorted_path = filtered_probs(torch.cat([logits, logits[:1]]), plain + rows(SamplingParams(top_k=2)))[:4]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "sort", lambda *a, **k: pytest.fail("sorted although no row filters"))
+        fast = filtered_probs(logits, plain)  # a plain softmax
     assert torch.equal(fast, logits.softmax(-1))
     torch.testing.assert_close(fast, sorted_path, rtol=0, atol=1e-7)
+
+
+def test_top_p_one_keeps_the_whole_tail_in_a_batch_that_sorts():
+    logits = torch.cat([torch.tensor([30.0]), torch.full((V - 1,), -30.0)])[None].expand(2, V)  # a near-certain token
+    probs = filtered_probs(logits, rows(SamplingParams(top_p=1.0), SamplingParams(top_k=3)))
+    assert (probs[0] > 0).all()  # float32 cumulative sums reach 1 after the first token: nothing may be dropped
 
 
 def test_seeded_rows_repeat_and_do_not_depend_on_the_batch():

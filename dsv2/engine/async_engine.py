@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from dsv2.engine.data_parallel import DataParallelEngine
 from dsv2.engine.engine import LLMEngine, RequestOutput
 from dsv2.sampling import SamplingParams
 
@@ -33,7 +34,7 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine | DataParallelEngine) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) | ("abort", id) | ("stop",)
         self._streams: dict[str, _Stream] = {}

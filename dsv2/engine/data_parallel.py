@@ -54,7 +54,7 @@ class DataParallelEngine:
         return None if engine is None else engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.owner)
+        return any(engine.has_unfinished_requests() for engine in self.engines)
 
     def step(self) -> list[RequestOutput]:
         """One batch per rank, computed together; the outputs of every request that got a token or finished."""
@@ -66,10 +66,11 @@ class DataParallelEngine:
         outputs = []
         for engine, batch, rank_logits in zip(self.engines, scheduled, logits, strict=True):
             if batch is not None:
-                outputs += engine.finish_step(*batch, rank_logits)
-        for output in outputs:
-            if output.finished:
-                del self.owner[output.request_id]
+                finished = engine.finish_step(*batch, rank_logits)
+                for output in finished:
+                    if output.finished:
+                        del self.owner[output.request_id]
+                outputs += finished
         return outputs
 
     @property

@@ -278,4 +278,3 @@ class LLMEngine:
         """Sequences running and waiting, free and total cache blocks (for metrics)."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "free_blocks": self.num_free_blocks, "total_blocks": self.blocks.num_blocks}
-

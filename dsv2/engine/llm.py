@@ -94,6 +94,9 @@ class LLM:
             useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
             return max(1, min(capacity, useful))
 
+        for name, size in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name}={size!r} must be an integer >= 1")
         if tensor_parallel_size > 1 and data_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with data_parallel_size="
                              f"{data_parallel_size}: combining the two is not supported; choose one")

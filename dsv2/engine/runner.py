@@ -76,22 +76,25 @@ class ModelRunner:
         within its chunk), then at its last computed token; rows with fewer positions repeat their last."""
         return self.execute(self.prepare(batch, extra))
 
-    def prepare(self, batch: Batch, extra: list[list[int]] | None = None) -> dict[str, torch.Tensor | None]:
-        """The step's tensors: what every rank of a tensor-parallel group needs to run it."""
+    def prepare(self, batch: Batch, extra: list[list[int]] | None = None,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor | None]:
+        """The step's tensors (on ``device``, default the model's): what every rank of a parallel group needs to
+        run it."""
+        device = device or self.device
         items = batch.items
         T = max(item.end - item.start for item in items)
         S = max(item.end for item in items)
         widest = max(len(item.seq.block_table) for item in items)
 
         def tensor(rows: list) -> torch.Tensor:
-            return torch.tensor(rows, dtype=torch.long, device=self.device)
+            return torch.tensor(rows, dtype=torch.long, device=device)
 
         input_ids = tensor([item.seq.token_ids[item.start:item.end] + [0] * (T - item.end + item.start)
                             for item in items])  # [B, T], right-padded
         tables = tensor([item.seq.block_table + [-1] * (widest - len(item.seq.block_table)) for item in items])
         starts, ends = tensor([item.start for item in items]), tensor([item.end for item in items])  # [B]
-        positions = starts[:, None] + torch.arange(T, device=self.device)  # [B, T]
-        context = torch.arange(S, device=self.device).expand(len(items), S)  # [B, S]
+        positions = starts[:, None] + torch.arange(T, device=device)  # [B, T]
+        context = torch.arange(S, device=device).expand(len(items), S)  # [B, S]
         # Plain causal when every chunk starts at position 0 (keys = the queries, padding at the ends) or when one
         # sequence decodes; otherwise each query sees the keys up to its own position.
         fresh = all(item.start == 0 for item in items) or (len(items) == 1 and T == 1)

@@ -15,16 +15,16 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from dsv2.model.moe import RoutedExperts, grouped_linear
+from dsv2.model.moe import MoE, RoutedExperts, grouped_linear
 
 
-def _all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
-                input_splits: list[int]) -> torch.Tensor:
-    """Rows of ``input`` sent to the ranks by ``input_splits``, received into ``output`` by ``output_splits``;
+def _all_to_all(output: torch.Tensor, sent: torch.Tensor, output_splits: list[int],
+                sent_splits: list[int]) -> torch.Tensor:
+    """Rows of ``sent`` go to the ranks by ``sent_splits``, received into ``output`` by ``output_splits``;
     differentiable when gradients are on (training), the plain collective otherwise (inference)."""
     if torch.is_grad_enabled():
-        return dist_fn.all_to_all_single(output, input, output_splits, input_splits)
-    dist.all_to_all_single(output, input, output_splits, input_splits)
+        return dist_fn.all_to_all_single(output, sent, output_splits, sent_splits)
+    dist.all_to_all_single(output, sent, output_splits, sent_splits)
     return output
 
 
@@ -53,18 +53,29 @@ class ExpertParallelExperts(nn.Module):
         send, recv = send_counts.tolist(), recv_counts.tolist()
         sent_x = x[order // k]  # [N·k, H]
         got_x = _all_to_all(x.new_empty(sum(recv), x.shape[1]), sent_x, recv, send)  # [M, H]
-        got_ids = torch.empty(sum(recv), dtype=flat.dtype, device=flat.device)
+        got_ids = torch.empty(sum(recv), dtype=flat.dtype, device=flat.device)  # [M]: their experts
         dist.all_to_all_single(got_ids, flat[order].contiguous(), recv, send)
         local_ids = got_ids - self.rank * self.local  # [M] in [0, E/world)
-        local_order = local_ids.argsort(stable=True)
-        counts = torch.bincount(local_ids, minlength=self.local)
+        local_order = local_ids.argsort(stable=True)  # [M]: rows grouped by local expert
+        counts = torch.bincount(local_ids, minlength=self.local)  # [E/world]
         offsets = counts.cumsum(0).to(torch.int32)  # [E/world]
-        xs = got_x[local_order]
+        xs = got_x[local_order]  # [M, H]
         h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)
         ys = grouped_linear(h, self.down_proj, offsets)  # [M, H], grouped by local expert
-        results = torch.empty_like(ys)
+        results = torch.empty_like(ys)  # [M, H]
         results[local_order] = ys  # back to the order received
         back = _all_to_all(x.new_empty(N * k, x.shape[1]), results, send, recv)  # [N·k, H]
         out = torch.empty_like(back)
         out[order] = back  # (token, slot) order
         return (out.view(N, k, -1).to(torch.float32) * weights[:, :, None]).sum(dim=1)
+
+
+def shard_experts(model: nn.Module, rank: int, world_size: int) -> list[str]:
+    """Replace every MoE layer's experts with this rank's expert-parallel slice (on the meta device too); returns
+    the sharded parameters' names (training: for DDP to ignore and for gradient scaling; inference: to load)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.experts = ExpertParallelExperts(module.experts, rank, world_size)
+            names += [f"{name}.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return names

@@ -12,7 +12,9 @@ own cache, so the cache capacity grows with the ranks. Rank 0 still schedules th
 layers' all-to-alls need every rank — and collects every rank's logits (`gather_logits`) to sample them.
 
 A worker that dies makes rank 0 raise `WorkerDiedError` at the next step (or mid-step, from the failed collective);
-a rank 0 that dies makes the workers exit.
+a rank 0 that dies makes the workers exit. A step that fails on rank 0 after the workers got it (an error, an
+out-of-memory, Ctrl-C) leaves the ranks out of step — a worker may wait in a collective rank 0 never reaches — so every
+later step raises `ParallelGroupError`: restart the engine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,11 +43,16 @@ from dsv2.parallel.tensor_parallel import SKIP, shard_for_data_parallel, shard_m
 from dsv2.weights import load_weights
 
 log = logging.getLogger("dsv2.parallel")
+T = TypeVar("T")
 DEATH_GRACE_S = 1.0  # after a failed step, how long to wait for a worker's exit before blaming the step itself
 
 
-class WorkerDiedError(RuntimeError):
-    """A rank of the parallel group is gone; the engine cannot go on."""
+class ParallelGroupError(RuntimeError):
+    """The parallel group cannot run steps any more; the engine must be restarted."""
+
+
+class WorkerDiedError(ParallelGroupError):
+    """A rank of the parallel group is gone."""
 
 
 def load_sharded(path: str | Path, rank: int, world: int, expert_parallel: bool, dtype: torch.dtype,
@@ -78,12 +86,12 @@ def resident_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def gather_logits(logits: torch.Tensor, shape: tuple[int, int]) -> list[torch.Tensor] | None:
-    """Data parallel: every rank's step logits [B_r, K_r, V], padded to ``shape`` = (B, K), collected on rank 0
-    (a list by rank there; None on the others)."""
-    B, K = shape
-    padded = logits.new_zeros(B, K, logits.shape[-1])  # [B, K, V]
-    padded[: logits.shape[0], : logits.shape[1]] = logits
+def gather_logits(logits: torch.Tensor, rows: int) -> list[torch.Tensor] | None:
+    """Data parallel: every rank's step logits [B_r, K_r, V] as B_r·K_r rows, padded to ``rows`` (the most any rank
+    has: at most a step's token budget), collected on rank 0 — a list of [rows, V] by rank there, None elsewhere."""
+    flat = logits.flatten(0, 1)  # [B_r·K_r, V]
+    padded = flat.new_zeros(rows, flat.shape[-1])  # [rows, V]
+    padded[: flat.shape[0]] = flat
     parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
     dist.gather(padded, parts, dst=0)
     return parts
@@ -132,7 +140,7 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
                 logits = runner.execute({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                                          for k, v in step.items()})
                 if data_parallel:
-                    gather_logits(logits, step["gather_shape"])
+                    gather_logits(logits, step["gather_rows"])
     except Exception as e:  # a loading error, or a failed collective because another rank went away
         reports.put((rank, "failed", f"{type(e).__name__}: {e}"))
         print(f"dsv2 worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -160,6 +168,7 @@ class ParallelGroup:
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be at least 1")
         self.world, self.block_size, self.data_parallel, self.closed = world, block_size, data_parallel, False
+        self.broken: str | None = None  # why the ranks are out of step, after a failed step
         self.caller_threads = torch.get_num_threads()  # rank 0 takes its share of the cores until close()
         self.workers, self.steps = [], []
         try:
@@ -179,7 +188,7 @@ class ParallelGroup:
         self.steps = [context.Queue() for _ in range(1, self.world)]
         reports = context.Queue()
         self.workers = [
-            context.Process(target=_worker, daemon=True, name=f"dsv2-tp-rank{rank}",
+            context.Process(target=_worker, daemon=True, name=f"dsv2-rank{rank}",
                             args=(rank, self.world, port, str(path), str(dtype).removeprefix("torch."), device.type,
                                   expert_parallel, self.data_parallel, self.block_size, threads, os.getpid(),
                                   self.steps[rank - 1], reports))
@@ -215,7 +224,25 @@ class ParallelGroup:
         return (DataParallelRunner if self.data_parallel else DistributedRunner)(self.model, cache, self)
 
     def check_workers(self, grace: float = 0.0) -> None:
-        """Raise WorkerDiedError if a worker has exited, waiting up to ``grace`` seconds for one to do so."""
+        """Raise WorkerDiedError if a worker has exited (waiting up to ``grace`` seconds for one to do so), or
+        ParallelGroupError if a failed step left the ranks out of step."""
+        self._check_alive(grace)
+        if self.broken is not None:
+            raise ParallelGroupError(f"a step failed on rank 0 ({self.broken}) after the workers had started it; "
+                                     "the ranks are out of step — restart the engine")
+
+    def run_sent_step(self, compute: Callable[[], T]) -> T:
+        """Run rank 0's part of a step the workers already have. If it fails, the group is marked broken (later
+        steps raise), and a worker found dead within a grace period is blamed instead — a collective that fails
+        because a rank died under it can do so just before the rank is seen to exit."""
+        try:
+            return compute()
+        except BaseException as e:
+            self.broken = f"{type(e).__name__}: {e}"
+            self._check_alive(grace=DEATH_GRACE_S)
+            raise
+
+    def _check_alive(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         while True:
             dead = [(i + 1, w.exitcode) for i, w in enumerate(self.workers) if not w.is_alive()]
@@ -260,32 +287,26 @@ def _for_queue(step: dict) -> dict:
 
 
 class DistributedRunner(ModelRunner):
-    """Rank 0's runner: prepares each step, sends it to the workers, runs its own shard of it."""
+    """Rank 0's runner (tensor parallel): prepares each step, sends it to the workers, runs its own shard of it."""
 
     def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: ParallelGroup) -> None:
         super().__init__(model, cache)
         self.group = group
 
     @torch.no_grad()
-    def run(self, batch, extra=None) -> torch.Tensor:
+    def run(self, batch: Batch, extra: list[list[int]] | None = None) -> torch.Tensor:
         self.group.check_workers()
         step = self.prepare(batch, extra)
         self.group.send(_for_queue(step))
-        try:
-            return self.execute(step)
-        except RuntimeError:
-            # a collective that fails because a rank died under it can do so just before the rank is seen to exit
-            self.group.check_workers(grace=DEATH_GRACE_S)
-            raise
+        return self.group.run_sent_step(lambda: self.execute(step))
 
 
-class DataParallelRunner(ModelRunner):
+class DataParallelRunner(DistributedRunner):
     """Rank 0's runner under data-parallel attention: one batch per rank (from each rank's own scheduler) in one
     step; the logits of all of them come back to rank 0."""
 
-    def __init__(self, model: DeepseekV2ForCausalLM, cache: PagedLatentCache, group: ParallelGroup) -> None:
-        super().__init__(model, cache)
-        self.group = group
+    def run(self, batch: Batch, extra: list[list[int]] | None = None) -> torch.Tensor:
+        raise TypeError("a data-parallel group runs every rank's batch together: use run_all()")
 
     def idle_step(self) -> dict[str, torch.Tensor | None]:
         """One padding token that reads and writes only the trash slot: an idle rank's share of the all-to-alls."""
@@ -302,13 +323,11 @@ class DataParallelRunner(ModelRunner):
         [B_r, K_r, vocab] (None where idle)."""
         assert len(batches) == self.group.world
         self.group.check_workers()
-        steps = [self.prepare(*scheduled) if scheduled else self.idle_step() for scheduled in batches]
-        shape = (max(s["logits_at"].shape[0] for s in steps), max(s["logits_at"].shape[1] for s in steps))
-        self.group.send_each([{**_for_queue(step), "gather_shape": shape} for step in steps[1:]])
-        try:
-            parts = gather_logits(self.execute(steps[0]), shape)
-        except RuntimeError:
-            self.group.check_workers(grace=DEATH_GRACE_S)
-            raise
-        return [None if scheduled is None else logits[: step["logits_at"].shape[0], : step["logits_at"].shape[1]]
-                for scheduled, step, logits in zip(batches, steps, parts, strict=True)]
+        steps = [self.prepare(*scheduled, device=self.device if rank == 0 else "cpu") if scheduled
+                 else self.idle_step() for rank, scheduled in enumerate(batches)]
+        shapes = [tuple(step["logits_at"].shape) for step in steps]  # (B_r, K_r)
+        rows = max(B * K for B, K in shapes)
+        self.group.send_each([{**_for_queue(step), "gather_rows": rows} for step in steps[1:]])
+        parts = self.group.run_sent_step(lambda: gather_logits(self.execute(steps[0]), rows))
+        return [None if scheduled is None else logits[: B * K].view(B, K, -1)
+                for scheduled, (B, K), logits in zip(batches, shapes, parts, strict=True)]

@@ -31,7 +31,7 @@ from torch import nn
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.moe import MLP, MoE, RoutedExperts
 from dsv2.model.transformer import DeepseekV2ForCausalLM
-from dsv2.parallel.expert_parallel import ExpertParallelExperts
+from dsv2.parallel.expert_parallel import shard_experts
 
 SKIP = "skip"  # a checkpoint tensor this rank does not hold (another rank's expert)
 
@@ -187,10 +187,6 @@ def shard_for_data_parallel(model: DeepseekV2ForCausalLM, rank: int, world: int,
     ``expert_parallel`` only E/W routed experts per MoE layer, reached by all-to-all; without, whole replicas."""
     experts: dict[str, int] = {}
     if expert_parallel:
-        for i, layer in enumerate(model.model.layers):
-            if isinstance(layer.mlp, MoE):
-                with torch.device("meta"):
-                    layer.mlp.experts = ExpertParallelExperts(layer.mlp.experts, rank, world)
-                for p in ("gate_proj", "up_proj", "down_proj"):
-                    experts[f"model.layers.{i}.mlp.experts.{p}"] = layer.mlp.experts.local
+        per_rank = _split(model.config.n_routed_experts or 0, world, "n_routed_experts")
+        experts = dict.fromkeys(shard_experts(model, rank, world), per_rank)
     return ShardPlan(rank, world, expert_parallel, {}, experts)

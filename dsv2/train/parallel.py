@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv2.model.moe import MoE
 from dsv2.parallel.expert_parallel import ExpertParallelExperts
 
 
@@ -52,17 +51,6 @@ def init_distributed(device: str | None = None) -> Distributed:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Distributed(rank, world, local, target)
-
-
-def shard_experts(model: nn.Module, rank: int, world_size: int) -> list[str]:
-    """Replace every MoE layer's experts with this rank's expert-parallel slice; returns the sharded parameters'
-    names (for DDP to ignore and for gradient scaling)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-            module.experts = ExpertParallelExperts(module.experts, rank, world_size)
-            names += [f"{name}.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return names
 
 
 def gather_experts(model: nn.Module, world_size: int) -> dict[str, torch.Tensor]:

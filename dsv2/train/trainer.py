@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from dsv2.config import DTYPES, PRESETS, ModelConfig
 from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.parallel.expert_parallel import shard_experts
 from dsv2.train.checkpoint import (
     STATE_FILE,
     commit,
@@ -38,7 +39,7 @@ from dsv2.train.data import PackedDataset, TokenFile
 from dsv2.train.losses import add_device_balance_losses, limit_devices
 from dsv2.train.metrics import MetricsLog, plot_metrics
 from dsv2.train.optim import learning_rate, make_optimizer
-from dsv2.train.parallel import Distributed, gather_experts, init_distributed, shard_experts
+from dsv2.train.parallel import Distributed, gather_experts, init_distributed
 
 log = logging.getLogger("dsv2.train")
 
