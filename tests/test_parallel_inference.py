@@ -256,3 +256,13 @@ def test_workers_exit_when_rank_0_dies(checkpoint):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived rank 0")
+
+
+def test_serve_flags_reach_the_engine():
+    from dsv2.cli import build_parser, engine_arguments
+
+    args = build_parser().parse_args(["serve", "-dp", "2", "--expert-parallel"])
+    wanted = {"data_parallel_size": 2, "enable_expert_parallel": True, "tensor_parallel_size": 1}
+    assert wanted.items() <= engine_arguments(args).items()
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2"])
+    assert engine_arguments(args)["tensor_parallel_size"] == 2 and engine_arguments(args)["data_parallel_size"] == 1
