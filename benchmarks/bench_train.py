@@ -10,7 +10,8 @@ none), backward, gradient clipping at 1.0 and an AdamW step (`dsv2.train.optim.m
 β (0.9, 0.95), weight decay 0.1 on matrices). transformers runs with the (experts, attention) implementation pair
 that ran a forward + backward fastest on one sequence (batched_mm is not tried when it would gather more than 2 GiB
 of expert weights). Both run in this process on 2 threads, one after the other per precision; tokens/s is the median
-of the timed steps after a warm-up step, on a fixed batch of random tokens.
+of the timed steps after a warm-up step, on a fixed batch of random tokens. The process keeps freed memory for reuse
+(`dsv2.malloc.keep_freed_memory`, as dsv2's trainer does on CPU): both implementations run with it.
 
 Model FLOPs utilization: (6 × active parameters without the embedding lookup × tokens + causal attention, 3 × the
 forward's QKᵀ and PV over the expanded heads) ÷ step time ÷ the machine's matmul FLOP/s in that precision (measured
@@ -36,6 +37,7 @@ from torch import nn
 
 from dsv2 import DeepseekV2ForCausalLM, ModelConfig
 from dsv2.info import summarize
+from dsv2.malloc import keep_freed_memory
 from dsv2.train.optim import make_optimizer
 
 from bench_generate import (
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 × 128 tokens, 1 timed step, bfloat16 only")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    keep_freed_memory()
     if args.quick:
         settings, precisions = Settings(batch=2, seq_len=128, steps=1), ["bfloat16"]
     else:

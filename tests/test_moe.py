@@ -86,7 +86,7 @@ def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
 @pytest.mark.parametrize("path", ["grouped_mm", "fallback", "padded"])
 def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, path):
     experts = moe_layer(TINY_V2).experts  # expert parallel: this "rank" owns experts 0 .. E/2 - 1
-    monkeypatch.setattr(moe_module, "_padding_pays", lambda x, weight: path == "padded")
+    monkeypatch.setattr(moe_module, "_cpu_16bit", lambda x, weight: path == "padded")
     if path == "fallback":
         monkeypatch.setattr(moe_module, "_grouped_mm_works", lambda device_type, dtype: False)
     x, ids, weights = torch.randn(11, 64), torch.randint(0, experts.num_experts, (11, 3)), torch.rand(11, 3)
@@ -112,7 +112,7 @@ def test_padded_decode_path_equals_grouped_mm(monkeypatch):
         monkeypatch.setattr(moe_module, "_few_rows_per_expert", lambda counts: False)
         grouped, _ = moe(x)
     torch.testing.assert_close(padded.float(), grouped.float(), atol=2e-2, rtol=2e-2)
-    assert not moe_module._padding_pays(x.float(), moe.experts.gate_proj.float())  # float32: grouped_mm
+    assert not moe_module._cpu_16bit(x.float(), moe.experts.gate_proj.float())  # float32: grouped_mm
     assert not moe_module._few_rows_per_expert(torch.tensor([0, 0, 3, 0]))  # 1 expert of 4 in use: grouped_mm
     assert not moe_module._few_rows_per_expert(torch.tensor([65, 1, 1, 1]))  # a busy expert: grouped_mm
 

@@ -101,6 +101,42 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat([*chunks, x.new_zeros(x.shape[0] - rows, weight.shape[1])])
 
 
+ROW_GRANULE = 32  # rows per expert are padded up to a multiple of this where oneDNN runs the matmuls (see below)
+
+
+@dataclass
+class ExpertRows:
+    """n assignments laid out as a row buffer grouped by expert (what grouped_mm takes)."""
+
+    row: torch.Tensor  # [n] the buffer row of each assignment
+    source: torch.Tensor  # [rows] the assignment each buffer row holds; n for a padding row
+    offsets: torch.Tensor  # [E] int32: expert e's rows end at offsets[e]; rows past offsets[-1] belong to none
+
+
+def group_by_expert(ids: torch.Tensor, num_experts: int, granule: int = 1, capacity: int | None = None) -> ExpertRows:
+    """ids [n] in [0, E] (E: no expert here) → their rows, grouped by expert in a stable order; each expert's rows
+    padded up to a multiple of ``granule``, or to exactly ``capacity`` rows (at least the most any expert has).
+    Assignments to no expert come after offsets[-1]. Unpadded, nothing is read back from the device."""
+    n, E = ids.numel(), num_experts
+    order = ids.argsort(stable=True)  # [n]: assignments grouped by expert
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))  # [E + 1]
+    if capacity is not None:
+        padded = torch.cat([torch.full_like(counts[:E], capacity), counts[E:]])  # [E + 1]
+    elif granule > 1:
+        padded = torch.cat([(counts[:E] + granule - 1) // granule * granule, counts[E:]])
+    else:
+        padded = counts
+    starts = padded.cumsum(0) - padded  # [E + 1] first buffer row of each expert
+    sorted_ids = ids[order]  # [n]
+    within = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[sorted_ids]  # [n] rank in its expert
+    row = torch.empty_like(order).scatter_(0, order, starts[sorted_ids] + within)  # [n]
+    size = n if padded is counts else int(padded.sum())  # padded layouts are for the CPU: reading it costs no sync
+    source = torch.full((size,), n, dtype=order.dtype, device=ids.device)
+    source.scatter_(0, row, torch.arange(n, device=ids.device))  # [rows]
+    return ExpertRows(row, source, (starts + padded)[:E].to(torch.int32))
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked: gate_proj/up_proj [E, I, H], down_proj [E, H, I].
 
@@ -116,52 +152,58 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 owned: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, H], expert_ids/weights [N, k] → Σ_k weights·expert(x) [N, H], combined in float32.
+        """x [N, H], expert_ids/weights [N, k] → Σ_k weights·expert(x) [N, H], summed in float32.
 
         ``owned`` [N, k] (expert parallel): which assignments are to these experts; the others (ids outside
         [0, E), e.g. another rank's) cost nothing and add nothing."""
         N, k = expert_ids.shape
         E = self.num_experts
         flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
-        order = flat_ids.argsort(stable=True)  # [N·k]: assignment slots grouped by expert (not owned: last)
-        counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # [E + 1]
-        offsets = counts[:E].cumsum(0, dtype=torch.int32)  # [E]
-        # [N·k, H]: each slot's token, sorted by expert. index_select is ~5× faster than x[...] on CPU, but its
-        # backward (index_add over repeated rows) is not deterministic on CUDA: keep indexing when training.
-        xs = x[order // k] if torch.is_grad_enabled() else x.index_select(0, order // k)
-        if _padding_pays(x, self.gate_proj) and _few_rows_per_expert(counts[:E]):
-            ys = self._padded(xs, flat_ids[order], counts[:E], offsets)
+        capacity, granule = None, 1
+        if _cpu_16bit(x, self.gate_proj):
+            counts = torch.bincount(flat_ids, minlength=E + 1)[:E]  # [E]
+            if _few_rows_per_expert(counts):  # decoding: every expert padded to the busiest, three bmm
+                capacity = int(counts.max())
+            else:  # oneDNN JIT-builds a kernel per matmul shape, and each expert's row count is new at every step
+                granule = ROW_GRANULE  # (~5× the matmul's own time): padded counts repeat shapes it has built
+        rows = group_by_expert(flat_ids, E, granule, capacity)
+        x_rows = x if rows.source.numel() == N * k else F.pad(x, (0, 0, 0, 1))  # padding rows read the zero row N
+        token = rows.source // k  # [rows] each buffer row's token (N·k // k = N for a padding row)
+        # index_select is ~5× faster than x[...] on CPU, but its backward (index_add over repeated rows) is not
+        # deterministic on CUDA: keep indexing there when training.
+        on_cuda_with_grad = torch.is_grad_enabled() and x.device.type != "cpu"
+        xs = x_rows[token] if on_cuda_with_grad else x_rows.index_select(0, token)  # [rows, H] grouped by expert
+        # Σ_k w·down(h) = Σ_k down(w·h): the combine weights scale the narrower h (padding rows: weight 0)
+        row_weight = F.pad(weights.flatten(), (0, 1)).index_select(0, rows.source)[:, None]  # [rows, 1] float32
+        if capacity is not None:
+            ys = self._batched(xs, row_weight, capacity)
         else:
+            offsets = rows.offsets
             h = F.silu(grouped_linear(xs, self.gate_proj, offsets)) * grouped_linear(xs, self.up_proj, offsets)
-            ys = grouped_linear(h, self.down_proj, offsets)  # [N·k, H]
-        out = ys.index_select(0, order.argsort()).view(N, k, -1)  # back to (token, slot) order: a gather, not a scatter
+            ys = grouped_linear(h * row_weight.to(h.dtype), self.down_proj, offsets)  # [rows, H]
+        out = ys.index_select(0, rows.row).view(N, k, -1)  # back to (token, slot) order: a gather, not a scatter
         if owned is not None:
             out = torch.where(owned[:, :, None], out, 0)  # rows of no expert here are undefined
-        return (out.to(torch.float32) * weights[:, :, None]).sum(dim=1)  # [N, H]
+        return out.sum(dim=1, dtype=torch.float32)  # [N, H]
 
-
-    def _padded(self, xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor,
-                offsets: torch.Tensor) -> torch.Tensor:
-        """The experts as three batched matmuls over a [E, C, H] buffer (C = the most rows any expert has), for
-        decoding on CPU in 16-bit: there bmm streams the weights 2-3× faster than grouped_mm (measured: 1.2 vs
-        3.0 ms for 32 experts × 8 rows of 1024 → 352), and a few padded rows cost nothing.
-        xs [M', H] sorted by expert (rows past offsets[-1]: no expert here) → [M', H]."""
-        E, C, M = self.num_experts, int(counts.max()), int(offsets[-1])
-        slot = torch.arange(M, device=xs.device) - (offsets - counts)[sorted_ids[:M]]  # [M] row within its expert
-        rows = sorted_ids[:M] * C + slot  # [M]: row of the [E·C] buffer
-        buffer = xs.new_zeros(E * C, xs.shape[1]).index_copy_(0, rows, xs[:M]).view(E, C, -1)  # [E, C, H]
+    def _batched(self, xs: torch.Tensor, row_weight: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The experts as three batched matmuls over xs's first E·C rows ([E, C, H], C = capacity), for decoding on
+        CPU in 16-bit: there bmm streams the weights 2-3× faster than grouped_mm (measured: 1.2 vs 3.0 ms for
+        32 experts × 8 rows of 1024 → 352), and a few padded rows cost nothing. → [rows, H]; rows past E·C (no
+        expert here) are zero."""
+        E, C = self.num_experts, capacity
+        buffer = xs[: E * C].view(E, C, -1)  # [E, C, H]
         if not torch.is_autocast_enabled(xs.device.type):
             buffer = buffer.to(self.gate_proj.dtype)
         h = F.silu(torch.bmm(buffer, self.gate_proj.transpose(1, 2))) * torch.bmm(buffer, self.up_proj.transpose(1, 2))
-        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # [E, C, H]
-        ys = out.new_zeros(xs.shape[0], out.shape[-1])
-        ys[:M] = out.flatten(0, 1).index_select(0, rows)
-        return ys
+        h = h * row_weight[: E * C].view(E, C, 1).to(h.dtype)  # [E, C, I]
+        ys = torch.bmm(h, self.down_proj.transpose(1, 2)).flatten(0, 1)  # [E·C, H]
+        return F.pad(ys, (0, 0, 0, xs.shape[0] - E * C))
 
 
-def _padding_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU matmuls in 16-bit: there bmm beats grouped_mm (in float32 on CPU, and on GPUs, it does not)."""
+def _cpu_16bit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the experts' matmuls run on CPU in 16-bit (oneDNN): there padding pays (bmm beats grouped_mm for
+    decoding; rows padded to a granule save kernel builds); in float32 on CPU (MKL), and on GPUs, it does not."""
     if x.device.type != "cpu":
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv2.config import DTYPES, PRESETS, ModelConfig
+from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.parallel.expert_parallel import shard_experts
 from dsv2.train.checkpoint import (
@@ -89,6 +90,8 @@ class Trainer:
                              f"{config.micro_batch_size * ranks}")
         self.out = Path(config.out)
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # steps reuse the last step's freed blocks instead of faulting in fresh pages
         self.model, self.tokenizer_dir = build_model(config, self.device)
         self.model_config = self.model.config
         devices = config.expert_parallel
