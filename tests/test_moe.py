@@ -117,6 +117,56 @@ def test_padded_decode_path_equals_grouped_mm(monkeypatch):
     assert not moe_module._few_rows_per_expert(torch.tensor([65, 1, 1, 1]))  # a busy expert: grouped_mm
 
 
+def test_rows_padded_to_a_granule_keep_each_expert_together():
+    ids = torch.tensor([3, 0, 3, 4, 1, 3, 0, 4, 4])  # 4 experts; id 4: another rank's
+    rows = moe_module.group_by_expert(ids, 4, granule=4)
+    assert rows.offsets.tolist() == [4, 8, 8, 12]  # expert 0: 2 rows → 4, 1: 1 → 4, 2: none, 3: 3 → 4
+    assert rows.source.numel() == 12 + 3  # then the 3 assignments to no expert here
+    starts = [0, 4, 8, 8, 12]
+    for slot, e in enumerate(ids.tolist()):  # each assignment sits inside its expert's rows, in order of arrival
+        assert starts[e] <= rows.row[slot] < (starts[e + 1] if e < 4 else 15)
+        assert rows.source[rows.row[slot]] == slot
+    assert rows.row[[1, 6]].tolist() == [0, 1] and rows.row[[0, 2, 5]].tolist() == [8, 9, 10]
+    padding = torch.ones(15, dtype=torch.bool)
+    padding[rows.row] = False
+    assert (rows.source[padding] == ids.numel()).all()  # padding rows point past the assignments
+    unpadded = moe_module.group_by_expert(ids, 4)
+    assert unpadded.offsets.tolist() == [2, 3, 3, 6] and sorted(unpadded.row.tolist()) == list(range(9))
+
+
+@pytest.mark.parametrize("layout", ["granule", "capacity"])
+def test_padded_layouts_equal_the_unpadded_one_forward_and_backward(monkeypatch, layout):
+    """The CPU 16-bit layouts (rows padded to ROW_GRANULE, or every expert to the busiest for decoding), run in
+    float32 here so that they must agree with the plain grouped layout to rounding, gradients included."""
+    moe = moe_layer(TINY_V2).train()
+    x = torch.randn(3, 40, 64)
+
+    def run():
+        moe.zero_grad()
+        xx = x.clone().requires_grad_()
+        y, _ = moe(xx)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), xx.grad, moe.experts.gate_proj.grad.clone(), moe.experts.down_proj.grad.clone()
+
+    plain = run()
+    monkeypatch.setattr(moe_module, "_cpu_16bit", lambda x, weight: True)
+    monkeypatch.setattr(moe_module, "_few_rows_per_expert", lambda counts: layout == "capacity")
+    sizes = []
+    monkeypatch.setattr(moe_module, "group_by_expert", _recording_rows(moe_module.group_by_expert, sizes))
+    padded = run()
+    assert sizes[0] > 3 * 40 * moe.top_k  # padding rows were computed
+    for got, expected in zip(padded, plain, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _recording_rows(function, sink):
+    def wrapper(*args):
+        rows = function(*args)
+        sink.append(rows.source.numel())
+        return rows
+    return wrapper
+
+
 def _recording(function, sink):
     def wrapper(*args):
         sink.append(function(*args))

@@ -1,6 +1,7 @@
 """Training: the schedule, the optimizer groups, data, checkpoints and resume, non-finite losses, SFT masks, and
 2 ranks against 1 (data and expert parallel, gloo)."""
 
+import copy
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from dsv2 import DeepseekV2ForCausalLM, ModelConfig, Tokenizer
 from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from dsv2.train.config import TrainConfig
 from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
-from dsv2.train.optim import learning_rate, parameter_groups
+from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
 from dsv2.train.sft import encode_conversation
 from dsv2.train.trainer import Trainer, TrainingStopped
 
@@ -79,6 +80,22 @@ def test_weight_decay_skips_norms_and_biases():
     assert all("norm" in names[id(p)] or names[id(p)].endswith(".bias") for p in no_decay["params"])
     assert any(names[id(p)].endswith("mlp.gate.weight") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_fused_optimizer_steps_like_the_plain_one():
+    model = DeepseekV2ForCausalLM.from_config(ModelConfig.from_dict({**ModelConfig.preset("nano").to_dict(), **TINY}))
+    twin = copy.deepcopy(model)
+    fused = make_optimizer(model, lr=1e-2)
+    plain = torch.optim.AdamW(parameter_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    for _ in range(3):
+        for m, optimizer in ((model, fused), (twin, plain)):
+            optimizer.zero_grad()
+            m(x).logits.square().mean().backward()
+            optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_data_packing_order_and_split(corpus):

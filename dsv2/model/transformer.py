@@ -13,6 +13,7 @@ from dsv2.config import ModelConfig, parse_dtype
 from dsv2.generation_config import GenerationConfig
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
+from dsv2.model.loss import linear_cross_entropy
 from dsv2.model.moe import MLP, MoE, MoEStats
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import RotaryEmbedding
@@ -47,9 +48,11 @@ class DeepseekV2Model(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, vocab] float32
+    logits: torch.Tensor | None  # [B, T, vocab] float32; None when the loss was asked for (``targets``)
     aux_loss: torch.Tensor  # scalar: the summed expert-level balance losses (0 outside training)
     expert_load: torch.Tensor  # [num_moe_layers, n_routed_experts] float32: tokens routed to each expert
+    loss: torch.Tensor | None = None  # scalar: Σ target_weights · cross-entropy (with ``targets``)
+    token_loss: torch.Tensor | None = None  # [B, T] float32 cross-entropy of each target, detached
 
 
 class DeepseekV2ForCausalLM(nn.Module):
@@ -85,13 +88,17 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, logits_at: torch.Tensor | None = None,
-                return_aux: bool | None = None) -> torch.Tensor | CausalLMOutput:
+                return_aux: bool | None = None, targets: torch.Tensor | None = None,
+                target_weights: torch.Tensor | None = None) -> torch.Tensor | CausalLMOutput:
         """input_ids [B, T] → logits [B, T, vocab] (float32).
 
         positions [B, T] or [T]: defaults to cache.seq_len + arange(T). With a ``cache``, the tokens' latents are
         written to it at their positions and attention covers every cached entry at a position ≤ the query's.
         ``logits_at`` [B, K]: compute logits only for these token indices (→ [B, K, vocab]), e.g. a prompt's last.
         ``return_aux`` (default: ``self.training``) returns a CausalLMOutput with the balance loss and expert load.
+        ``targets`` [B, T] (the next token of each position; -100: none) returns a CausalLMOutput with the loss
+        Σ target_weights · cross-entropy (``target_weights`` [B, T], default: the mean over targets) and no logits:
+        they are computed a chunk of tokens at a time (dsv2.model.loss), never all at once.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -109,15 +116,23 @@ class DeepseekV2ForCausalLM(nn.Module):
             cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, H]
-        logits = self.lm_head(self.model.norm(h)).float()  # [B, T or K, vocab]
-        if not (self.training if return_aux is None else return_aux):
-            return logits
+        h = self.model.norm(h)  # [B, T or K, H]
+        loss = token_loss = logits = None
+        if targets is not None:
+            loss, token_loss = linear_cross_entropy(
+                h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                None if target_weights is None else target_weights.flatten())
+            token_loss = token_loss.view(targets.shape)
+        else:
+            logits = self.lm_head(h).float()  # [B, T or K, vocab]
+            if not (self.training if return_aux is None else return_aux):
+                return logits
         if moe_stats:
             aux_loss = torch.stack([s.balance_loss for s in moe_stats]).sum()
             expert_load = torch.stack([s.expert_load for s in moe_stats])  # [num_moe_layers, E]
         else:
-            aux_loss, expert_load = torch.zeros((), device=logits.device), torch.zeros(0, 0, device=logits.device)
-        return CausalLMOutput(logits, aux_loss, expert_load)
+            aux_loss, expert_load = torch.zeros((), device=h.device), torch.zeros(0, 0, device=h.device)
+        return CausalLMOutput(logits, aux_loss, expert_load, loss, token_loss)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     @classmethod

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -244,13 +243,12 @@ class Trainer:
             context = contextlib.nullcontext() if sync or not isinstance(
                 self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
             with context:
+                # weighted so that the average over ranks of the summed micro-batch gradients is the global mean
                 with self._autocast():
-                    out = self.train_model(x[:, :-1], return_aux=True)
-                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-                ce_sum_micro = (ce * m.flatten()).sum()
-                # scaled so that the average over ranks of the summed micro-batch gradients is the global mean
-                loss = (ce_sum_micro / targets_total + out.aux_loss * micro / config.batch_size) * ranks
-                loss.backward()
+                    out = self.train_model(x[:, :-1], targets=x[:, 1:], target_weights=m * (ranks / targets_total),
+                                           return_aux=True)
+                ce_sum_micro = (out.token_loss * m).sum()
+                (out.loss + out.aux_loss * (micro / config.batch_size * ranks)).backward()
             ce_sum += ce_sum_micro.item()
             balance += out.aux_loss.item() * micro / config.batch_size
             loads = out.expert_load if loads is None else loads + out.expert_load
@@ -299,9 +297,8 @@ class Trainer:
         for tokens, mask in self.dataset.val_batches(self.config.micro_batch_size, self.config.eval_sequences):
             x, m = tokens.to(self.device), mask.to(self.device)
             with self._autocast():
-                logits = self.train_model(x[:, :-1], return_aux=False)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-            ce_sum += (ce * m.flatten()).sum().item()
+                ce = self.train_model(x[:, :-1], targets=x[:, 1:], return_aux=False).token_loss
+            ce_sum += (ce * m).sum().item()
             count += int(m.sum())
         self.model.train()
         if not count:
