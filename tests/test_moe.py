@@ -118,20 +118,20 @@ def test_padded_decode_path_equals_grouped_mm(monkeypatch):
 
 
 def test_rows_padded_to_a_granule_keep_each_expert_together():
-    ids = torch.tensor([3, 0, 3, 4, 1, 3, 0, 4, 4])  # 4 experts; id 4: another rank's
-    rows = moe_module.group_by_expert(ids, 4, granule=4)
-    assert rows.offsets.tolist() == [4, 8, 8, 12]  # expert 0: 2 rows → 4, 1: 1 → 4, 2: none, 3: 3 → 4
-    assert rows.source.numel() == 12 + 3  # then the 3 assignments to no expert here
-    starts = [0, 4, 8, 8, 12]
+    ids = torch.tensor([3, 0, 3, 4, 1, 3, 0, 4, 4, 3])  # 4 experts; id 4: another rank's
+    rows = moe_module.group_by_expert(ids, 4, granule=3)
+    assert rows.offsets.tolist() == [2, 3, 3, 9]  # expert 0: 2 rows and 1: 1 row (< 3: as they are), 2: none, 3: 4 → 6
+    assert rows.source.numel() == 9 + 3  # then the 3 assignments to no expert here
+    starts = [0, 2, 3, 3, 9]
     for slot, e in enumerate(ids.tolist()):  # each assignment sits inside its expert's rows, in order of arrival
-        assert starts[e] <= rows.row[slot] < (starts[e + 1] if e < 4 else 15)
+        assert starts[e] <= rows.row[slot] < (starts[e + 1] if e < 4 else 12)
         assert rows.source[rows.row[slot]] == slot
-    assert rows.row[[1, 6]].tolist() == [0, 1] and rows.row[[0, 2, 5]].tolist() == [8, 9, 10]
-    padding = torch.ones(15, dtype=torch.bool)
+    assert rows.row[[1, 6]].tolist() == [0, 1] and rows.row[[0, 2, 5, 9]].tolist() == [3, 4, 5, 6]
+    padding = torch.ones(12, dtype=torch.bool)
     padding[rows.row] = False
-    assert (rows.source[padding] == ids.numel()).all()  # padding rows point past the assignments
+    assert padding.sum() == 2 and (rows.source[padding] == ids.numel()).all()  # padding rows point past the end
     unpadded = moe_module.group_by_expert(ids, 4)
-    assert unpadded.offsets.tolist() == [2, 3, 3, 6] and sorted(unpadded.row.tolist()) == list(range(9))
+    assert unpadded.offsets.tolist() == [2, 3, 3, 7] and sorted(unpadded.row.tolist()) == list(range(10))
 
 
 @pytest.mark.parametrize("layout", ["granule", "capacity"])
@@ -151,6 +151,7 @@ def test_padded_layouts_equal_the_unpadded_one_forward_and_backward(monkeypatch,
     plain = run()
     monkeypatch.setattr(moe_module, "_cpu_16bit", lambda x, weight: True)
     monkeypatch.setattr(moe_module, "_few_rows_per_expert", lambda counts: layout == "capacity")
+    monkeypatch.setattr(moe_module, "ROW_GRANULE", 4)  # the tiny layer's experts get ~10 rows each
     sizes = []
     monkeypatch.setattr(moe_module, "group_by_expert", _recording_rows(moe_module.group_by_expert, sizes))
     padded = run()

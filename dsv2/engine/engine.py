@@ -16,6 +16,7 @@ from dsv2.engine.block_manager import BlockManager
 from dsv2.engine.runner import ModelRunner, PagedLatentCache
 from dsv2.engine.scheduler import Batch, Scheduler
 from dsv2.engine.sequence import Logprob, Sequence
+from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.sampling import SamplingParams, SamplingRow, sample, top_logprobs
 from dsv2.tokenizer import Tokenizer
@@ -95,6 +96,8 @@ class LLMEngine:
         """``cache_device`` "meta": the cache's blocks are bookkept here but live in another process (a rank of
         a data-parallel group), so none is allocated."""
         config.validate(model.config)
+        if model.device.type == "cpu":
+            keep_freed_memory()  # steps reuse freed blocks instead of faulting in fresh pages: fp32 (a) +23% measured
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.cache = PagedLatentCache(model.config, config.num_blocks, config.block_size, model.dtype,
                                       cache_device or model.device)

@@ -114,8 +114,10 @@ class ExpertRows:
 
 
 def group_by_expert(ids: torch.Tensor, num_experts: int, granule: int = 1, capacity: int | None = None) -> ExpertRows:
-    """ids [n] in [0, E] (E: no expert here) → their rows, grouped by expert in a stable order; each expert's rows
-    padded up to a multiple of ``granule``, or to exactly ``capacity`` rows (at least the most any expert has).
+    """ids [n] in [0, E] (E: no expert here) → their rows, grouped by expert in a stable order; an expert's rows
+    padded up to a multiple of ``granule`` when it has at least that many (fewer stay as they are: at most
+    granule − 1 shapes, and decoding's few rows are not multiplied), or to exactly ``capacity`` rows (at least the
+    most any expert has).
     Assignments to no expert come after offsets[-1]. Unpadded, nothing is read back from the device."""
     n, E = ids.numel(), num_experts
     order = ids.argsort(stable=True)  # [n]: assignments grouped by expert
@@ -124,7 +126,8 @@ def group_by_expert(ids: torch.Tensor, num_experts: int, granule: int = 1, capac
     if capacity is not None:
         padded = torch.cat([torch.full_like(counts[:E], capacity), counts[E:]])  # [E + 1]
     elif granule > 1:
-        padded = torch.cat([(counts[:E] + granule - 1) // granule * granule, counts[E:]])
+        rounded = torch.where(counts[:E] < granule, counts[:E], (counts[:E] + granule - 1) // granule * granule)
+        padded = torch.cat([rounded, counts[E:]])
     else:
         padded = counts
     starts = padded.cumsum(0) - padded  # [E + 1] first buffer row of each expert

@@ -38,6 +38,7 @@ import torch.multiprocessing as mp
 from dsv2.config import DTYPES, ModelConfig
 from dsv2.engine.runner import ModelRunner, PagedLatentCache
 from dsv2.engine.scheduler import Batch
+from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.parallel.tensor_parallel import SKIP, shard_for_data_parallel, shard_model
 from dsv2.weights import load_weights
@@ -129,6 +130,8 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if device.type == "cpu":
+            keep_freed_memory()  # as LLMEngine does
         _init(rank, world, port, device)
         model = load_sharded(path, rank, world, expert_parallel, DTYPES[dtype_name], device, data_parallel)
         reports.put((rank, "loaded", resident_bytes(model)))
