@@ -26,6 +26,10 @@ Both implementations run in this one process, on 2 threads, in each dtype in tur
 Also printed: the matmul FLOP/s and read bandwidth measured after each dtype's runs, how close dsv2's batch-64
 decode steps come to that matmul peak, and the CPU time other processes took meanwhile.
 
+The process keeps freed memory for reuse from the start (`dsv2.malloc.keep_freed_memory`, which dsv2's engine
+applies on CPU anyway): transformers runs with it too. Under glibc's defaults its long-context decode step pays for
+page faults on its large re-expanded temporaries (several times slower here); the comparison leaves that out.
+
 ``--quick``: 8 requests of 32 + 16 tokens, context 256 with 2 sequences, 1 transformers request (a smoke run).
 """
 
@@ -44,6 +48,7 @@ import torch
 from dsv2 import LLM, ModelConfig, SamplingParams
 from dsv2.engine.engine import LLMEngine
 from dsv2.info import summarize
+from dsv2.malloc import keep_freed_memory
 
 from bench_generate import (
     CpuAccount,
@@ -518,6 +523,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small workloads: a smoke run")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    keep_freed_memory()
     settings = QUICK if args.quick else FULL
     config = bench_config()
     account = CpuAccount()
