@@ -1,7 +1,7 @@
 """The output head and cross-entropy in one pass over chunks of tokens, without materializing the logits.
 
-For N tokens the plain way holds [N, vocab] logits in float32 three times over (logits, log-softmax, their gradient):
-12 GB for 8 sequences of 4,096 tokens on V2-Lite's 102,400-token vocabulary. Here each chunk of rows computes its
+For N tokens the plain way holds several [N, vocab] float32 tensors (logits, log-softmax, their gradient), each 13 GB
+for 8 sequences of 4,096 tokens on V2-Lite's 102,400-token vocabulary. Here each chunk of rows computes its
 logits, its loss and, because the loss is a weighted sum whose weights are known up front, its gradients at once:
 the backward pass only scales them. The matmuls are the same three as the plain head's.
 """
