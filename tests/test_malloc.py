@@ -17,8 +17,9 @@ PROBE = textwrap.dedent("""
     faults_of_a_big_tensor()
     default = faults_of_a_big_tensor()
     applied = keep_freed_memory()
-    faults_of_a_big_tensor()
-    print(default, applied, faults_of_a_big_tensor())
+    for _ in range(3):  # the heap grows to hold it (the first one or two fault their pages in once)
+        faults_of_a_big_tensor()
+    print(default, applied, max(faults_of_a_big_tensor() for _ in range(3)))
 """)
 
 
@@ -28,4 +29,4 @@ def test_freed_memory_is_reused_without_page_faults():
     default, applied, kept = int(out[0]), out[1] == "True", int(out[2])
     assert applied
     assert default > 1000  # glibc maps a fresh 64 MiB each time: its pages fault in again
-    assert kept < default / 10  # kept in the heap: the second tensor reuses the first one's pages
+    assert kept < default / 10  # kept in the heap: later tensors reuse the earlier ones' pages
