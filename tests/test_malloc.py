@@ -17,16 +17,16 @@ PROBE = textwrap.dedent("""
     faults_of_a_big_tensor()
     default = faults_of_a_big_tensor()
     applied = keep_freed_memory()
-    for _ in range(3):  # the heap grows to hold it (the first one or two fault their pages in once)
-        faults_of_a_big_tensor()
-    print(default, applied, max(faults_of_a_big_tensor() for _ in range(3)))
+    print(default, applied, *(faults_of_a_big_tensor() for _ in range(9)))
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
-    default, applied, kept = int(out[0]), out[1] == "True", int(out[2])
+    default, applied, kept = int(out[0]), out[1] == "True", sorted(map(int, out[2:]))
     assert applied
     assert default > 1000  # glibc maps a fresh 64 MiB each time: its pages fault in again
-    assert kept < default / 10  # kept in the heap: later tensors reuse the earlier ones' pages
+    # kept in the heap: most later tensors reuse the earlier ones' pages (the heap's first one or two 64 MiB blocks,
+    # and now and then one more, fault in once)
+    assert kept[len(kept) // 2] < default / 10, kept
