@@ -113,16 +113,21 @@ class ExpertRows:
     offsets: torch.Tensor  # [E] int32: expert e's rows end at offsets[e]; rows past offsets[-1] belong to none
 
 
-def group_by_expert(ids: torch.Tensor, num_experts: int, granule: int = 1, capacity: int | None = None) -> ExpertRows:
-    """ids [n] in [0, E] (E: no expert here) → their rows, grouped by expert in a stable order; an expert's rows
-    padded up to a multiple of ``granule`` when it has at least that many (fewer stay as they are: at most
-    granule − 1 shapes, and decoding's few rows are not multiplied), or to exactly ``capacity`` rows (at least the
-    most any expert has).
-    Assignments to no expert come after offsets[-1]. Unpadded, nothing is read back from the device."""
-    n, E = ids.numel(), num_experts
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """ids [n] in [0, E] → [E + 1] int32 assignments per expert; the last: ids E (no expert here). No host sync."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+
+def group_by_expert(ids: torch.Tensor, counts: torch.Tensor, granule: int = 1,
+                    capacity: int | None = None) -> ExpertRows:
+    """ids [n] in [0, E] (E: no expert here), counts [E + 1] (`expert_counts`) → their rows, grouped by expert in a
+    stable order; an expert's rows padded up to a multiple of ``granule`` when it has at least that many (fewer stay
+    as they are: at most granule − 1 shapes, and decoding's few rows are not multiplied), or to exactly ``capacity``
+    rows (at least the most any expert has). Assignments to no expert come after offsets[-1]. Unpadded, nothing is
+    read back from the device."""
+    n, E = ids.numel(), counts.numel() - 1
     order = ids.argsort(stable=True)  # [n]: assignments grouped by expert
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))  # [E + 1]
     if capacity is not None:
         padded = torch.cat([torch.full_like(counts[:E], capacity), counts[E:]])  # [E + 1]
     elif granule > 1:
@@ -162,14 +167,14 @@ class RoutedExperts(nn.Module):
         N, k = expert_ids.shape
         E = self.num_experts
         flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
+        counts = expert_counts(flat_ids, E)  # [E + 1]
         capacity, granule = None, 1
         if _cpu_16bit(x, self.gate_proj):
-            counts = torch.bincount(flat_ids, minlength=E + 1)[:E]  # [E]
-            if _few_rows_per_expert(counts):  # decoding: every expert padded to the busiest, three bmm
-                capacity = int(counts.max())
+            if _few_rows_per_expert(counts[:E]):  # decoding: every expert padded to the busiest, three bmm
+                capacity = int(counts[:E].max())
             else:  # oneDNN JIT-builds a kernel per matmul shape, and each expert's row count is new at every step
                 granule = ROW_GRANULE  # (~5× the matmul's own time): padded counts repeat shapes it has built
-        rows = group_by_expert(flat_ids, E, granule, capacity)
+        rows = group_by_expert(flat_ids, counts, granule, capacity)
         x_rows = x if rows.source.numel() == N * k else F.pad(x, (0, 0, 0, 1))  # padding rows read the zero row N
         token = rows.source // k  # [rows] each buffer row's token (N·k // k = N for a padding row)
         # index_select is ~5× faster than x[...] on CPU, but its backward (index_add over repeated rows) is not
