@@ -117,6 +117,24 @@ def test_padded_decode_path_equals_grouped_mm(monkeypatch):
     assert not moe_module._few_rows_per_expert(torch.tensor([65, 1, 1, 1]))  # a busy expert: grouped_mm
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_path_equals_the_grouped_one(monkeypatch, dtype):
+    moe = moe_layer(TINY_V2).eval().to(dtype)
+    x = torch.randn(1, 1, 64, dtype=dtype)  # batch-1 decoding
+    one_token = []
+    monkeypatch.setattr(moe.experts, "_one_token", _recording(moe.experts._one_token, one_token))
+    with torch.no_grad():
+        looped, _ = moe(x)
+        assert len(one_token) == 1  # it took the one-token path
+        grouped, _ = moe(torch.cat([x, torch.zeros_like(x)]))  # two tokens: the grouped path
+    assert len(one_token) == 1
+    scale = grouped.abs().max().item()  # ×16 routing makes outputs large: bound the error relative to them
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(looped.float(), grouped[:1].float(), atol=tolerance * scale, rtol=tolerance)
+    moe(x).__getitem__(0).sum().backward()  # with gradients: the grouped path, which they flow through
+    assert len(one_token) == 1 and moe.experts.gate_proj.grad is not None
+
+
 def test_rows_padded_to_a_granule_keep_each_expert_together():
     ids = torch.tensor([3, 0, 3, 4, 1, 3, 0, 4, 4, 3])  # 4 experts; id 4: another rank's
     rows = moe_module.group_by_expert(ids, moe_module.expert_counts(ids, 4), granule=3)

@@ -19,6 +19,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
+from dsv2.model.linear import Linear
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import apply_rope
 
@@ -37,15 +38,15 @@ class MultiHeadLatentAttention(nn.Module):
         hidden, bias, qk_dim = config.hidden_size, config.attention_bias, config.qk_head_dim
         self.q_lora_rank = config.q_lora_rank
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+            self.q_proj = Linear(hidden, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: LatentCache | None = None, impl: AttentionImpl = "auto") -> torch.Tensor:

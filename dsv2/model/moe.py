@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.model.linear import Linear, linear
 
 
 class MLP(nn.Module):
@@ -23,9 +24,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -166,6 +167,8 @@ class RoutedExperts(nn.Module):
         [0, E), e.g. another rank's) cost nothing and add nothing."""
         N, k = expert_ids.shape
         E = self.num_experts
+        if N == 1 and owned is None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._one_token(x, expert_ids[0], weights[0])
         flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
         counts = expert_counts(flat_ids, E)  # [E + 1]
         capacity, granule = None, 1
@@ -193,6 +196,19 @@ class RoutedExperts(nn.Module):
         if owned is not None:
             out = torch.where(owned[:, :, None], out, 0)  # rows of no expert here are undefined
         return out.sum(dim=1, dtype=torch.float32)  # [N, H]
+
+    def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token's k experts one after another (batch-1 decoding on CPU, where reading the ids costs no sync):
+        only their weights are touched, with none of the grouping's bookkeeping. x [1, H], ids/weights [k] → [1, H]
+        float32."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.gate_proj.dtype
+        x = x.to(dtype)
+        scales = weights.to(dtype)  # [k] as the grouped path rounds them
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [1, H]
+        for slot, e in enumerate(expert_ids.tolist()):
+            h = F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e])  # [1, I]
+            out += linear(h * scales[slot], self.down_proj[e])
+        return out
 
     def _batched(self, xs: torch.Tensor, row_weight: torch.Tensor, capacity: int) -> torch.Tensor:
         """The experts as three batched matmuls over xs's first E·C rows ([E, C, H], C = capacity), for decoding on

@@ -13,6 +13,7 @@ from dsv2.config import ModelConfig, parse_dtype
 from dsv2.generation_config import GenerationConfig
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
+from dsv2.model.linear import Linear
 from dsv2.model.loss import linear_cross_entropy
 from dsv2.model.moe import MLP, MoE, MoEStats
 from dsv2.model.norm import RMSNorm
@@ -62,7 +63,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepseekV2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.attn_impl: AttentionImpl = "auto"
         self.tokenizer = None  # set by from_pretrained when the folder has a tokenizer.json

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.model.attention import MultiHeadLatentAttention
+from dsv2.model.linear import Linear, linear
 from dsv2.model.moe import MLP, MoE, RoutedExperts
 from dsv2.model.transformer import DeepseekV2ForCausalLM
 from dsv2.parallel.expert_parallel import shard_experts
@@ -46,7 +47,7 @@ class RowParallelLinear(nn.Linear):
     """A linear layer holding a slice of the input features; partial results are summed over the ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         dist.all_reduce(out)
         return out + self.bias if self.bias is not None else out
 
@@ -70,7 +71,7 @@ class VocabParallelHead(nn.Linear):
     """Logits for a slice of the vocabulary, gathered from every rank into the full [..., vocab]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight).contiguous()  # [..., V/W]
+        local = linear(x, self.weight).contiguous()  # [..., V/W]
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)
@@ -125,15 +126,15 @@ class ShardPlan:
         return expert - self.rank * n if n else expert
 
 
-def _cut(linear: nn.Linear, dim: int, world: int, cls: type[nn.Linear] = nn.Linear) -> nn.Linear:
+def _cut(layer: nn.Linear, dim: int, world: int, cls: type[nn.Linear] = Linear) -> nn.Linear:
     """A fresh (meta) linear layer of the local shape: dim 0 = output rows, 1 = input columns."""
-    out_f, in_f = linear.out_features, linear.in_features
+    out_f, in_f = layer.out_features, layer.in_features
     if dim == 0:
         out_f = _split(out_f, world, "output features")
     else:
         in_f = _split(in_f, world, "input features")
     with torch.device("meta"):
-        return cls(in_f, out_f, bias=linear.bias is not None)
+        return cls(in_f, out_f, bias=layer.bias is not None)
 
 
 def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_parallel: bool = False) -> ShardPlan:
@@ -153,7 +154,7 @@ def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_para
         attn: MultiHeadLatentAttention = layer.self_attn
         attn.num_heads = _split(attn.num_heads, world, "num_attention_heads")
         q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
-        for name, dim, cls in ((q_name, 0, nn.Linear), ("kv_b_proj", 0, nn.Linear), ("o_proj", 1, RowParallelLinear)):
+        for name, dim, cls in ((q_name, 0, Linear), ("kv_b_proj", 0, Linear), ("o_proj", 1, RowParallelLinear)):
             setattr(attn, name, _cut(getattr(attn, name), dim, world, cls))
             dims[f"{prefix}.self_attn.{name}.weight"] = dim
         mlps = [(f"{prefix}.mlp", layer.mlp)] if isinstance(layer.mlp, MLP) else []
