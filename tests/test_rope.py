@@ -85,3 +85,15 @@ def test_interleaved_rotation_equals_the_reference_permute_then_rotate_half():
     rq = [apply_rope(q, c[0, i], s[0, i]) for i in range(4)]
     rk = [apply_rope(k, c[0, i], s[0, i]) for i in range(4)]
     assert torch.dot(rq[1], rk[0]) == pytest.approx(torch.dot(rq[3], rk[2]).item(), abs=1e-4)
+
+
+def test_rotation_gradient_is_the_inverse_rotation():
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    angles = torch.randn(2, 5, 1, 8)
+    cos, sin = angles.cos(), angles.sin()
+    written_out = torch.stack([x[..., 0::2] * cos - x[..., 1::2] * sin, x[..., 0::2] * sin + x[..., 1::2] * cos], -1)
+    rotated = apply_rope(x, cos, sin)
+    torch.testing.assert_close(rotated, written_out.flatten(-2), atol=1e-6, rtol=1e-6)
+    upstream = torch.randn_like(rotated)
+    rotated.backward(upstream)
+    torch.testing.assert_close(x.grad, apply_rope(upstream, cos, -sin), atol=1e-6, rtol=1e-6)

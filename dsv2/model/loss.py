@@ -25,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         c = torch.where(valid, target_weights.float(), 0.0)  # [N]
         token_loss = torch.zeros(N, dtype=torch.float32, device=hidden.device)  # [N]
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if with_grad else None  # [N, H]
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None  # [V, H]
+        grad_weight = None  # [V, H] float32, the first chunk's product, then the others added to it
         rows = max(16, CHUNK_ELEMENTS // V)
         for start in range(0, N, rows):
             chunk = slice(start, start + rows)
@@ -38,7 +38,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(grad_logits.shape[0], device=t.device), t[chunk]] -= 1.0
             grad_logits = grad_logits.mul_(c[chunk, None]).to(compute_dtype)  # d(Σ c·loss)/d logits
             grad_hidden[chunk] = grad_logits @ w  # [n, H]
-            grad_weight += (grad_logits.T @ h[chunk]).float()  # [V, H]
+            chunk_grad_weight = grad_logits.T @ h[chunk]  # [V, H] in the compute dtype
+            if grad_weight is None:
+                grad_weight = chunk_grad_weight.float()
+            else:  # a mixed-dtype add: no float32 copy of the chunk's product
+                grad_weight.add_(chunk_grad_weight)
+        if with_grad and grad_weight is None:  # no tokens
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = (token_loss * c).sum()
         ctx.mark_non_differentiable(token_loss)
         ctx.save_for_backward(grad_hidden, grad_weight)

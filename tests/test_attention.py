@@ -1,0 +1,60 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv2.model.attention as attention_module
+from dsv2 import DeepseekV2ForCausalLM
+from dsv2.model.attention import causal_matmul_attention
+
+from helpers import TINY_LITE, randomize_, tiny_config
+
+
+@pytest.mark.parametrize("T, S", [(7, 7), (3, 10)], ids=["square", "bottom-right"])
+def test_matmul_attention_equals_sdpa_values_and_gradients(T, S):
+    q = torch.randn(2, 4, T, 24, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, S, 24, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, S, 16, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 4, T, 16, dtype=torch.float64)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # bottom-right causal
+    grads = []
+    for attend in (lambda: causal_matmul_attention(q, k, v, scale=0.3),
+                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)):
+        out = attend()
+        grads.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    for ours, sdpa in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, sdpa, atol=1e-10, rtol=1e-10)
+
+
+def test_bf16_training_takes_the_matmul_path_and_matches_the_fused_one(monkeypatch):
+    model = randomize_(DeepseekV2ForCausalLM(tiny_config(TINY_LITE)), std=0.1).train()
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[:, :-1], targets=x[:, 1:])
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out.loss.detach(), grads
+
+    taken = []
+    pays = attention_module._matmul_attention_pays
+    monkeypatch.setattr(attention_module, "_matmul_attention_pays",
+                        lambda q, keys: taken.append(pays(q, keys)) or taken[-1])
+    loss_matmul, grads_matmul = loss_and_grads()
+    assert len(taken) == model.config.num_hidden_layers and all(taken)  # CPU, bf16 autocast, gradients, few keys
+    monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys: False)
+    loss_fused, grads_fused = loss_and_grads()
+    torch.testing.assert_close(loss_matmul, loss_fused, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads_matmul, grads_fused, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item() + 1e-6, rtol=5e-2)
+
+
+def test_matmul_path_only_where_it_pays():
+    q = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    pays = attention_module._matmul_attention_pays
+    assert pays(q, 512)
+    assert not pays(q, 513)  # long sequences: the fused kernel
+    assert not pays(q.float(), 512)  # float32: the fused kernel
+    with torch.no_grad():
+        assert not pays(q, 512)  # inference: the fused kernel's forward is faster
