@@ -21,9 +21,11 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+@pytest.mark.parametrize("group_rows", [16, 32, 64], ids=["a-group-per-chunk", "two-groups", "one-group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_full_logits_cross_entropy_with_gradients(monkeypatch, dtype):
+def test_equals_full_logits_cross_entropy_with_gradients(monkeypatch, dtype, group_rows):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 16 * 50)  # 16 rows per chunk: 3 chunks and a partial one
+    monkeypatch.setattr(loss_module, "WEIGHT_GRAD_ELEMENTS", group_rows * 50)  # rows per weight-gradient matmul
     torch.manual_seed(0)
     hidden, weight = torch.randn(53, 24), torch.randn(50, 24) * 0.3
     targets = torch.randint(0, 50, (53,))

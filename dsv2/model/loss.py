@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in float32)
+WEIGHT_GRAD_ELEMENTS = 2**26  # logit gradients kept for one weight-gradient matmul (128 MiB in bf16)
 IGNORE_INDEX = -100  # targets to skip, as torch's cross_entropy and transformers' labels
 
 
@@ -25,24 +26,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         c = torch.where(valid, target_weights.float(), 0.0)  # [N]
         token_loss = torch.zeros(N, dtype=torch.float32, device=hidden.device)  # [N]
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if with_grad else None  # [N, H]
-        grad_weight = None  # [V, H] float32, the first chunk's product, then the others added to it
-        rows = max(16, CHUNK_ELEMENTS // V)
-        for start in range(0, N, rows):
-            chunk = slice(start, start + rows)
-            logits = (h[chunk] @ w.T).float()  # [n, V]
-            lse = logits.logsumexp(dim=-1)  # [n]
-            token_loss[chunk] = (lse - logits.gather(1, t[chunk, None]).squeeze(1)) * valid[chunk]
-            if not with_grad:
-                continue
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # [n, V] softmax
-            grad_logits[torch.arange(grad_logits.shape[0], device=t.device), t[chunk]] -= 1.0
-            grad_logits = grad_logits.mul_(c[chunk, None]).to(compute_dtype)  # d(Σ c·loss)/d logits
-            grad_hidden[chunk] = grad_logits @ w  # [n, H]
-            chunk_grad_weight = grad_logits.T @ h[chunk]  # [V, H] in the compute dtype
-            if grad_weight is None:
-                grad_weight = chunk_grad_weight.float()
-            else:  # a mixed-dtype add: no float32 copy of the chunk's product
-                grad_weight.add_(chunk_grad_weight)
+        grad_weight = None  # [V, H] float32
+        rows = max(16, CHUNK_ELEMENTS // V)  # rows per chunk of logits
+        group_rows = max(rows, WEIGHT_GRAD_ELEMENTS // V) if with_grad else N  # rows per weight-gradient matmul
+        kept = h.new_empty(min(group_rows, N), V) if with_grad else None  # [g, V] the group's logit gradients
+        for group in range(0, N, group_rows):
+            group_end = min(group + group_rows, N)
+            for start in range(group, group_end, rows):
+                chunk = slice(start, min(start + rows, group_end))
+                log_probs = torch.log_softmax(h[chunk] @ w.T, dim=-1, dtype=torch.float32)  # [n, V]
+                token_loss[chunk] = -log_probs.gather(1, t[chunk, None]).squeeze(1) * valid[chunk]
+                if not with_grad:
+                    continue
+                grad_logits = log_probs.exp_()  # [n, V] softmax
+                grad_logits[torch.arange(grad_logits.shape[0], device=t.device), t[chunk]] -= 1.0
+                rows_kept = kept[chunk.start - group: chunk.stop - group]  # [n, V] in the compute dtype
+                torch.mul(grad_logits, c[chunk, None], out=rows_kept)  # d(Σ c·loss)/d logits
+                grad_hidden[chunk] = rows_kept @ w  # [n, H]
+            if with_grad:  # one matmul over the group's rows, not one per chunk (fewer float32 sums of [V, H])
+                group_grad = kept[: group_end - group].T @ h[group:group_end]  # [V, H] in the compute dtype
+                grad_weight = group_grad.float() if grad_weight is None else grad_weight.add_(group_grad)
         if with_grad and grad_weight is None:  # no tokens
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = (token_loss * c).sum()
