@@ -19,7 +19,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
-from dsv2.model.linear import Linear
+from dsv2.model.linear import Linear, autocast_input
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import apply_rope
 
@@ -57,6 +57,7 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed path and runs everything else expanded.
         """
         B, T, _ = x.shape
+        x = autocast_input(x)  # read by two projections
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)  # [B, T, n_h, d + d_R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)

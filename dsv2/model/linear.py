@@ -29,6 +29,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype autocast gives a linear layer's input (x itself without autocast): for an input that several
+    projections read, one cast (and one cast of its gradient back) instead of one per projection."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose forward is `linear`."""
 

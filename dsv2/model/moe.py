@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.linear import Linear, linear
+from dsv2.model.linear import Linear, autocast_input, linear
 
 
 class MLP(nn.Module):
@@ -29,6 +29,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # read by two projections
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -167,6 +168,7 @@ class RoutedExperts(nn.Module):
         [0, E), e.g. another rank's) cost nothing and add nothing."""
         N, k = expert_ids.shape
         E = self.num_experts
+        x = autocast_input(x)  # before the gather: k rows per token are cast (and their gradients summed) in 16 bits
         if N == 1 and owned is None and x.device.type == "cpu" and not torch.is_grad_enabled():
             return self._one_token(x, expert_ids[0], weights[0])
         flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
