@@ -41,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = log_probs.exp_()  # [n, V] softmax
                 grad_logits[torch.arange(grad_logits.shape[0], device=t.device), t[chunk]] -= 1.0
                 rows_kept = kept[chunk.start - group: chunk.stop - group]  # [n, V] in the compute dtype
-                torch.mul(grad_logits, c[chunk, None], out=rows_kept)  # d(Σ c·loss)/d logits
+                rows_kept.copy_(grad_logits.mul_(c[chunk, None]))  # d(Σ c·loss)/d logits
                 grad_hidden[chunk] = rows_kept @ w  # [n, H]
             if with_grad:  # one matmul over the group's rows, not one per chunk (fewer float32 sums of [V, H])
                 group_grad = kept[: group_end - group].T @ h[group:group_end]  # [V, H] in the compute dtype
