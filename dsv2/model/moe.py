@@ -215,15 +215,16 @@ class RoutedExperts(nn.Module):
     def _batched(self, xs: torch.Tensor, row_weight: torch.Tensor, capacity: int) -> torch.Tensor:
         """The experts as three batched matmuls over xs's first E·C rows ([E, C, H], C = capacity), for decoding on
         CPU in 16-bit: there bmm streams the weights 2-3× faster than grouped_mm (measured: 1.2 vs 3.0 ms for
-        32 experts × 8 rows of 1024 → 352), and a few padded rows cost nothing. → [rows, H]; rows past E·C (no
+        32 experts × 8 rows of 1024 → 352), and a few padded rows cost nothing. The weights are the left operand
+        (W·xᵀ, not x·Wᵀ): 0.7-0.9 vs 0.9-1.5 ms for 32 experts × 4-16 rows. → [rows, H]; rows past E·C (no
         expert here) are zero."""
         E, C = self.num_experts, capacity
-        buffer = xs[: E * C].view(E, C, -1)  # [E, C, H]
+        buffer_t = xs[: E * C].view(E, C, -1).transpose(1, 2)  # [E, H, C]
         if not torch.is_autocast_enabled(xs.device.type):
-            buffer = buffer.to(self.gate_proj.dtype)
-        h = F.silu(torch.bmm(buffer, self.gate_proj.transpose(1, 2))) * torch.bmm(buffer, self.up_proj.transpose(1, 2))
-        h = h * row_weight[: E * C].view(E, C, 1).to(h.dtype)  # [E, C, I]
-        ys = torch.bmm(h, self.down_proj.transpose(1, 2)).flatten(0, 1)  # [E·C, H]
+            buffer_t = buffer_t.to(self.gate_proj.dtype)
+        h_t = F.silu(torch.bmm(self.gate_proj, buffer_t)) * torch.bmm(self.up_proj, buffer_t)  # [E, I, C]
+        h_t = h_t * row_weight[: E * C].view(E, 1, C).to(h_t.dtype)
+        ys = torch.bmm(self.down_proj, h_t).transpose(1, 2).reshape(E * C, -1)  # [E, H, C] → [E·C, H]
         return F.pad(ys, (0, 0, 0, xs.shape[0] - E * C))
 
 
