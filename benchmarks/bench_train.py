@@ -1,6 +1,6 @@
 """Training throughput: one optimizer step of dsv2 vs transformers' DeepseekV2ForCausalLM on the same checkpoint.
 
-    python benchmarks/bench_train.py [--precisions bfloat16] [--batch 8] [--seq-len 512] [--steps 3] [--quick]
+    python benchmarks/bench_train.py [--precisions bfloat16] [--batch 8] [--seq-len 512] [--steps 4] [--quick]
     python benchmarks/bench_train.py --precisions float32    # plain float32 as well: another ~10 minutes
 
 The shared mid-size random checkpoint (see bench_generate.py) is loaded by both implementations with float32 master
@@ -10,10 +10,13 @@ its expert balance loss `aux_loss`; transformers: its logits, then torch's cross
 loss), backward, gradient clipping at 1.0 and an AdamW step (`dsv2.train.optim.make_optimizer` for both: lr 4.2e-4,
 β (0.9, 0.95), weight decay 0.1 on matrices). transformers runs with the (experts, attention) implementation pair
 that ran a forward + backward fastest on one sequence (batched_mm is not tried when it would gather more than 2 GiB
-of expert weights). Both run in this process on 2 threads, one after the other per precision; tokens/s is the median
-of the timed steps after three untimed ones (a training run's steady state: oneDNN builds its matmul kernels
-for the shapes it meets in the first steps), on a fixed batch of random tokens. The process keeps freed memory for reuse
-(`dsv2.malloc.keep_freed_memory`, as dsv2's trainer does on CPU): both implementations run with it.
+of expert weights). Both run in this process on 2 threads, in rounds: a warm-up round of three untimed steps each (a
+training run's steady state: oneDNN builds its matmul kernels for the shapes it meets in the first steps), then per
+round each implementation is loaded afresh and takes an untimed step and a timed one, the two alternating (which one
+goes first alternates too) so that the speed drifts of this shared machine (up to 2× within minutes) hit both alike;
+tokens/s is the median of each one's timed steps, on a fixed batch of random tokens. The process keeps freed memory for
+reuse (`dsv2.malloc.keep_freed_memory`, as dsv2's trainer does on CPU): both implementations run with it. Peak RSS of
+the default run: ~19 GB (transformers' step is the larger).
 
 Model FLOPs utilization: (6 × active parameters without the embedding lookup × tokens + causal attention, 3 × the
 forward's QKᵀ and PV over the expanded heads) ÷ step time ÷ the machine's matmul FLOP/s in that precision (measured
@@ -125,16 +128,42 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
     return ce.item()
 
 
-def timed_steps(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, steps: int, run: Run) -> None:
-    """A fresh optimizer; WARM_UP_STEPS untimed steps (the first one's cross-entropy kept), then `steps` timed."""
-    optimizer = make_optimizer(model, lr=LR)
-    run.first_ce = train_step(model, optimizer, loss_fn, x)
-    for _ in range(WARM_UP_STEPS - 1):
-        train_step(model, optimizer, loss_fn, x)
-    for _ in range(steps):
+@dataclass
+class Trainee:
+    """One implementation loaded to train: its model, a fresh optimizer and its loss."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer = make_optimizer(self.model, lr=LR)
+
+    def step(self, x: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step → (seconds, cross-entropy)."""
         start = time.perf_counter()
-        train_step(model, optimizer, loss_fn, x)
-        run.step_s.append(time.perf_counter() - start)
+        ce = train_step(self.model, self.optimizer, self.loss_fn, x)
+        return time.perf_counter() - start, ce
+
+
+def timed_rounds(loaders: list[Callable[[], Trainee]], runs: list[Run], x: torch.Tensor, steps: int) -> None:
+    """A warm-up round: each implementation loaded in turn, WARM_UP_STEPS untimed steps (the first one's
+    cross-entropy kept). Then `steps` rounds: each loaded in turn (which one goes first alternates), one untimed
+    step, one timed. Rounds make the speed drifts of this shared machine (up to 2× within minutes) hit both alike,
+    and only one implementation's weights, gradients and optimizer state are in memory at a time."""
+    for i in range(steps + 1):
+        order = list(zip(loaders, runs, strict=True))
+        for load, run in order if i % 2 == 0 else order[::-1]:
+            trainee = load()
+            if i == 0:
+                run.first_ce = trainee.step(x)[1]
+                for _ in range(WARM_UP_STEPS - 1):
+                    trainee.step(x)
+            else:
+                trainee.step(x)  # the optimizer's state is created, the reloaded weights are touched
+                run.step_s.append(trainee.step(x)[0])
+            del trainee
+            gc.collect()
 
 
 def batched_mm_bytes(config: ModelConfig, tokens: int) -> int:
@@ -151,9 +180,10 @@ def forward_backward_s(model: nn.Module, loss_fn: LossFn, x: torch.Tensor) -> fl
     return seconds
 
 
-def pick_theirs(model, precision: str, config: ModelConfig, settings: Settings) -> tuple[str, str]:
+def pick_theirs(model, precision: str, config: ModelConfig, settings: Settings) -> tuple[str, str, str]:
     """transformers' fastest (experts, attention) implementation pair for training: one forward + backward each
-    on `pick_batch` sequences of the real length (the optimizer step costs every pair the same). → (chosen, tried)."""
+    on `pick_batch` sequences of the real length (the optimizer step costs every pair the same). → (experts,
+    attention, what was tried)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     x = random_tokens(config, settings.pick_batch, settings.seq_len, seed=1)
@@ -178,22 +208,31 @@ def pick_theirs(model, precision: str, config: ModelConfig, settings: Settings) 
     experts, attn = min(times, key=times.get)
     model.set_experts_implementation(experts)
     model.set_attn_implementation(attn)
-    return f"experts={experts}, attn={attn}", ", ".join(tried)
+    return experts, attn, ", ".join(tried)
 
 
-def run_ours(path: str, precision: str, x: torch.Tensor, settings: Settings) -> Run:
-    run = Run(impl="attn_impl=auto (expanded for training)")
-    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False).train()
-    timed_steps(model, ours_loss(model, precision), x, settings.steps, run)
-    return run
+def ours_loader(path: str, precision: str) -> Callable[[], Trainee]:
+    def load() -> Trainee:
+        model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False).train()
+        return Trainee(model, ours_loss(model, precision))
+
+    return load
 
 
-def run_theirs(path: str, precision: str, x: torch.Tensor, config: ModelConfig, settings: Settings) -> Run:
-    run = Run()
+def theirs_loader(path: str, precision: str, config: ModelConfig, settings: Settings,
+                  run: Run) -> Callable[[], Trainee]:
+    """Picks transformers' implementation pair once (recorded in ``run``); the loader applies it."""
     model = load_theirs(path, torch.float32, private_weights=True).train()
-    run.impl, run.tried = pick_theirs(model, precision, config, settings)
-    timed_steps(model, theirs_loss(model, precision), x, settings.steps, run)
-    return run
+    experts, attn, run.tried = pick_theirs(model, precision, config, settings)
+    run.impl = f"experts={experts}, attn={attn}"
+    del model
+    gc.collect()
+
+    def load() -> Trainee:
+        model = load_theirs(path, torch.float32, experts, attn, private_weights=True).train()
+        return Trainee(model, theirs_loss(model, precision))
+
+    return load
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -219,7 +258,7 @@ def main() -> None:
                         help="bfloat16: autocast over float32 master weights (the trainer's default); float32: plain")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and precision")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per implementation and precision")
     parser.add_argument("--quick", action="store_true", help="2 × 128 tokens, 1 timed step, bfloat16 only")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -240,12 +279,11 @@ def main() -> None:
         write_checkpoint(config, tmp)
         for precision in precisions:
             matmul_dtype = getattr(torch, precision)
-            ours = run_ours(tmp, precision, x, settings)
-            gc.collect()
-            print(f"{precision}: dsv2 {tokens / ours.median_s:,.0f} tokens/s", flush=True)
-            theirs = run_theirs(tmp, precision, x, config, settings)
-            gc.collect()
-            print(f"{precision}: transformers ({theirs.impl}) {tokens / theirs.median_s:,.0f} tokens/s", flush=True)
+            ours, theirs = Run(impl="attn_impl=auto (expanded for training)"), Run()
+            loaders = [ours_loader(tmp, precision), theirs_loader(tmp, precision, config, settings, theirs)]
+            timed_rounds(loaders, [ours, theirs], x, settings.steps)
+            print(f"{precision}: dsv2 {tokens / ours.median_s:,.0f} tokens/s, transformers ({theirs.impl}) "
+                  f"{tokens / theirs.median_s:,.0f} tokens/s", flush=True)
             peak = matmul_flops(matmul_dtype, config)
             rows.append(table_row(precision, theirs, ours, tokens, flops, peak))
             notes.append(f"{SHORT[precision]}: transformers with {theirs.impl} (candidates: {theirs.tried}); "
