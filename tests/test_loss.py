@@ -73,3 +73,13 @@ def test_model_loss_equals_the_loss_of_its_logits():
     torch.testing.assert_close(out.token_loss, ce.view(2, 11).detach())
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_no_tokens_give_a_zero_loss_and_zero_gradients():
+    hidden, weight = leaves(torch.randn(0, 8), torch.randn(30, 8))
+    targets = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, targets)[0] == 0
+    loss, token_loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert loss == 0 and token_loss.shape == (0,) and torch.equal(weight.grad, torch.zeros_like(weight))

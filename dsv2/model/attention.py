@@ -19,7 +19,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
-from dsv2.model.linear import Linear, autocast_input
+from dsv2.model.linear import Linear, autocast_input, matmul_dtype
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import apply_rope
 
@@ -153,10 +153,8 @@ def _matmul_attention_pays(q: torch.Tensor, keys: int) -> bool:
     the matmul rate: forward + backward over 16 heads of 96 took 65 ms this way vs 85 ms fused for 4 × 512 tokens,
     26 vs 67 ms for 8 × 256; at 1,024 keys and beyond, and in float32, the fused kernel is as fast or faster (and
     it never holds the [T, S] scores)."""
-    if q.device.type != "cpu" or not torch.is_grad_enabled() or keys > MATMUL_ATTENTION_MAX_KEYS:
-        return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    return dtype in (torch.bfloat16, torch.float16)
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and keys <= MATMUL_ATTENTION_MAX_KEYS
+            and matmul_dtype(q) in (torch.bfloat16, torch.float16))
 
 
 def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -29,11 +29,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul reading t runs in: autocast's where it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """x in the dtype autocast gives a linear layer's input (x itself without autocast): for an input that several
     projections read, one cast (and one cast of its gradient back) instead of one per projection."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    return x.to(matmul_dtype(x))
 
 
 class Linear(nn.Linear):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv2.model.linear import matmul_dtype
+
 CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in float32)
 WEIGHT_GRAD_ELEMENTS = 2**26  # logit gradients kept for one weight-gradient matmul (128 MiB in bf16)
 IGNORE_INDEX = -100  # targets to skip, as torch's cross_entropy and transformers' labels
@@ -28,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if with_grad else None  # [N, H]
         grad_weight = None  # [V, H] float32
         rows = max(16, CHUNK_ELEMENTS // V)  # rows per chunk of logits
-        group_rows = max(rows, WEIGHT_GRAD_ELEMENTS // V) if with_grad else N  # rows per weight-gradient matmul
+        group_rows = max(rows, WEIGHT_GRAD_ELEMENTS // V)  # rows per weight-gradient matmul
         kept = h.new_empty(min(group_rows, N), V) if with_grad else None  # [g, V] the group's logit gradients
         for group in range(0, N, group_rows):
             group_end = min(group + group_rows, N)
@@ -76,8 +78,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets {tuple(targets.shape)} must have one entry per row of hidden {tuple(hidden.shape)}")
     if target_weights is None:
         target_weights = torch.ones_like(targets, dtype=torch.float32) / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    compute_dtype = matmul_dtype(hidden)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, targets, target_weights, compute_dtype, with_grad)
 

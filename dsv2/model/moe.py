@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.linear import Linear, autocast_input, linear
+from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype
 
 
 class MLP(nn.Module):
@@ -203,9 +203,8 @@ class RoutedExperts(nn.Module):
         """One token's k experts one after another (batch-1 decoding on CPU, where reading the ids costs no sync):
         only their weights are touched, with none of the grouping's bookkeeping. x [1, H], ids/weights [k] → [1, H]
         float32."""
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.gate_proj.dtype
-        x = x.to(dtype)
-        scales = weights.to(dtype)  # [k] as the grouped path rounds them
+        x = x.to(matmul_dtype(self.gate_proj))
+        scales = weights.to(x.dtype)  # [k] as the grouped path rounds them
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [1, H]
         for slot, e in enumerate(expert_ids.tolist()):
             h = F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e])  # [1, I]
@@ -231,10 +230,7 @@ class RoutedExperts(nn.Module):
 def _cpu_16bit(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the experts' matmuls run on CPU in 16-bit (oneDNN): there padding pays (bmm beats grouped_mm for
     decoding; rows padded to a granule save kernel builds); in float32 on CPU (MKL), and on GPUs, it does not."""
-    if x.device.type != "cpu":
-        return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    return dtype in (torch.bfloat16, torch.float16)
+    return x.device.type == "cpu" and matmul_dtype(weight) in (torch.bfloat16, torch.float16)
 
 
 def _few_rows_per_expert(counts: torch.Tensor, max_rows: int = 64) -> bool:
