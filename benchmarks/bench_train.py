@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
 import tempfile
 import time
@@ -79,6 +80,7 @@ class Run:
     """One implementation in one precision."""
 
     step_s: list[float] = field(default_factory=list)
+    step_faults: list[int] = field(default_factory=list)  # minor page faults of the process during each timed step
     first_ce: float = 0.0  # cross-entropy of the first step (computed on the checkpoint's weights)
     impl: str = ""
     tried: str = ""
@@ -139,11 +141,13 @@ class Trainee:
     def __post_init__(self) -> None:
         self.optimizer = make_optimizer(self.model, lr=LR)
 
-    def step(self, x: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step → (seconds, cross-entropy)."""
+    def step(self, x: torch.Tensor) -> tuple[float, float, int]:
+        """One optimizer step → (seconds, cross-entropy, minor page faults meanwhile)."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         ce = train_step(self.model, self.optimizer, self.loss_fn, x)
-        return time.perf_counter() - start, ce
+        seconds = time.perf_counter() - start
+        return seconds, ce, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def timed_rounds(loaders: list[Callable[[], Trainee]], runs: list[Run], x: torch.Tensor, steps: int) -> None:
@@ -161,7 +165,9 @@ def timed_rounds(loaders: list[Callable[[], Trainee]], runs: list[Run], x: torch
                     trainee.step(x)
             else:
                 trainee.step(x)  # the optimizer's state is created, the reloaded weights are touched
-                run.step_s.append(trainee.step(x)[0])
+                seconds, _, faults = trainee.step(x)
+                run.step_s.append(seconds)
+                run.step_faults.append(faults)
             del trainee
             gc.collect()
 
@@ -290,7 +296,10 @@ def main() -> None:
                          f"cross-entropy of the first step on the checkpoint's weights: dsv2 {ours.first_ce:.4f}, "
                          f"transformers {theirs.first_ce:.4f}; step times dsv2 "
                          f"{', '.join(f'{s:.2f}' for s in ours.step_s)} s, transformers "
-                         f"{', '.join(f'{s:.2f}' for s in theirs.step_s)} s")
+                         f"{', '.join(f'{s:.2f}' for s in theirs.step_s)} s; minor page faults per timed step "
+                         f"(the heap still grows in a run's first steps; 4 KiB each) dsv2 "
+                         f"{', '.join(f'{n:,}' for n in ours.step_faults)}, transformers "
+                         f"{', '.join(f'{n:,}' for n in theirs.step_faults)}")
             speedup = theirs.median_s / ours.median_s
             goals.append(f"goal: dsv2 training ≥ {SPEEDUP_GOAL:.0f}× transformers' tokens/s ({SHORT[precision]}): "
                          f"{speedup:.2f}× {mark(speedup >= SPEEDUP_GOAL)}")
