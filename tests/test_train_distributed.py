@@ -44,7 +44,7 @@ def _rank(rank: int, world: int, port: int, config: dict) -> None:
     try:
         trainer.train()
     finally:
-        torch.distributed.destroy_process_group()
+        trainer.dist.close()
 
 
 @pytest.mark.parametrize("layout", [{"data_parallel": "ddp"}, {"data_parallel": "fsdp"},
@@ -97,7 +97,7 @@ def _rank_crashing_after(rank: int, world: int, port: int, config: dict, crash_s
     except _Crash:
         pass
     finally:
-        torch.distributed.destroy_process_group()
+        trainer.dist.close()
 
 
 @pytest.mark.parametrize("layout", [{"data_parallel": "fsdp"}, {"data_parallel": "ddp", "expert_parallel": 2}],

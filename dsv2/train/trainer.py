@@ -385,5 +385,4 @@ def run_training(config: TrainConfig) -> dict:
     try:
         return trainer.train()
     finally:
-        if trainer.dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        trainer.dist.close()
