@@ -90,11 +90,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
     Rows past offsets[-1] belong to no expert here: they are not computed, and their output is undefined.
     Under autocast both operands take the autocast dtype, as a linear layer's would."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    elif x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
+    dtype = matmul_dtype(weight)
+    x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
@@ -218,9 +215,7 @@ class RoutedExperts(nn.Module):
         (W·xᵀ, not x·Wᵀ): 0.7-0.9 vs 0.9-1.5 ms for 32 experts × 4-16 rows. → [rows, H]; rows past E·C (no
         expert here) are zero."""
         E, C = self.num_experts, capacity
-        buffer_t = xs[: E * C].view(E, C, -1).transpose(1, 2)  # [E, H, C]
-        if not torch.is_autocast_enabled(xs.device.type):
-            buffer_t = buffer_t.to(self.gate_proj.dtype)
+        buffer_t = xs[: E * C].view(E, C, -1).transpose(1, 2).to(matmul_dtype(self.gate_proj))  # [E, H, C]
         h_t = F.silu(torch.bmm(self.gate_proj, buffer_t)) * torch.bmm(self.up_proj, buffer_t)  # [E, I, C]
         h_t = h_t * row_weight[: E * C].view(E, 1, C).to(h_t.dtype)
         ys = torch.bmm(self.down_proj, h_t).transpose(1, 2).reshape(E * C, -1)  # [E, H, C] → [E·C, H]
