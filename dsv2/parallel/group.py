@@ -40,6 +40,7 @@ from dsv2.engine.runner import ModelRunner, PagedLatentCache
 from dsv2.engine.scheduler import Batch
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.parallel.process_group import end_process_group
 from dsv2.parallel.tensor_parallel import SKIP, shard_for_data_parallel, shard_model
 from dsv2.weights import load_weights
 
@@ -148,7 +149,7 @@ def _worker(rank: int, world: int, port: int, path: str, dtype_name: str, device
         reports.put((rank, "failed", f"{type(e).__name__}: {e}"))
         print(f"dsv2 worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         os._exit(1)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 class ParallelGroup:
@@ -277,8 +278,7 @@ class ParallelGroup:
             worker.join(timeout=10)
             if worker.is_alive():
                 worker.kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
         torch.set_num_threads(self.caller_threads)
 
 

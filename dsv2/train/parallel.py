@@ -10,7 +10,6 @@ through the all-to-all — are divided by the world size instead.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv2.parallel.expert_parallel import ExpertParallelExperts
-
-GLOO_SETTLE_S = 0.2  # seconds for gloo's worker threads to release finished work before the group goes (see close)
+from dsv2.parallel.process_group import end_process_group
 
 
 @dataclass
@@ -42,13 +40,9 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        """End the process group. gloo's worker threads release each finished collective's Python tensors under the
-        GIL; the group's destructor (run when the last holder, e.g. DDP's reducer, goes) joins those threads while
-        the caller holds the GIL. If a worker is still releasing the last barrier then, both wait forever: a rank
-        hung so at the end of a 2-rank test run (torch 2.13, CPU). The pause hands the GIL over first."""
-        if self.enabled and dist.is_initialized():
-            time.sleep(GLOO_SETTLE_S)
-            dist.destroy_process_group()
+        """End the process group (`end_process_group`: past gloo's teardown hang)."""
+        if self.enabled:
+            end_process_group()
 
 
 def init_distributed(device: str | None = None) -> Distributed:
