@@ -64,8 +64,8 @@ LR = 4.2e-4  # TrainConfig's default
 GRAD_CLIP = 1.0
 WARM_UP_STEPS = 3
 BATCHED_MM_LIMIT = 2 * 2**30
-FINALIST_FACTOR = 1.5  # pairs this close to the fastest on one sequence are timed again on the full batch,
-FINALIST_ROUNDS = 2  # this many times each, alternating; the fastest of each one's times counts
+FINALIST_FACTOR = 1.5  # pairs this close to the fastest on one sequence are timed again on the full batch
+FINALIST_ROUNDS = 2  # timed full-batch passes per finalist, alternating; each one's fastest counts
 SHORT = {"float32": "fp32", "bfloat16": "bf16 autocast"}
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # tokens [B, T + 1] → (loss, cross-entropy)
