@@ -88,17 +88,19 @@ class MultiHeadLatentAttention(nn.Module):
         c, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)  # [B, S, r], [B, S, d_R]
         kv = self.kv_b_proj(c).view(B, S, self.num_heads, self.nope_dim + self.v_dim)  # [B, S, n_h, d + v]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, n_h, d + d_R]
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, n_h, d + d_R]
+        # q and k concatenated straight into the heads-first layout the batched matmuls read (one copy each)
+        k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(-1, self.num_heads, -1, -1)],
+                      dim=-1)  # [B, n_h, S, d + d_R]
+        q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)  # [B, n_h, T, d + d_R]
+        v = v.transpose(1, 2)  # [B, n_h, S, v]
         if mask is None and _matmul_attention_pays(q, S):
             dropout = self.dropout if self.training else 0.0
-            return causal_matmul_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           self.softmax_scale, dropout).transpose(1, 2)  # [B, T, n_h, v]
+            return causal_matmul_attention(q, k, v, self.softmax_scale, dropout).transpose(1, 2)  # [B, T, n_h, v]
         # The fused (flash) SDPA kernels want one head size for q, k and v: pad v with zeros, drop them after.
         pad = q.shape[-1] - self.v_dim
-        v = F.pad(v, (0, pad)) if pad > 0 else v  # [B, S, n_h, max(v, d + d_R)]
+        v = F.pad(v, (0, pad)) if pad > 0 else v  # [B, n_h, S, max(v, d + d_R)]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n_h, T|S, ·]
+            q, k, v,  # [B, n_h, T|S, ·]
             attn_mask=None if mask is None else mask[:, None],  # [B, 1, T, S]
             is_causal=mask is None and T > 1, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
