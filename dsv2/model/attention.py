@@ -64,7 +64,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # [B, T, n_h, d_R]
 
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # [B, T, r], [B, T, d_R]
-        latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
+        # The normed latent in autocast's dtype (every reader casts it there anyway), so that the keys built from it
+        # are 16-bit too: one cast of [B, T, r], not of the [B, n_h, T, d + d_R] keys, forward and back.
+        c_normed = autocast_input(self.kv_a_layernorm(c))  # [B, T, r]
+        latent = torch.cat([c_normed, apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
 
         if cache is None:
             mask = None  # causal among the T tokens
