@@ -560,9 +560,8 @@ def run_dtype(path: str, dtype_name: str, config: ModelConfig, settings: Setting
     llm = LLM(model=path, dtype=dtype_name, kv_cache_memory=KV_CACHE_MEMORY,
               max_model_len=max(settings.context, settings.prompt_tokens) + 64)
     ours_warm_up(llm, random_prompts(config, settings.requests, 16, seed=100))
-    theirs = load_and_pick_theirs(path, dtype, config, random_prompts(config, settings.requests,
-                                                                      settings.prompt_tokens, seed=0),
-                                  settings, result)
+    first_prompts = random_prompts(config, settings.requests, settings.prompt_tokens, seed=0)  # round 1's
+    theirs = load_and_pick_theirs(path, dtype, config, first_prompts, settings, result)
     run_rounds(llm, theirs, dtype_name, config, settings, result)
     run_ours_long(llm, dtype_name, config, settings, result)
     run_theirs_long(theirs, dtype_name, config, settings, result)
