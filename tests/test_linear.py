@@ -37,3 +37,54 @@ def test_autocast_keeps_the_ordinary_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not linear_module.single_row_cpu_bf16(x, weight)
     assert linear_module.single_row_cpu_bf16(x, weight)
+
+
+needs_prepacking = pytest.mark.skipif(not linear_module._onednn_prepacking_works(),
+                                      reason="this torch build has no oneDNN prepacked linear")
+
+
+@needs_prepacking
+@pytest.mark.parametrize("rows", [2, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_several_bf16_rows_without_grad_read_the_prepacked_weight_bitwise(rows, bias):
+    layer = Linear(96, 40, bias=bias).to(torch.bfloat16)
+    x = torch.randn(96, rows, dtype=torch.bfloat16).T.view(1, rows, 96)  # [B, T, in], not contiguous
+    with torch.no_grad():
+        got = layer(x)
+        packed = linear_module._prepacked.get(layer.weight)
+        assert packed is not None  # the packed copy was made and is kept for the next call
+        assert layer(x).equal(got) and linear_module._prepacked.get(layer.weight)[1] is packed[1]
+    assert got.shape == (1, rows, 40)
+    if not bias:
+        assert got.equal(F.linear(x, layer.weight))
+    else:  # oneDNN adds the bias inside the product (one rounding), F.linear after it in bf16 (two): same bound
+        exact = x.double() @ layer.weight.double().T + layer.bias.double()
+        torch.testing.assert_close(got.double(), exact, atol=2 * exact.abs().max().item() * 2**-8, rtol=0)
+
+
+@needs_prepacking
+def test_prepacked_weight_follows_in_place_changes_and_dies_with_the_layer():
+    layer = Linear(96, 40, bias=False).to(torch.bfloat16)
+    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(-2)  # e.g. load_state_dict's copy_: the version changes, the pointer does not
+        after = layer(x)
+    assert after.equal(F.linear(x, layer.weight)) and not after.equal(before)
+    count = len(linear_module._prepacked)
+    del layer
+    assert len(linear_module._prepacked) == count - 1
+
+
+@needs_prepacking
+def test_grad_autocast_and_float32_never_prepack():
+    layer = Linear(96, 40).to(torch.bfloat16)
+    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    out = layer(x)  # gradients on: the ordinary differentiable linear
+    assert out.grad_fn is not None and layer.weight not in linear_module._prepacked
+    fp32 = Linear(96, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32(torch.randn(8, 96))
+    with torch.no_grad():
+        fp32(torch.randn(8, 96))
+    assert fp32.weight not in linear_module._prepacked

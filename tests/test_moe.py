@@ -247,3 +247,17 @@ def test_moe_forward_has_no_host_sync_on_cuda():
         moe(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_slot_sum_without_grad_equals_the_float32_sum_bitwise(dtype, k):
+    out = torch.randn(37, k, 64, dtype=dtype)
+    before = out.clone()
+    with torch.no_grad():
+        total = moe_module.sum_over_slots(out)
+    assert total.dtype == torch.float32 and total.equal(out.sum(dim=1, dtype=torch.float32))
+    assert out.equal(before)  # the first slot is copied, not summed into
+    leaf = out.clone().requires_grad_()
+    moe_module.sum_over_slots(leaf).sum().backward()  # with gradients: the differentiable sum
+    assert leaf.grad.equal(torch.ones_like(leaf))

@@ -47,7 +47,7 @@ class RowParallelLinear(nn.Linear):
     """A linear layer holding a slice of the input features; partial results are summed over the ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = linear(x, self.weight, prepack=True)
         dist.all_reduce(out)
         return out + self.bias if self.bias is not None else out
 
@@ -71,7 +71,7 @@ class VocabParallelHead(nn.Linear):
     """Logits for a slice of the vocabulary, gathered from every rank into the full [..., vocab]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = linear(x, self.weight).contiguous()  # [..., V/W]
+        local = linear(x, self.weight, prepack=True).contiguous()  # [..., V/W]
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)
