@@ -5,6 +5,8 @@ import torch.nn.functional as F
 import dsv2.model.linear as linear_module
 from dsv2.model.linear import Linear
 
+from helpers import greedy_continuation, tiny_model
+
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_bf16_row_goes_through_mv_and_equals_the_matmul(monkeypatch, bias):
@@ -88,3 +90,14 @@ def test_grad_autocast_and_float32_never_prepack():
     with torch.no_grad():
         fp32(torch.randn(8, 96))
     assert fp32.weight not in linear_module._prepacked
+
+
+def test_a_model_made_under_inference_mode_decodes_as_one_made_normally():
+    """Its weights are inference tensors, which keep no version counter for the weight caches (prepacked copies,
+    the absorbed W_UK / W_UV) to read: they must still work, and give the same tokens."""
+    prompt = torch.randint(0, 100, (2, 7))
+    expected = greedy_continuation(tiny_model(dtype=torch.bfloat16), prompt, 5)
+    with torch.inference_mode():
+        model = tiny_model(dtype=torch.bfloat16)
+        assert model.lm_head.weight.is_inference()
+        assert greedy_continuation(model, prompt, 5).equal(expected)

@@ -19,7 +19,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
-from dsv2.model.linear import Linear, autocast_input, matmul_dtype
+from dsv2.model.linear import Linear, autocast_input, matmul_dtype, weight_key
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import apply_rope
 
@@ -117,7 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         if torch.is_grad_enabled() and w.requires_grad:
             return w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank).split(
                 [self.nope_dim, self.v_dim], dim=1)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = (*weight_key(w), w.dtype, w.device)
         if getattr(self, "_absorbed_key", None) != key:
             w_kv_b = w.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [n_h, d + v, r]
             self._absorbed = tuple(part.contiguous() for part in w_kv_b.split([self.nope_dim, self.v_dim], dim=1))

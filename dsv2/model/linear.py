@@ -55,12 +55,18 @@ _prepacked: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → ((data_ptr
 def prepacked_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight [out, in] bf16 on CPU in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, made at the
     first call and kept while the weight lives; remade when the weight is replaced or changed in place."""
-    key = (weight.data_ptr(), weight._version)
+    key = weight_key(weight)
     entry = _prepacked.get(weight)
     if entry is None or entry[0] != key:
         entry = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_ROWS_HINT)
         _prepacked[weight] = entry
     return entry[1]
+
+
+def weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    """What identifies a weight's current values for a cache derived from it: its storage and its version counter
+    (bumped by every in-place change). Inference tensors (made under ``torch.inference_mode``) keep no counter: 0."""
+    return weight.data_ptr(), 0 if weight.is_inference() else weight._version
 
 
 @functools.cache
