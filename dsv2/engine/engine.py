@@ -211,7 +211,7 @@ class LLMEngine:
         if not rows:
             return []
         seqs = [batch.items[i].seq for i in rows]
-        logits = logits[rows]  # [N, vocab]
+        logits = logits if len(rows) == len(batch.items) else logits[rows]  # [N, vocab]
         tokens = sample(logits, [seq.sampling for seq in seqs])  # [N]
         want_logprobs = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
         if want_logprobs:
