@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv2.model.moe as moe_module
+from dsv2 import kernels
 from dsv2.model.moe import MoE
 
 from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config
@@ -10,6 +11,13 @@ from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config
 
 def moe_layer(base=TINY_LITE, **overrides) -> MoE:
     return randomize_(MoE(tiny_config(base, **overrides)), std=0.2)
+
+
+@pytest.fixture
+def torch_experts(monkeypatch):
+    """The routed experts' torch paths in bf16 inference, which the AMX kernel would take over (it is tested against
+    them in test_kernels.py)."""
+    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
 
 
 def swiglu(x, gate, up, down):
@@ -101,7 +109,7 @@ def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeyp
         assert computed[0] == int(owned.sum()) and computed[3] == 3 * 11
 
 
-def test_padded_decode_path_equals_grouped_mm(monkeypatch):
+def test_padded_decode_path_equals_grouped_mm(monkeypatch, torch_experts):
     moe = moe_layer(TINY_V2).eval().to(torch.bfloat16)  # the path is for 16-bit matmuls on CPU
     x = torch.randn(4, 1, 64, dtype=torch.bfloat16)  # a decode step of 4 sequences: few rows per expert
     counts = []
@@ -118,7 +126,7 @@ def test_padded_decode_path_equals_grouped_mm(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_path_equals_the_grouped_one(monkeypatch, dtype):
+def test_one_token_path_equals_the_grouped_one(monkeypatch, torch_experts, dtype):
     moe = moe_layer(TINY_V2).eval().to(dtype)
     x = torch.randn(1, 1, 64, dtype=dtype)  # batch-1 decoding
     one_token = []

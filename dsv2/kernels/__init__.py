@@ -1,0 +1,85 @@
+"""Native CPU kernels, compiled on first use (torch's C++ extension loader: a C++ compiler and ninja) and cached.
+
+One so far: the routed experts of a decoding step in bf16 on CPUs with AMX (`routed_experts_amx.cpp`). Everything
+works without it: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops` is None and
+the model keeps its torch path. The compiled library is cached per source and torch version under
+``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~20 s build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = Path(__file__).parent
+AMX_SOURCE = SOURCES / "routed_experts_amx.cpp"
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+AMX_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
+LIBRARY = "dsv2_amx"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("DSV2_CPU_KERNELS", "1") != "0"
+
+
+def _build_directory() -> Path:
+    key = hashlib.sha256(AMX_SOURCE.read_bytes())
+    key.update(" ".join([*AMX_CFLAGS, torch.__version__, sys.version]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "dsv2" / "kernels" / f"{LIBRARY}-{key.hexdigest()[:16]}"
+
+
+def _ninja_on_path() -> None:
+    """torch's loader runs `ninja`; the `ninja` package's copy lives in the environment's bin, which may be off
+    PATH when the environment is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@functools.cache
+def amx_ops() -> ModuleType | None:
+    """``torch.ops.dsv2_amx`` (its ``routed_experts``), built or loaded from the cache; None where it cannot run:
+    not x86-64 Linux with AMX, ``DSV2_CPU_KERNELS=0``, or a failed build (warned once)."""
+    if not kernels_enabled() or platform.system() != "Linux" or not cpu_flags() >= AMX_CPU_FLAGS:
+        return None
+    directory = _build_directory()
+    library = directory / f"{LIBRARY}.so"
+    try:
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            from torch.utils import cpp_extension
+
+            print(f"dsv2: compiling the AMX expert kernel into {directory} (once, ~20 s; DSV2_CPU_KERNELS=0 skips "
+                  "it)", file=sys.stderr, flush=True)
+            _ninja_on_path()
+            directory.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=LIBRARY, sources=[str(AMX_SOURCE)], extra_cflags=AMX_CFLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
+    except Exception as error:  # no compiler, no ninja, an old assembler: the torch path serves
+        warnings.warn(f"dsv2: the AMX expert kernel is unavailable ({type(error).__name__}: {error}); the routed "
+                      "experts run through torch", stacklevel=2)
+        return None
+    return torch.ops.dsv2_amx

@@ -1,0 +1,223 @@
+// The routed experts of a decoding step in bf16 on CPUs with AMX (Intel Xeon 4th generation and later).
+//
+//   out[n] = Σ_slot down_e(h),  h = round(silu(gate_e · x_n) * (up_e · x_n)) · w[n, slot],  e = expert_ids[n, slot]
+//
+// with the same bf16 roundings as dsv2's torch path (after each projection, the SiLU, the product and the scaling;
+// the k slots summed in float32 in slot order). What it saves over batched matmuls: the weights are the tiles' A
+// operand exactly as stored ([rows, K] row-major, no repacking), each expert's weights are read once per step whatever
+// its token count (≤ 16 tokens per pass; more re-read them from cache), and the next task's weights are prefetched
+// while the current one computes. The tokens are the B operand: an expert's (≤ 16) input rows, and its hidden
+// activations, are laid out pair-interleaved ([K/2][16][2], what TDPBF16PS reads), which costs little at these sizes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int64_t TILE = 16;   // weight rows per tile, tokens per group
+constexpr int64_t KSTEP = 32;  // bf16 values of K per tile product
+constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+
+// Tiles 0-1: float32 accumulators [16 rows][16 tokens]; 2-3: weight tiles [16 rows][32 K]; 4: tokens [16 K/2][16][2].
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 5; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+bool amx_permitted() {  // Linux hands out the AMX register state per process, on request
+  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
+
+// Prefetch part `step` of `steps` of a contiguous block into L1: the next task's weights, spread over this one's steps.
+inline void prefetch_part(const void* block, int64_t bytes, int64_t step, int64_t steps) {
+  const char* p = static_cast<const char*>(block);
+  const int64_t part = bytes / steps;
+  for (int64_t offset = step * part; offset < (step + 1) * part; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
+}
+
+struct Group {  // up to 16 assignments of one expert: order[first, first + count)
+  int64_t first, count;
+};
+
+at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+                          const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
+                  ids_in.size(0) == x_in.size(0),
+              "routed_experts: x [N, H], expert_ids and weights [N, k]");
+  TORCH_CHECK(gate_in.dim() == 3 && up_in.sizes() == gate_in.sizes() && gate_in.size(2) == x_in.size(1) &&
+                  down_in.dim() == 3 && down_in.size(0) == gate_in.size(0) && down_in.size(1) == x_in.size(1) &&
+                  down_in.size(2) == gate_in.size(1),
+              "routed_experts: gate and up [E, I, H], down [E, H, I]");
+  for (const auto* t : {&x_in, &gate_in, &up_in, &down_in})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "routed_experts: bfloat16 CPU tensors");
+  const int64_t N = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), E = gate_in.size(0), I = gate_in.size(1);
+  TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0, "routed_experts: hidden and intermediate sizes must be multiples of 32");
+  TORCH_CHECK(amx_permitted(), "routed_experts: the kernel does not get AMX (arch_prctl refused)");
+  const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
+  const auto weights = weights_in.to(at::kFloat).contiguous();
+  const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
+  const int64_t A = N * k;  // assignments a = n·k + slot
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* w = weights.data_ptr<float>();
+  auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
+
+  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16.
+  std::vector<int64_t> start(E + 1, 0), order(A);
+  for (int64_t a = 0; a < A; ++a)
+    if (mine(a)) ++start[id[a] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < A; ++a)
+      if (mine(a)) order[next[id[a]]++] = a;
+  }
+  std::vector<Group> groups;
+  std::vector<int64_t> active, first_group;  // the experts with assignments; [i, i+1): active[i]'s groups
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1] == start[e]) continue;
+    active.push_back(e);
+    first_group.push_back(groups.size());
+    for (int64_t f = start[e]; f < start[e + 1]; f += TILE) groups.push_back({f, std::min(TILE, start[e + 1] - f)});
+  }
+  first_group.push_back(groups.size());
+  const int64_t G = groups.size(), experts = active.size();
+
+  // Each group's input rows, pair-interleaved: xv[g][K/2][16 tokens] of bf16 pairs (absent tokens are zeros).
+  std::vector<uint32_t> xv(G * (H / 2) * TILE), hv(G * (I / 2) * TILE);
+  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      uint32_t* dst = &xv[g * (H / 2) * TILE];
+      for (int64_t t = 0; t < TILE; ++t) {
+        const uint32_t* src = t < groups[g].count ? x_pairs + (order[groups[g].first + t] / k) * (H / 2) : nullptr;
+        for (int64_t kk = 0; kk < H / 2; ++kk) dst[kk * TILE + t] = src ? src[kk] : 0;
+      }
+    }
+  });
+
+  // h = silu(gate · x) * (up · x) · w per 16 intermediate rows of one expert; written pair-interleaved into hv.
+  const bf16 *gate_w = gate.data_ptr<bf16>(), *up_w = up.data_ptr<bf16>(), *down_w = down.data_ptr<bf16>();
+  const int64_t i_tiles = I / TILE, gate_up_tasks = experts * i_tiles;
+  at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float gate_out[TILE * TILE], up_out[TILE * TILE];  // [16 rows][16 tokens]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ai = task / i_tiles, i0 = (task % i_tiles) * TILE;
+      const int64_t offset = (active[ai] * I + i0) * H;  // rows i0..i0+15 of the expert: [16, H] contiguous
+      const int64_t next = std::min(task + 1, gate_up_tasks - 1);
+      const int64_t next_offset = (active[next / i_tiles] * I + (next % i_tiles) * TILE) * H;
+      for (int64_t g = first_group[ai]; g < first_group[ai + 1]; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        const uint32_t* b = &xv[g * (H / 2) * TILE];
+        for (int64_t k0 = 0; k0 < H; k0 += KSTEP) {
+          if (g == first_group[ai]) {
+            prefetch_part(gate_w + next_offset, TILE * H * 2, k0 / KSTEP, H / KSTEP);
+            prefetch_part(up_w + next_offset, TILE * H * 2, k0 / KSTEP, H / KSTEP);
+          }
+          _tile_loadd(4, b + (k0 / 2) * TILE, 64);
+          _tile_loadd(2, gate_w + offset + k0, H * 2);
+          _tile_loadd(3, up_w + offset + k0, H * 2);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 3, 4);
+        }
+        _tile_stored(0, gate_out, 64);
+        _tile_stored(1, up_out, 64);
+        bf16* h = reinterpret_cast<bf16*>(&hv[g * (I / 2) * TILE]);  // [I/2][16][2]
+        for (int64_t t = 0; t < groups[g].count; ++t) {
+          const float scale = round_bf16(w[order[groups[g].first + t]]);
+          for (int64_t r = 0; r < TILE; ++r) {
+            const float gv = round_bf16(gate_out[r * TILE + t]), uv = round_bf16(up_out[r * TILE + t]);
+            const float act = round_bf16(gv / (1.0f + std::exp(-gv)));
+            const int64_t i = i0 + r;
+            h[((i / 2) * TILE + t) * 2 + i % 2] = static_cast<bf16>(round_bf16(act * uv) * scale);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+
+  // ys[a] = down · h per 32 output rows of one expert (two tiles sharing the tokens' tile), rounded to bf16.
+  auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H]
+  float* y = ys.data_ptr<float>();
+  const int64_t j_tiles = H / (2 * TILE), down_tasks = experts * j_tiles;
+  at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float out0[TILE * TILE], out1[TILE * TILE];  // [16 rows][16 tokens]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ai = task / j_tiles, j0 = (task % j_tiles) * 2 * TILE;
+      const bf16* rows = down_w + (active[ai] * H + j0) * I;  // [32, I] contiguous
+      const int64_t next = std::min(task + 1, down_tasks - 1);
+      const bf16* next_rows = down_w + (active[next / j_tiles] * H + (next % j_tiles) * 2 * TILE) * I;
+      for (int64_t g = first_group[ai]; g < first_group[ai + 1]; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        const uint32_t* b = &hv[g * (I / 2) * TILE];
+        for (int64_t k0 = 0; k0 < I; k0 += KSTEP) {
+          if (g == first_group[ai]) prefetch_part(next_rows, 2 * TILE * I * 2, k0 / KSTEP, I / KSTEP);
+          _tile_loadd(4, b + (k0 / 2) * TILE, 64);
+          _tile_loadd(2, rows + k0, I * 2);
+          _tile_loadd(3, rows + TILE * I + k0, I * 2);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 3, 4);
+        }
+        _tile_stored(0, out0, 64);
+        _tile_stored(1, out1, 64);
+        for (int64_t t = 0; t < groups[g].count; ++t) {
+          float* dst = y + order[groups[g].first + t] * H + j0;
+          for (int64_t r = 0; r < TILE; ++r) {
+            dst[r] = round_bf16(out0[r * TILE + t]);
+            dst[TILE + r] = round_bf16(out1[r * TILE + t]);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+  for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
+    if (!mine(a)) std::memset(y + a * H, 0, H * sizeof(float));
+
+  // Σ over the k slots in slot order, in float32.
+  auto out = at::empty({N, H}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      std::memcpy(o + n * H, y + n * k * H, H * sizeof(float));
+      for (int64_t slot = 1; slot < k; ++slot) {
+        const float* src = y + (n * k + slot) * H;
+        for (int64_t j = 0; j < H; ++j) o[n * H + j] += src[j];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsv2_amx, m) {
+  m.def("routed_experts(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("routed_experts", &routed_experts); }
