@@ -2,11 +2,16 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsv2 import kernels
+from dsv2.engine.runner import PagedLatentCache, PagedStepCache
+from dsv2.model.attention import MultiHeadLatentAttention
+from dsv2.model.cache import LatentCache, fused_decode_applies
 from dsv2.model.moe import RoutedExperts
+from dsv2.model.rope import RotaryEmbedding
 
-from helpers import randomize_
+from helpers import TINY_LITE, randomize_, tiny_config
 
 amx = pytest.mark.skipif(kernels.amx_ops() is None, reason="needs an x86-64 Linux CPU with AMX and a C++ compiler")
 
@@ -83,3 +88,69 @@ def test_kernels_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv("DSV2_CPU_KERNELS", "0")
     assert not kernels.kernels_enabled()
     assert kernels.amx_ops.__wrapped__() is None  # uncached: asked again, it declines before building anything
+
+
+def gathered_attention(q, layer, slots, lengths, value_dim, scale):
+    """The torch path's computation: each sequence's context gathered by slot, SDPA with a length mask."""
+    B, S = slots.shape
+    context = layer.index_select(0, slots.flatten()).view(B, 1, S, -1)  # [B, 1, S, D]
+    mask = (torch.arange(S) < lengths[:, None])[:, None, None, :].expand(B, 1, q.shape[1], S)
+    out = F.scaled_dot_product_attention(q[:, None], context, context, attn_mask=mask, scale=scale)  # [B, 1, h, D]
+    return out[:, 0, :, :value_dim]
+
+
+@amx
+@pytest.mark.parametrize(("B", "S", "heads", "D", "value_dim"), [
+    (3, 40, 4, 64, 48),  # fewer heads than a tile's 16 rows
+    (2, 600, 20, 576, 512),  # V2's latent size; 3 chunks of ≤ 256 keys merged; a second, partial group of heads
+])
+def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(B, S, heads, D, value_dim):
+    torch.manual_seed(S)
+    layer = torch.randn(B * S + 7, D).to(torch.bfloat16)  # one layer's slots
+    slots = torch.randperm(B * S + 7)[: B * S].view(B, S)  # scattered, as blocks of a paged cache are
+    lengths = torch.tensor([S, 1, S // 2][:B])
+    q = (0.5 * torch.randn(B, heads, D)).to(torch.bfloat16)
+    got = kernels.amx_ops().latent_attention(q, layer, slots, lengths, value_dim, D**-0.5)
+    want = gathered_attention(q, layer, slots, lengths, value_dim, D**-0.5)
+    assert got.shape == (B, heads, value_dim) and got.dtype == torch.bfloat16
+    # probabilities rounded to bf16 for their product, as torch's fused kernel does; sums in another order
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2 * want.abs().max().item())
+
+
+@amx
+@pytest.mark.parametrize("paged", [False, True])
+def test_fused_decoding_equals_the_gathered_path(paged):
+    """A decode step of MLA with the cache's fused kernel against the same step gathered and masked (SDPA)."""
+    config = tiny_config(TINY_LITE, kv_lora_rank=48, qk_rope_head_dim=16)  # entries of 64 values: the kernel's
+    attention = randomize_(MultiHeadLatentAttention(config, layer_idx=1), std=0.2).to(torch.bfloat16).eval()
+    B, lengths = 3, torch.tensor([37, 5, 300])  # the step's token sits at position length − 1
+    positions = (lengths - 1)[:, None]  # [B, 1]
+    x = torch.randn(B, 1, config.hidden_size).to(torch.bfloat16)
+    cos, sin = RotaryEmbedding(config)(positions)  # [B, 1, d_R/2] float32
+    if paged:
+        cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=torch.bfloat16, device="cpu")
+        cache.data.normal_()
+        tables = torch.randperm(64)[: B * 20].view(B, 20)  # each sequence's blocks, scattered
+        context = torch.arange(300).expand(B, 300)
+        read = tables.gather(1, context // 16) * 16 + context % 16
+        read = torch.where(context < lengths[:, None], read, cache.trash_slot)
+        write = read.gather(1, positions)
+
+        def step(fused: bool) -> torch.Tensor:
+            step_cache = PagedStepCache(cache, write, read, mask=context[:, None, :] <= positions[:, :, None])
+            step_cache.fused_decode_applies = lambda latent: fused
+            return attention(x, cos, sin, positions, step_cache)
+    else:
+        cache = LatentCache(config, B, 320, dtype=torch.bfloat16)
+        cache.data.normal_()
+        cache.seq_len = 300
+
+        def step(fused: bool) -> torch.Tensor:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(LatentCache, "fused_decode_applies", lambda self, latent: fused)
+                return attention(x, cos, sin, positions, cache)
+
+    with torch.no_grad():
+        assert fused_decode_applies(cache.data, torch.zeros(B, 1, 64, dtype=torch.bfloat16), 48)
+        fused, gathered = step(True), step(False)
+    torch.testing.assert_close(fused.float(), gathered.float(), rtol=2e-2, atol=2e-2 * gathered.abs().max().item())

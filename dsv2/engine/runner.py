@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from dsv2 import kernels
 from dsv2.config import ModelConfig
 from dsv2.engine.scheduler import Batch
 from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.model.cache import fused_decode_applies
 
 
 class PagedLatentCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
+        self.value_dim = config.kv_lora_rank
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.trash_slot = self.num_slots  # padding tokens write here; never read as a real entry
@@ -53,6 +56,18 @@ class PagedStepCache:
         layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
         B, S = self.read_slots.shape
         return layer.index_select(0, self.read_slots.flatten()).view(B, S, -1), self.mask  # ~5× layer[read_slots]
+
+    def fused_decode_applies(self, latent: torch.Tensor) -> bool:
+        return fused_decode_applies(self.cache.data, latent, self.cache.value_dim)
+
+    def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
+                     scale: float, value_dim: int) -> torch.Tensor:
+        """One token per sequence: write latent [B, 1, D] to its slot, then attend with the absorbed queries
+        q [B, n_h, D] straight over each sequence's slots up to its position → [B, n_h, value_dim] (the AMX kernel
+        reads the cache by the step's read slots: no gathered context)."""
+        layer = self.cache.data[layer_idx]  # [slots + 1, D]
+        layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
+        return kernels.amx_ops().latent_attention(q, layer, self.read_slots, positions[:, 0] + 1, value_dim, scale)
 
     def advance(self, num_tokens: int) -> None:
         pass

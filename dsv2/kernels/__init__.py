@@ -1,8 +1,10 @@
 """Native CPU kernels, compiled on first use (torch's C++ extension loader: a C++ compiler and ninja) and cached.
 
-One so far: the routed experts of a decoding step in bf16 on CPUs with AMX (`routed_experts_amx.cpp`). Everything
-works without it: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops` is None and
-the model keeps its torch path. The compiled library is cached per source and torch version under
+For decoding in bf16 on CPUs with AMX (Intel Xeon 4th generation and later), one library, ``torch.ops.dsv2_amx``:
+`routed_experts` (a step's routed experts, each expert's weights read once: routed_experts.cpp) and
+`latent_attention` (MLA's absorbed attention read straight from the paged latent cache: latent_attention.cpp).
+Everything works without them: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops`
+is None and the model keeps its torch paths. The compiled library is cached per source and torch version under
 ``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~20 s build.
 """
 
@@ -21,7 +23,8 @@ from types import ModuleType
 import torch
 
 SOURCES = Path(__file__).parent
-AMX_SOURCE = SOURCES / "routed_experts_amx.cpp"
+AMX_SOURCES = [SOURCES / "routed_experts.cpp", SOURCES / "latent_attention.cpp"]
+AMX_HEADERS = [SOURCES / "amx.h"]
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 AMX_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 LIBRARY = "dsv2_amx"
@@ -41,7 +44,7 @@ def kernels_enabled() -> bool:
 
 
 def _build_directory() -> Path:
-    key = hashlib.sha256(AMX_SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in AMX_SOURCES + AMX_HEADERS))
     key.update(" ".join([*AMX_CFLAGS, torch.__version__, sys.version]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "dsv2" / "kernels" / f"{LIBRARY}-{key.hexdigest()[:16]}"
@@ -60,7 +63,7 @@ def _ninja_on_path() -> None:
 
 @functools.cache
 def amx_ops() -> ModuleType | None:
-    """``torch.ops.dsv2_amx`` (its ``routed_experts``), built or loaded from the cache; None where it cannot run:
+    """``torch.ops.dsv2_amx``, built or loaded from the cache; None where it cannot run:
     not x86-64 Linux with AMX, ``DSV2_CPU_KERNELS=0``, or a failed build (warned once)."""
     if not kernels_enabled() or platform.system() != "Linux" or not cpu_flags() >= AMX_CPU_FLAGS:
         return None
@@ -72,14 +75,14 @@ def amx_ops() -> ModuleType | None:
         else:
             from torch.utils import cpp_extension
 
-            print(f"dsv2: compiling the AMX expert kernel into {directory} (once, ~20 s; DSV2_CPU_KERNELS=0 skips "
-                  "it)", file=sys.stderr, flush=True)
+            print(f"dsv2: compiling the AMX decoding kernels into {directory} (once, ~30 s; DSV2_CPU_KERNELS=0 "
+                  "skips them)", file=sys.stderr, flush=True)
             _ninja_on_path()
             directory.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=LIBRARY, sources=[str(AMX_SOURCE)], extra_cflags=AMX_CFLAGS,
+            cpp_extension.load(name=LIBRARY, sources=[str(path) for path in AMX_SOURCES], extra_cflags=AMX_CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
     except Exception as error:  # no compiler, no ninja, an old assembler: the torch path serves
-        warnings.warn(f"dsv2: the AMX expert kernel is unavailable ({type(error).__name__}: {error}); the routed "
-                      "experts run through torch", stacklevel=2)
+        warnings.warn(f"dsv2: the AMX decoding kernels are unavailable ({type(error).__name__}: {error}); "
+                      "decoding runs through torch", stacklevel=2)
         return None
     return torch.ops.dsv2_amx

@@ -69,15 +69,18 @@ class MultiHeadLatentAttention(nn.Module):
         c_normed = autocast_input(self.kv_a_layernorm(c))  # [B, T, r]
         latent = torch.cat([c_normed, apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
 
+        absorbed = impl == "absorbed" or (impl == "auto" and cache is not None and T == 1)
+        if absorbed and T == 1 and cache is not None and cache.fused_decode_applies(latent):
+            # a kernel writes the latents and attends straight over the cache: no gathered context, no mask
+            q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, n_h, r + d_R]
+            out_latent = cache.fused_decode(self.layer_idx, latent, positions, q, self.softmax_scale, self.kv_rank)
+            return self.o_proj(self.unabsorb(out_latent[:, :, None]).flatten(2))  # [B, 1, H]
         if cache is None:
             mask = None  # causal among the T tokens
         else:  # entry s of the returned context = position s; mask None: every key up to the query's own
             latent, mask = cache.update(self.layer_idx, latent, positions)  # [B, S, r + d_R], [B, T, S] | None
 
-        if impl == "absorbed" or (impl == "auto" and cache is not None and T == 1):
-            out = self.absorbed(q_nope, q_pe, latent, mask)
-        else:
-            out = self.expanded(q_nope, q_pe, latent, mask)
+        out = self.absorbed(q_nope, q_pe, latent, mask) if absorbed else self.expanded(q_nope, q_pe, latent, mask)
         return self.o_proj(out.flatten(2))  # [B, T, n_h·v] → [B, T, H]
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
@@ -124,6 +127,17 @@ class MultiHeadLatentAttention(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """W_UK folded into the query: q_* [B, T, n_h, ·] → [B, T, n_h, r + d_R], a query against the latent."""
+        w_uk, _ = self.absorbed_weights()  # [n_h, d, r]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, n_h, r]
+        return torch.cat([q_latent, q_pe], dim=-1)  # [B, T, n_h, r + d_R]
+
+    def unabsorb(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """W_UV applied to the attention's output over the latent: [B, n_h, T, r] → [B, T, n_h, v]."""
+        _, w_uv = self.absorbed_weights()  # [n_h, v, r]
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
+
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
         """MQA over the latent with W_UK/W_UV folded in. q_* [B, T, n_h, ·], latent [B, S, r + d_R] → [B, T, n_h, v].
@@ -132,9 +146,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         B, T, n_h, _ = q_nope.shape
         S = latent.shape[1]
-        w_uk, w_uv = self.absorbed_weights()  # [n_h, d, r], [n_h, v, r]
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, n_h, r]
-        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, T, n_h, r + d_R]
+        q = self.absorbed_query(q_nope, q_pe)  # [B, T, n_h, r + d_R]
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None].expand(B, T, S)
         # Fold the heads into the query length: one key/value head shared by all n_h·T query rows.
@@ -145,8 +157,7 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = F.scaled_dot_product_attention(
             q, latent[:, None], latent[:, None], attn_mask=mask, scale=self.softmax_scale,
         )[..., : self.kv_rank]  # [B, 1, n_h·T, r]
-        out_latent = out_latent.reshape(B, n_h, T, self.kv_rank)  # [B, n_h, T, r]
-        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, n_h, v]
+        return self.unabsorb(out_latent.reshape(B, n_h, T, self.kv_rank))  # [B, T, n_h, v]
 
 
 MATMUL_ATTENTION_MAX_KEYS = 512  # where the matmul path's forward + backward beat the flash kernel's (see below)

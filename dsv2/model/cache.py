@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from dsv2 import kernels
 from dsv2.config import ModelConfig
+
+
+def fused_decode_applies(cache_data: torch.Tensor, latent: torch.Tensor, value_dim: int) -> bool:
+    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data``: bf16 inference
+    on a CPU with AMX, entries of a multiple of 32 values whose first ``value_dim`` (a multiple of 16) are the value."""
+    return (not torch.is_grad_enabled() and cache_data.device.type == "cpu" and cache_data.dtype == torch.bfloat16
+            and latent.dtype == torch.bfloat16 and latent.shape[-1] % 32 == 0 and value_dim % 16 == 0
+            and kernels.amx_ops() is not None)
 
 
 class LatentCache:
@@ -26,6 +35,7 @@ class LatentCache:
                              f"{config.max_position_embeddings}")
         self.data = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.latent_dim, dtype=dtype,
                                 device=device)
+        self.rope_dim = config.qk_rope_head_dim
         self.seq_len = 0  # slots in use
 
     @property
@@ -52,6 +62,23 @@ class LatentCache:
         if self.seq_len == 0 or (latent.shape[0] == 1 and T == 1):
             return context, None
         return context, torch.arange(end, device=positions.device) <= positions[:, :, None]
+
+    def fused_decode_applies(self, latent: torch.Tensor) -> bool:
+        return fused_decode_applies(self.data, latent, latent.shape[-1] - self.rope_dim)
+
+    def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
+                     scale: float, value_dim: int) -> torch.Tensor:
+        """One token per row: store latent [B, 1, D] at positions [B, 1], then attend with the absorbed queries
+        q [B, n_h, D] over each row's entries up to its position → [B, n_h, value_dim] (the AMX kernel)."""
+        end = self.seq_len + 1
+        if end > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        layer = self.data[layer_idx]  # [B, max_len, D]
+        layer.scatter_(1, positions[:, :, None].expand_as(latent), latent.to(layer.dtype))
+        B = layer.shape[0]
+        slots = torch.arange(B, device=layer.device)[:, None] * self.max_len + torch.arange(end, device=layer.device)
+        return kernels.amx_ops().latent_attention(q, layer.view(B * self.max_len, -1), slots, positions[:, 0] + 1,
+                                                  value_dim, scale)
 
     def advance(self, num_tokens: int) -> None:
         """Called by the model once every layer has stored the step's tokens: seq_len counts slots in use."""

@@ -8,46 +8,18 @@
 // its token count (≤ 16 tokens per pass; more re-read them from cache), and the next task's weights are prefetched
 // while the current one computes. The tokens are the B operand: an expert's (≤ 16) input rows, and its hidden
 // activations, are laid out pair-interleaved ([K/2][16][2], what TDPBF16PS reads), which costs little at these sizes.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
 #include <torch/library.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "amx.h"
+
 namespace {
 
-using bf16 = c10::BFloat16;
-constexpr int64_t TILE = 16;   // weight rows per tile, tokens per group
-constexpr int64_t KSTEP = 32;  // bf16 values of K per tile product
-constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-
-// Tiles 0-1: float32 accumulators [16 rows][16 tokens]; 2-3: weight tiles [16 rows][32 K]; 4: tokens [16 K/2][16][2].
-struct TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 5; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = 16;
-  }
-  _tile_loadconfig(&config);
-}
-
-bool amx_permitted() {  // Linux hands out the AMX register state per process, on request
-  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  return ok;
-}
-
-inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
+using namespace dsv2_amx;
 
 // Prefetch part `step` of `steps` of a contiguous block into L1: the next task's weights, spread over this one's steps.
 inline void prefetch_part(const void* block, int64_t bytes, int64_t step, int64_t steps) {
@@ -120,7 +92,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   const bf16 *gate_w = gate.data_ptr<bf16>(), *up_w = up.data_ptr<bf16>(), *down_w = down.data_ptr<bf16>();
   const int64_t i_tiles = I / TILE, gate_up_tasks = experts * i_tiles;
   at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    configure_tiles(5);  // 0-1: accumulators, 2-3: weights, 4: tokens
     alignas(64) float gate_out[TILE * TILE], up_out[TILE * TILE];  // [16 rows][16 tokens]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / i_tiles, i0 = (task % i_tiles) * TILE;
@@ -164,7 +136,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   float* y = ys.data_ptr<float>();
   const int64_t j_tiles = H / (2 * TILE), down_tasks = experts * j_tiles;
   at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    configure_tiles(5);  // 0-1: accumulators, 2-3: weights, 4: tokens
     alignas(64) float out0[TILE * TILE], out1[TILE * TILE];  // [16 rows][16 tokens]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / j_tiles, j0 = (task % j_tiles) * 2 * TILE;
@@ -216,7 +188,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
 
 }  // namespace
 
-TORCH_LIBRARY(dsv2_amx, m) {
+TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
   m.def("routed_experts(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 

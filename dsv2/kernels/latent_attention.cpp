@@ -1,0 +1,225 @@
+// MLA's absorbed decoding attention in bf16 on CPUs with AMX, read straight from the paged latent cache.
+//
+//   out[b, h] = Σ_{s < length[b]} softmax_s(scale · q[b, h] · L[slot[b, s]]) · L[slot[b, s], :r]
+//
+// where L is one layer's cache ([slots, D], D = r + d_R: each token's normalized latent then its roped k_pe): one key
+// and one value per token shared by every head, so all of a sequence's heads go through the tiles together. No
+// gathered copy of the contexts and no mask are built: each task gathers its ≤ 256 keys (one sequence's chunk) into a
+// buffer that serves both products, computes the scores with tiles (A: 16 key rows, B: the queries pair-interleaved),
+// a float32 softmax per head, and the value product with tiles (A: the bf16 probabilities [16 heads][32 keys], B: 32
+// keys × 16 values pair-interleaved by permutes); a sequence's chunks are merged by their maxima, as split-K flash
+// decoding does. The probabilities are rounded to bf16 for their product, as torch's fused CPU kernel does.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "amx.h"
+
+namespace {
+
+using namespace dsv2_amx;
+constexpr int64_t CHUNK = 256;  // keys per task
+constexpr int64_t DBLOCKS = 4;  // 16-value blocks of the output per pass over a chunk (tiles 0-3)
+
+// e^x for x ≤ 0 (x > -87: no denormals): 2^n · 2^f, n = round(x·log2 e), |f| ≤ 1/2, 2^f by its Taylor series to f⁷.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  constexpr float c[8] = {1.0f, 0.693147181f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
+                          0.000154035304f, 0.0000152527338f};  // ln2^k / k!
+  __m512 p = _mm512_set1_ps(c[7]);
+  for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Task {  // keys [start, start + count) of sequence b
+  int64_t b, start, count;
+};
+
+at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
+                            const at::Tensor& lengths_in, int64_t value_dim, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 2 && q_in.size(2) == cache.size(1),
+              "latent_attention: q [B, heads, D] and a cache layer [slots, D]");
+  TORCH_CHECK(slots_in.dim() == 2 && slots_in.size(0) == q_in.size(0) && lengths_in.dim() == 1 &&
+                  lengths_in.size(0) == q_in.size(0),
+              "latent_attention: slots [B, S] and lengths [B]");
+  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && cache.scalar_type() == at::kBFloat16 && q_in.device().is_cpu() &&
+                  cache.device().is_cpu(),
+              "latent_attention: bfloat16 CPU tensors");
+  const int64_t B = q_in.size(0), heads = q_in.size(1), D = q_in.size(2), S = slots_in.size(1), r = value_dim;
+  TORCH_CHECK(D % KSTEP == 0 && r % TILE == 0 && r <= D,
+              "latent_attention: the key size must be a multiple of 32 and the value size a multiple of 16, ≤ it");
+  TORCH_CHECK(cache.stride(1) == 1, "latent_attention: cache rows must be contiguous");
+  TORCH_CHECK(amx_permitted(), "latent_attention: the kernel does not get AMX (arch_prctl refused)");
+  const auto q = q_in.contiguous(), slots = slots_in.to(at::kLong).contiguous();
+  const auto lengths = lengths_in.to(at::kLong).contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const int64_t num_slots = cache.size(0), row_stride = cache.stride(0);
+  const bf16* rows = cache.data_ptr<bf16>();
+  const bf16* queries = q.data_ptr<bf16>();
+  const int64_t groups = (heads + TILE - 1) / TILE;  // heads in groups of 16 (the tiles' rows)
+
+  std::vector<Task> tasks;
+  std::vector<int64_t> first_task(B + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(length[b] >= 0 && length[b] <= S, "latent_attention: lengths must lie in [0, S]");
+    first_task[b] = tasks.size();
+    for (int64_t s = 0; s < length[b]; s += CHUNK) tasks.push_back({b, s, std::min(CHUNK, length[b] - s)});
+    for (int64_t s = 0; s < length[b]; ++s)
+      TORCH_CHECK(slot[b * S + s] >= 0 && slot[b * S + s] < num_slots, "latent_attention: slot out of range");
+  }
+  first_task[B] = tasks.size();
+  const int64_t T = tasks.size(), padded_heads = groups * TILE;
+  // per task and head: the scores' maximum, the sum of exp(scale·(score − maximum)), and Σ exp(...)·value
+  std::vector<float> maxima(T * padded_heads), sums(T * padded_heads), partial(T * padded_heads * r);
+
+  const int64_t value_blocks = r / TILE;
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles(8);  // 0-3: accumulators, 4: probabilities, 5-6: B operands, 7: keys
+    std::vector<bf16> keys((CHUNK + KSTEP) * D);  // the chunk's rows, zero-padded to a multiple of 32
+    // the values pair-interleaved per 32 keys and 16 values: [CHUNK/32][r/16][16 key pairs][16 values][2]
+    std::vector<uint16_t> values_vnni(CHUNK / KSTEP * value_blocks * TILE * 2 * TILE);
+    std::vector<uint32_t> q_pairs((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved queries
+    alignas(64) float scores[CHUNK * TILE];  // [key][16 heads]
+    alignas(64) bf16 probs[TILE * CHUNK];  // [16 heads][key]
+    const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                                 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [b, start, n] = tasks[t];
+      const int64_t padded = (n + KSTEP - 1) / KSTEP * KSTEP;
+      const int64_t* chunk_slots = slot + b * S + start;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j + 4 < n) _mm_prefetch(reinterpret_cast<const char*>(rows + chunk_slots[j + 4] * row_stride), _MM_HINT_T0);
+        std::memcpy(&keys[j * D], rows + chunk_slots[j] * row_stride, D * 2);
+      }
+      std::memset(static_cast<void*>(&keys[n * D]), 0, (padded - n) * D * 2);
+      for (int64_t j0 = 0; j0 < padded; j0 += KSTEP)
+        for (int64_t v = 0; v < value_blocks; ++v) {
+          uint16_t* dst = &values_vnni[((j0 / KSTEP) * value_blocks + v) * TILE * 2 * TILE];
+          for (int64_t kk = 0; kk < TILE; ++kk) {
+            const bf16* even_row = &keys[(j0 + 2 * kk) * D + v * TILE];
+            const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row)));
+            const __m512i odd = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row + D)));
+            _mm512_storeu_si512(dst + kk * 2 * TILE, _mm512_permutex2var_epi16(even, interleave, odd));
+          }
+        }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
+        const uint32_t* q32 = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);
+        for (int64_t kk = 0; kk < D / 2; ++kk)
+          for (int64_t h = 0; h < TILE; ++h) q_pairs[kk * TILE + h] = h < hn ? q32[h * (D / 2) + kk] : 0;
+        // scores [key][head] = keys · queries, 4 × 16 keys at a time (independent accumulators)
+        for (int64_t j0 = 0; j0 < padded; j0 += 4 * TILE) {
+          const int64_t blocks = std::min<int64_t>(4, (padded - j0) / TILE);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t k0 = 0; k0 < D; k0 += KSTEP) {
+            _tile_loadd(5, &q_pairs[(k0 / 2) * TILE], 64);
+            _tile_loadd(7, &keys[j0 * D + k0], D * 2);
+            _tile_dpbf16ps(0, 7, 5);
+            _tile_loadd(6, &keys[(j0 + TILE) * D + k0], D * 2);
+            _tile_dpbf16ps(1, 6, 5);
+            if (blocks == 4) {
+              _tile_loadd(7, &keys[(j0 + 2 * TILE) * D + k0], D * 2);
+              _tile_dpbf16ps(2, 7, 5);
+              _tile_loadd(6, &keys[(j0 + 3 * TILE) * D + k0], D * 2);
+              _tile_dpbf16ps(3, 6, 5);
+            }
+          }
+          _tile_stored(0, &scores[j0 * TILE], 64);
+          _tile_stored(1, &scores[(j0 + TILE) * TILE], 64);
+          if (blocks == 4) {
+            _tile_stored(2, &scores[(j0 + 2 * TILE) * TILE], 64);
+            _tile_stored(3, &scores[(j0 + 3 * TILE) * TILE], 64);
+          }
+        }
+        // softmax numerators per head (16 heads = one vector), rounded to bf16 for the value product
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
+        const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale)), top_scaled = _mm512_mul_ps(top, scale_v);
+        __m512 total = _mm512_setzero_ps();
+        alignas(64) bf16 p_heads[TILE];
+        for (int64_t j = 0; j < padded; ++j) {
+          __m512 p = _mm512_setzero_ps();
+          if (j < n) p = exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled));
+          total = _mm512_add_ps(total, p);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p_heads), (__m256i)_mm512_cvtneps_pbh(p));
+          for (int64_t h = 0; h < TILE; ++h) probs[h * CHUNK + j] = p_heads[h];
+        }
+        _mm512_storeu_ps(&maxima[t * padded_heads + h0], top);
+        _mm512_storeu_ps(&sums[t * padded_heads + h0], total);
+        // Σ_j probs[h][j] · values[j], DBLOCKS blocks of 16 values per pass over the chunk
+        for (int64_t v0 = 0; v0 < value_blocks; v0 += DBLOCKS) {
+          const int64_t blocks = std::min(DBLOCKS, value_blocks - v0);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t j0 = 0; j0 < padded; j0 += KSTEP) {
+            _tile_loadd(4, &probs[j0], CHUNK * 2);
+            const uint16_t* b_tiles = &values_vnni[((j0 / KSTEP) * value_blocks + v0) * TILE * 2 * TILE];
+            _tile_loadd(5, b_tiles, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if (blocks > 1) {
+              _tile_loadd(6, b_tiles + TILE * 2 * TILE, 64);
+              _tile_dpbf16ps(1, 4, 6);
+            }
+            if (blocks > 2) {
+              _tile_loadd(5, b_tiles + 2 * TILE * 2 * TILE, 64);
+              _tile_dpbf16ps(2, 4, 5);
+            }
+            if (blocks > 3) {
+              _tile_loadd(6, b_tiles + 3 * TILE * 2 * TILE, 64);
+              _tile_dpbf16ps(3, 4, 6);
+            }
+          }
+          float* out = &partial[(t * padded_heads + h0) * r + v0 * TILE];  // [16 heads][r]
+          _tile_stored(0, out, r * 4);
+          if (blocks > 1) _tile_stored(1, out + TILE, r * 4);
+          if (blocks > 2) _tile_stored(2, out + 2 * TILE, r * 4);
+          if (blocks > 3) _tile_stored(3, out + 3 * TILE, r * 4);
+        }
+      }
+    }
+    _tile_release();
+  });
+
+  // merge each sequence's chunks: out = Σ_c e^(scale·(m_c − M)) o_c / Σ_c e^(scale·(m_c − M)) l_c
+  auto out = at::zeros({B, heads, r}, q.options());
+  bf16* o = out.data_ptr<bf16>();
+  at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(r);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      if (first_task[b] == first_task[b + 1]) continue;  // no keys: zeros
+      float top = -INFINITY, total = 0.0f;
+      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) top = std::max(top, maxima[t * padded_heads + h]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) {
+        const float weight = std::exp(static_cast<float>(scale) * (maxima[t * padded_heads + h] - top));
+        total += weight * sums[t * padded_heads + h];
+        const float* part = &partial[(t * padded_heads + h) * r];
+        for (int64_t d = 0; d < r; ++d) acc[d] += weight * part[d];
+      }
+      for (int64_t d = 0; d < r; ++d) o[bh * r + d] = static_cast<bf16>(acc[d] / total);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
+  m.def("latent_attention(Tensor q, Tensor cache, Tensor slots, Tensor lengths, int value_dim, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("latent_attention", &latent_attention); }
