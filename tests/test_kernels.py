@@ -16,8 +16,15 @@ from helpers import TINY_LITE, randomize_, tiny_config
 amx = pytest.mark.skipif(kernels.amx_ops() is None, reason="needs an x86-64 Linux CPU with AMX and a C++ compiler")
 
 
-def experts(E: int, H: int, inter: int) -> RoutedExperts:
-    return randomize_(RoutedExperts(E, H, inter), std=0.1).to(torch.bfloat16)
+def experts(E: int, H: int, inter: int, dtype: torch.dtype = torch.bfloat16) -> RoutedExperts:
+    return randomize_(RoutedExperts(E, H, inter), std=0.1).to(dtype)
+
+
+def assert_close_for(dtype: torch.dtype, got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16: the same roundings, only the order of float32 sums inside a product may differ; float32: sums only."""
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * tolerance,
+                               atol=tolerance * want.abs().max().item())
 
 
 def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bool = False) -> torch.Tensor:
@@ -29,16 +36,17 @@ def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bo
 
 
 @amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("N", "E", "k", "H", "inter"), [
     (1, 8, 2, 64, 32),  # one token (the torch path: one expert after another)
     (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm)
     (64, 16, 4, 256, 128),  # a decode batch (the torch path: capacity bmm)
-    (40, 4, 2, 64, 64),  # 20 assignments per expert on average: experts with 2 and 3 groups of 16 tokens
+    (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one group of 16, float32 in 4 of 4
 ])
-def test_amx_routed_experts_equal_the_torch_paths(N, E, k, H, inter):
+def test_amx_routed_experts_equal_the_torch_paths(dtype, N, E, k, H, inter):
     torch.manual_seed(N)
-    module = experts(E, H, inter)
-    x = torch.randn(N, H, dtype=torch.bfloat16)
+    module = experts(E, H, inter, dtype)
+    x = torch.randn(N, H, dtype=dtype)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(N)])  # [N, k] distinct per token
     weights = torch.rand(N, k)
     assert module._amx_applies(x, N * k) is False  # gradients are enabled out here: training never takes it
@@ -47,8 +55,7 @@ def test_amx_routed_experts_equal_the_torch_paths(N, E, k, H, inter):
     got = routed(module, x, ids, weights)
     ref = routed(module, x, ids, weights, torch_path=True)
     assert got.dtype == torch.float32 and got.shape == (N, H)
-    # the same bf16 roundings as the torch path; only the order of the float32 sums inside a product may differ
-    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert_close_for(dtype, got, ref)
 
 
 @amx
@@ -71,12 +78,13 @@ def test_amx_kernel_is_kept_out_of_what_it_does_not_cover():
     with torch.no_grad():
         assert module._amx_applies(x, 8)
         assert not module._amx_applies(x, 8 * 32 + 1)  # prefill-sized: grouped_mm
-        assert not module._amx_applies(x.float(), 8)  # float32 input
-        assert not module.float()._amx_applies(x, 8)  # float32 weights
+        assert not module._amx_applies(x.float(), 8)  # float32 input, bf16 weights
+        assert not experts(8, 64, 32, torch.float32)._amx_applies(x, 8)  # bf16 input (autocast), float32 weights
+        assert not module._amx_applies(x.half(), 8)  # float16
         assert not experts(8, 64, 48)._amx_applies(x, 8)  # intermediate size not a multiple of 32
-    with pytest.raises(RuntimeError, match="bfloat16 CPU tensors"):
+    with pytest.raises(RuntimeError, match="x and the weights alike"):
         kernels.amx_ops().routed_experts(x.float(), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
-                                         module.gate_proj.float(), module.up_proj.float(), module.down_proj.float())
+                                         module.gate_proj, module.up_proj, module.down_proj)
     with pytest.raises(RuntimeError, match="multiples of 32"):
         m = experts(8, 64, 48)
         kernels.amx_ops().routed_experts(x, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
@@ -100,35 +108,36 @@ def gathered_attention(q, layer, slots, lengths, value_dim, scale):
 
 
 @amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("B", "S", "heads", "D", "value_dim"), [
     (3, 40, 4, 64, 48),  # fewer heads than a tile's 16 rows
     (2, 600, 20, 576, 512),  # V2's latent size; 3 chunks of ≤ 256 keys merged; a second, partial group of heads
 ])
-def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(B, S, heads, D, value_dim):
+def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, B, S, heads, D, value_dim):
     torch.manual_seed(S)
-    layer = torch.randn(B * S + 7, D).to(torch.bfloat16)  # one layer's slots
+    layer = torch.randn(B * S + 7, D).to(dtype)  # one layer's slots
     slots = torch.randperm(B * S + 7)[: B * S].view(B, S)  # scattered, as blocks of a paged cache are
     lengths = torch.tensor([S, 1, S // 2][:B])
-    q = (0.5 * torch.randn(B, heads, D)).to(torch.bfloat16)
+    q = (0.5 * torch.randn(B, heads, D)).to(dtype)
     got = kernels.amx_ops().latent_attention(q, layer, slots, lengths, value_dim, D**-0.5)
     want = gathered_attention(q, layer, slots, lengths, value_dim, D**-0.5)
-    assert got.shape == (B, heads, value_dim) and got.dtype == torch.bfloat16
-    # probabilities rounded to bf16 for their product, as torch's fused kernel does; sums in another order
-    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2 * want.abs().max().item())
+    assert got.shape == (B, heads, value_dim) and got.dtype == dtype
+    assert_close_for(dtype, got, want)  # bf16: probabilities rounded for their product, as torch's fused kernel
 
 
 @amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("paged", [False, True])
-def test_fused_decoding_equals_the_gathered_path(paged):
+def test_fused_decoding_equals_the_gathered_path(paged, dtype):
     """A decode step of MLA with the cache's fused kernel against the same step gathered and masked (SDPA)."""
     config = tiny_config(TINY_LITE, kv_lora_rank=48, qk_rope_head_dim=16)  # entries of 64 values: the kernel's
-    attention = randomize_(MultiHeadLatentAttention(config, layer_idx=1), std=0.2).to(torch.bfloat16).eval()
+    attention = randomize_(MultiHeadLatentAttention(config, layer_idx=1), std=0.2).to(dtype).eval()
     B, lengths = 3, torch.tensor([37, 5, 300])  # the step's token sits at position length − 1
     positions = (lengths - 1)[:, None]  # [B, 1]
-    x = torch.randn(B, 1, config.hidden_size).to(torch.bfloat16)
+    x = torch.randn(B, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)  # [B, 1, d_R/2] float32
     if paged:
-        cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=torch.bfloat16, device="cpu")
+        cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=dtype, device="cpu")
         cache.data.normal_()
         tables = torch.randperm(64)[: B * 20].view(B, 20)  # each sequence's blocks, scattered
         context = torch.arange(300).expand(B, 300)
@@ -141,7 +150,7 @@ def test_fused_decoding_equals_the_gathered_path(paged):
             step_cache.fused_decode_applies = lambda latent: fused
             return attention(x, cos, sin, positions, step_cache)
     else:
-        cache = LatentCache(config, B, 320, dtype=torch.bfloat16)
+        cache = LatentCache(config, B, 320, dtype=dtype)
         cache.data.normal_()
         cache.seq_len = 300
 
@@ -151,6 +160,6 @@ def test_fused_decoding_equals_the_gathered_path(paged):
                 return attention(x, cos, sin, positions, cache)
 
     with torch.no_grad():
-        assert fused_decode_applies(cache.data, torch.zeros(B, 1, 64, dtype=torch.bfloat16), 48)
+        assert fused_decode_applies(cache.data, torch.zeros(B, 1, 64, dtype=dtype), 48)
         fused, gathered = step(True), step(False)
-    torch.testing.assert_close(fused.float(), gathered.float(), rtol=2e-2, atol=2e-2 * gathered.abs().max().item())
+    assert_close_for(dtype, fused, gathered)

@@ -81,7 +81,7 @@ def test_group_limited_routing_stays_in_the_best_groups():
     assert (chosen_groups[:, :, None] == top_groups[:, None, :]).any(-1).all()
 
 
-def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
+def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch, torch_experts):
     moe = moe_layer(TINY_V2).eval()
     x = torch.randn(2, 9, 64)
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_grouped_mm_and_per_expert_fallback_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["grouped_mm", "fallback", "padded"])
-def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, path):
+def test_assignments_to_other_ranks_experts_cost_nothing_and_add_nothing(monkeypatch, torch_experts, path):
     experts = moe_layer(TINY_V2).experts  # expert parallel: this "rank" owns experts 0 .. E/2 - 1
     monkeypatch.setattr(moe_module, "_cpu_16bit", lambda x, weight: path == "padded")
     if path == "fallback":

@@ -1,4 +1,5 @@
-// MLA's absorbed decoding attention in bf16 on CPUs with AMX, read straight from the paged latent cache.
+// MLA's absorbed decoding attention on CPU, read straight from the paged latent cache: bf16 on the AMX tiles, float32
+// with AVX-512 FMAs.
 //
 //   out[b, h] = Σ_{s < length[b]} softmax_s(scale · q[b, h] · L[slot[b, s]]) · L[slot[b, s], :r]
 //
@@ -8,7 +9,8 @@
 // buffer that serves both products, computes the scores with tiles (A: 16 key rows, B: the queries pair-interleaved),
 // a float32 softmax per head, and the value product with tiles (A: the bf16 probabilities [16 heads][32 keys], B: 32
 // keys × 16 values pair-interleaved by permutes); a sequence's chunks are merged by their maxima, as split-K flash
-// decoding does. The probabilities are rounded to bf16 for their product, as torch's fused CPU kernel does.
+// decoding does. The probabilities are rounded to bf16 for their product, as torch's fused CPU kernel does. float32
+// takes the same chunks, with the queries (scores) and the probabilities (values) as the vectors of its FMAs.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -42,44 +44,27 @@ struct Task {  // keys [start, start + count) of sequence b
   int64_t b, start, count;
 };
 
-at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
-                            const at::Tensor& lengths_in, int64_t value_dim, double scale) {
-  TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 2 && q_in.size(2) == cache.size(1),
-              "latent_attention: q [B, heads, D] and a cache layer [slots, D]");
-  TORCH_CHECK(slots_in.dim() == 2 && slots_in.size(0) == q_in.size(0) && lengths_in.dim() == 1 &&
-                  lengths_in.size(0) == q_in.size(0),
-              "latent_attention: slots [B, S] and lengths [B]");
-  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && cache.scalar_type() == at::kBFloat16 && q_in.device().is_cpu() &&
-                  cache.device().is_cpu(),
-              "latent_attention: bfloat16 CPU tensors");
-  const int64_t B = q_in.size(0), heads = q_in.size(1), D = q_in.size(2), S = slots_in.size(1), r = value_dim;
-  TORCH_CHECK(D % KSTEP == 0 && r % TILE == 0 && r <= D,
-              "latent_attention: the key size must be a multiple of 32 and the value size a multiple of 16, ≤ it");
-  TORCH_CHECK(cache.stride(1) == 1, "latent_attention: cache rows must be contiguous");
-  TORCH_CHECK(amx_permitted(), "latent_attention: the kernel does not get AMX (arch_prctl refused)");
-  const auto q = q_in.contiguous(), slots = slots_in.to(at::kLong).contiguous();
-  const auto lengths = lengths_in.to(at::kLong).contiguous();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* length = lengths.data_ptr<int64_t>();
-  const int64_t num_slots = cache.size(0), row_stride = cache.stride(0);
-  const bf16* rows = cache.data_ptr<bf16>();
-  const bf16* queries = q.data_ptr<bf16>();
-  const int64_t groups = (heads + TILE - 1) / TILE;  // heads in groups of 16 (the tiles' rows)
-
+// What every chunk task reads and writes.
+struct Chunks {
   std::vector<Task> tasks;
-  std::vector<int64_t> first_task(B + 1);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(length[b] >= 0 && length[b] <= S, "latent_attention: lengths must lie in [0, S]");
-    first_task[b] = tasks.size();
-    for (int64_t s = 0; s < length[b]; s += CHUNK) tasks.push_back({b, s, std::min(CHUNK, length[b] - s)});
-    for (int64_t s = 0; s < length[b]; ++s)
-      TORCH_CHECK(slot[b * S + s] >= 0 && slot[b * S + s] < num_slots, "latent_attention: slot out of range");
-  }
-  first_task[B] = tasks.size();
-  const int64_t T = tasks.size(), padded_heads = groups * TILE;
-  // per task and head: the scores' maximum, the sum of exp(scale·(score − maximum)), and Σ exp(...)·value
-  std::vector<float> maxima(T * padded_heads), sums(T * padded_heads), partial(T * padded_heads * r);
+  std::vector<int64_t> first_task;  // sequence b's tasks: [first_task[b], first_task[b + 1])
+  const int64_t* slot;  // [B, S]
+  int64_t S, heads, D, r, groups, padded_heads, row_stride;
+  float scale;
+  // per task and head: the scores' maximum, Σ exp(scale·(score − maximum)), and Σ exp(...)·value [r]
+  std::vector<float> maxima, sums, partial;
+};
 
+// bf16: both products on the tiles.
+void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
+  const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, groups = c.groups, padded_heads = c.padded_heads;
+  const int64_t row_stride = c.row_stride, T = c.tasks.size();
+  const int64_t* slot = c.slot;
+  const double scale = c.scale;
+  auto& tasks = c.tasks;
+  auto& maxima = c.maxima;
+  auto& sums = c.sums;
+  auto& partial = c.partial;
   const int64_t value_blocks = r / TILE;
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(8);  // 0-3: accumulators, 4: probabilities, 5-6: B operands, 7: keys
@@ -193,9 +178,120 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
     _tile_release();
   });
 
+}
+
+// float32: AVX-512 FMAs with one operand broadcast from memory (no rounding anywhere, as the float32 torch path).
+void attend_chunks(Chunks& c, const float* rows, const float* queries) {
+  const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, padded_heads = c.padded_heads;
+  constexpr int64_t KEYS = 8;  // keys per score block (independent accumulators)
+  constexpr int64_t VALUES = 16;  // values per pass of the value product (accumulators)
+  at::parallel_for(0, static_cast<int64_t>(c.tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys((CHUNK + KEYS) * D);  // the chunk's rows, zero-padded to a multiple of 8
+    std::vector<float> q_t(D * TILE);  // [D][16 heads]: the queries transposed
+    std::vector<float> scores(CHUNK * TILE), out_t(r * TILE);  // [key][16 heads], [value][16 heads]
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [b, start, n] = c.tasks[t];
+      const int64_t padded = (n + KEYS - 1) / KEYS * KEYS;
+      const int64_t* chunk_slots = c.slot + b * S + start;
+      for (int64_t j = 0; j < n; ++j) std::memcpy(&keys[j * D], rows + chunk_slots[j] * c.row_stride, D * 4);
+      std::fill(keys.begin() + n * D, keys.begin() + padded * D, 0.0f);
+      for (int64_t g = 0; g < c.groups; ++g) {
+        const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t h = 0; h < TILE; ++h) q_t[d * TILE + h] = h < hn ? queries[(b * heads + h0 + h) * D + d] : 0;
+        for (int64_t j0 = 0; j0 < padded; j0 += KEYS) {  // scores[j] (16 heads) = Σ_d keys[j][d] · q_t[d]
+          __m512 acc[KEYS];
+          for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
+          const float* k = &keys[j0 * D];
+          for (int64_t d = 0; d < D; ++d) {
+            const __m512 qd = _mm512_loadu_ps(&q_t[d * TILE]);
+            for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(k[i * D + d]), qd, acc[i]);
+          }
+          for (int64_t i = 0; i < KEYS; ++i) _mm512_storeu_ps(&scores[(j0 + i) * TILE], acc[i]);
+        }
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_loadu_ps(&scores[j * TILE]));
+        const __m512 scale_v = _mm512_set1_ps(c.scale), top_scaled = _mm512_mul_ps(top, scale_v);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < padded; ++j) {  // scores become the softmax numerators in place
+          __m512 p = _mm512_setzero_ps();
+          if (j < n) p = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(&scores[j * TILE]), scale_v, top_scaled));
+          total = _mm512_add_ps(total, p);
+          _mm512_storeu_ps(&scores[j * TILE], p);
+        }
+        _mm512_storeu_ps(&c.maxima[t * padded_heads + h0], top);
+        _mm512_storeu_ps(&c.sums[t * padded_heads + h0], total);
+        for (int64_t v0 = 0; v0 < r; v0 += VALUES) {  // out_t[v] (16 heads) = Σ_j keys[j][v] · p[j]
+          __m512 acc[VALUES];
+          for (int64_t i = 0; i < VALUES; ++i) acc[i] = _mm512_setzero_ps();
+          for (int64_t j = 0; j < n; ++j) {
+            const __m512 pj = _mm512_loadu_ps(&scores[j * TILE]);
+            const float* v = &keys[j * D + v0];
+            for (int64_t i = 0; i < VALUES; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(v[i]), pj, acc[i]);
+          }
+          for (int64_t i = 0; i < VALUES; ++i) _mm512_storeu_ps(&out_t[(v0 + i) * TILE], acc[i]);
+        }
+        float* out = &c.partial[(t * padded_heads + h0) * r];  // [16 heads][r]
+        for (int64_t h = 0; h < TILE; ++h)
+          for (int64_t v = 0; v < r; ++v) out[h * r + v] = out_t[v * TILE + h];
+      }
+    }
+  });
+}
+
+at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
+                            const at::Tensor& lengths_in, int64_t value_dim, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 2 && q_in.size(2) == cache.size(1),
+              "latent_attention: q [B, heads, D] and a cache layer [slots, D]");
+  TORCH_CHECK(slots_in.dim() == 2 && slots_in.size(0) == q_in.size(0) && lengths_in.dim() == 1 &&
+                  lengths_in.size(0) == q_in.size(0),
+              "latent_attention: slots [B, S] and lengths [B]");
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && cache.scalar_type() == dtype &&
+                  q_in.device().is_cpu() && cache.device().is_cpu(),
+              "latent_attention: bfloat16 or float32 CPU tensors, q and the cache alike");
+  const int64_t B = q_in.size(0), heads = q_in.size(1), D = q_in.size(2), S = slots_in.size(1), r = value_dim;
+  TORCH_CHECK(D % KSTEP == 0 && r % TILE == 0 && r <= D,
+              "latent_attention: the key size must be a multiple of 32 and the value size a multiple of 16, ≤ it");
+  TORCH_CHECK(cache.stride(1) == 1, "latent_attention: cache rows must be contiguous");
+  const auto q = q_in.contiguous(), slots = slots_in.to(at::kLong).contiguous();
+  const auto lengths = lengths_in.to(at::kLong).contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const int64_t num_slots = cache.size(0);
+  Chunks c;
+  c.slot = slot;
+  c.S = S, c.heads = heads, c.D = D, c.r = r, c.row_stride = cache.stride(0), c.scale = static_cast<float>(scale);
+  c.groups = (heads + TILE - 1) / TILE;  // heads in groups of 16 (the tiles' rows, a vector's lanes)
+  c.padded_heads = c.groups * TILE;
+  auto& tasks = c.tasks;
+  auto& first_task = c.first_task;
+  first_task.resize(B + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(length[b] >= 0 && length[b] <= S, "latent_attention: lengths must lie in [0, S]");
+    first_task[b] = tasks.size();
+    for (int64_t s = 0; s < length[b]; s += CHUNK) tasks.push_back({b, s, std::min(CHUNK, length[b] - s)});
+    for (int64_t s = 0; s < length[b]; ++s)
+      TORCH_CHECK(slot[b * S + s] >= 0 && slot[b * S + s] < num_slots, "latent_attention: slot out of range");
+  }
+  first_task[B] = tasks.size();
+  const int64_t T = tasks.size(), padded_heads = c.padded_heads;
+  c.maxima.resize(T * padded_heads);
+  c.sums.resize(T * padded_heads);
+  c.partial.resize(T * padded_heads * r);
+  if (dtype == at::kBFloat16) {
+    TORCH_CHECK(amx_permitted(), "latent_attention: the kernel does not get AMX (arch_prctl refused)");
+    attend_chunks(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
+  } else {
+    attend_chunks(c, cache.data_ptr<float>(), q.data_ptr<float>());
+  }
+  const auto& maxima = c.maxima;
+  const auto& sums = c.sums;
+  const auto& partial = c.partial;
+
   // merge each sequence's chunks: out = Σ_c e^(scale·(m_c − M)) o_c / Σ_c e^(scale·(m_c − M)) l_c
-  auto out = at::zeros({B, heads, r}, q.options());
-  bf16* o = out.data_ptr<bf16>();
+  auto out = at::zeros({B, heads, r}, q.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
   at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(r);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -205,15 +301,15 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
       for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) top = std::max(top, maxima[t * padded_heads + h]);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) {
-        const float weight = std::exp(static_cast<float>(scale) * (maxima[t * padded_heads + h] - top));
+        const float weight = std::exp(c.scale * (maxima[t * padded_heads + h] - top));
         total += weight * sums[t * padded_heads + h];
         const float* part = &partial[(t * padded_heads + h) * r];
         for (int64_t d = 0; d < r; ++d) acc[d] += weight * part[d];
       }
-      for (int64_t d = 0; d < r; ++d) o[bh * r + d] = static_cast<bf16>(acc[d] / total);
+      for (int64_t d = 0; d < r; ++d) o[bh * r + d] = acc[d] / total;
     }
   });
-  return out;
+  return out.to(dtype);
 }
 
 }  // namespace

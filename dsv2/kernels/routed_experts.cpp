@@ -28,56 +28,36 @@ inline void prefetch_part(const void* block, int64_t bytes, int64_t step, int64_
   for (int64_t offset = step * part; offset < (step + 1) * part; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
 }
 
-struct Group {  // up to 16 assignments of one expert: order[first, first + count)
+constexpr int64_t FP32_TOKENS = 4;  // tokens per group in float32
+
+struct Group {  // up to 16 (float32: 4) assignments of one expert: order[first, first + count)
   int64_t first, count;
 };
 
-at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
-                          const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
-  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
-                  ids_in.size(0) == x_in.size(0),
-              "routed_experts: x [N, H], expert_ids and weights [N, k]");
-  TORCH_CHECK(gate_in.dim() == 3 && up_in.sizes() == gate_in.sizes() && gate_in.size(2) == x_in.size(1) &&
-                  down_in.dim() == 3 && down_in.size(0) == gate_in.size(0) && down_in.size(1) == x_in.size(1) &&
-                  down_in.size(2) == gate_in.size(1),
-              "routed_experts: gate and up [E, I, H], down [E, H, I]");
-  for (const auto* t : {&x_in, &gate_in, &up_in, &down_in})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "routed_experts: bfloat16 CPU tensors");
-  const int64_t N = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), E = gate_in.size(0), I = gate_in.size(1);
-  TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0, "routed_experts: hidden and intermediate sizes must be multiples of 32");
-  TORCH_CHECK(amx_permitted(), "routed_experts: the kernel does not get AMX (arch_prctl refused)");
-  const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
-  const auto weights = weights_in.to(at::kFloat).contiguous();
-  const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
-  const int64_t A = N * k;  // assignments a = n·k + slot
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* w = weights.data_ptr<float>();
-  auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
+// What both implementations read and write.
+struct Experts {
+  int64_t N, H, k, E, I;
+  const float* w;  // [N·k] combine weights
+  const std::vector<int64_t>& order;  // assignments grouped by expert
+  const std::vector<Group>& groups;
+  const std::vector<int64_t>& active;  // the experts with assignments
+  const std::vector<int64_t>& first_group;  // active[i]'s groups: [first_group[i], first_group[i + 1])
+  float* y;  // [N·k, H] each assignment's output
+};
 
-  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16.
-  std::vector<int64_t> start(E + 1, 0), order(A);
-  for (int64_t a = 0; a < A; ++a)
-    if (mine(a)) ++start[id[a] + 1];
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t a = 0; a < A; ++a)
-      if (mine(a)) order[next[id[a]]++] = a;
-  }
-  std::vector<Group> groups;
-  std::vector<int64_t> active, first_group;  // the experts with assignments; [i, i+1): active[i]'s groups
-  for (int64_t e = 0; e < E; ++e) {
-    if (start[e + 1] == start[e]) continue;
-    active.push_back(e);
-    first_group.push_back(groups.size());
-    for (int64_t f = start[e]; f < start[e + 1]; f += TILE) groups.push_back({f, std::min(TILE, start[e + 1] - f)});
-  }
-  first_group.push_back(groups.size());
+// bf16 on the AMX tiles.
+void experts_amx(const Experts& c, const bf16* x, const bf16* gate_w, const bf16* up_w, const bf16* down_w) {
+  const int64_t H = c.H, k = c.k, I = c.I;
+  const float* w = c.w;
+  const auto& order = c.order;
+  const auto& groups = c.groups;
+  const auto& active = c.active;
+  const auto& first_group = c.first_group;
   const int64_t G = groups.size(), experts = active.size();
 
   // Each group's input rows, pair-interleaved: xv[g][K/2][16 tokens] of bf16 pairs (absent tokens are zeros).
   std::vector<uint32_t> xv(G * (H / 2) * TILE), hv(G * (I / 2) * TILE);
-  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());
+  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       uint32_t* dst = &xv[g * (H / 2) * TILE];
@@ -89,7 +69,6 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   });
 
   // h = silu(gate · x) * (up · x) · w per 16 intermediate rows of one expert; written pair-interleaved into hv.
-  const bf16 *gate_w = gate.data_ptr<bf16>(), *up_w = up.data_ptr<bf16>(), *down_w = down.data_ptr<bf16>();
   const int64_t i_tiles = I / TILE, gate_up_tasks = experts * i_tiles;
   at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(5);  // 0-1: accumulators, 2-3: weights, 4: tokens
@@ -132,8 +111,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   });
 
   // ys[a] = down · h per 32 output rows of one expert (two tiles sharing the tokens' tile), rounded to bf16.
-  auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H]
-  float* y = ys.data_ptr<float>();
+  float* y = c.y;
   const int64_t j_tiles = H / (2 * TILE), down_tasks = experts * j_tiles;
   at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(5);  // 0-1: accumulators, 2-3: weights, 4: tokens
@@ -168,6 +146,145 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
     }
     _tile_release();
   });
+}
+
+// out[r][m] = Σ_k w[r·ldw + k] · x[m][k] for 4 weight rows and M ≤ 4 input rows, K a multiple of 16: the 16
+// accumulators stay in registers; the rows 4 ahead are prefetched.
+template <int M>
+inline void dot4(const float* w, int64_t ldw, const float* const* x, int64_t K, float out[4][FP32_TOKENS]) {
+  __m512 acc[4][M];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < K; kk += 16) {
+    __m512 xv[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x[m] + kk);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4) * ldw + kk), _MM_HINT_T0);
+      const __m512 wv = _mm512_loadu_ps(w + r * ldw + kk);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+inline void dot4_any(const float* w, int64_t ldw, const float* const* x, int64_t m, int64_t K,
+                     float out[4][FP32_TOKENS]) {
+  switch (m) {
+    case 1: dot4<1>(w, ldw, x, K, out); break;
+    case 2: dot4<2>(w, ldw, x, K, out); break;
+    case 3: dot4<3>(w, ldw, x, K, out); break;
+    default: dot4<4>(w, ldw, x, K, out); break;
+  }
+}
+
+// float32 with AVX-512 FMAs: each expert's weights 4 rows at a time against ≤ 4 of its tokens, no rounding.
+void experts_fp32(const Experts& c, const float* x, const float* gate_w, const float* up_w, const float* down_w) {
+  const int64_t H = c.H, k = c.k, I = c.I;
+  const auto& order = c.order;
+  const auto& groups = c.groups;
+  const auto& active = c.active;
+  const auto& first_group = c.first_group;
+  std::vector<float> hs(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
+  const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
+  at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
+    float g[4][FP32_TOKENS], u[4][FP32_TOKENS];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ai = task / i_blocks, i0 = (task % i_blocks) * TILE;
+      const int64_t offset = (active[ai] * I + i0) * H;  // rows i0..i0+15 of the expert
+      for (int64_t r0 = 0; r0 < TILE; r0 += 4)
+        for (int64_t gi = first_group[ai]; gi < first_group[ai + 1]; ++gi) {
+          const Group& group = groups[gi];
+          const float* rows[FP32_TOKENS];
+          for (int64_t m = 0; m < group.count; ++m) rows[m] = x + (order[group.first + m] / k) * H;
+          dot4_any(gate_w + offset + r0 * H, H, rows, group.count, H, g);
+          dot4_any(up_w + offset + r0 * H, H, rows, group.count, H, u);
+          for (int64_t m = 0; m < group.count; ++m) {
+            const float scale = c.w[order[group.first + m]];
+            for (int r = 0; r < 4; ++r)
+              hs[(group.first + m) * I + i0 + r0 + r] = g[r][m] / (1.0f + std::exp(-g[r][m])) * u[r][m] * scale;
+          }
+        }
+    }
+  });
+  const int64_t j_blocks = H / (2 * TILE), down_tasks = active.size() * j_blocks;
+  at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
+    float out[4][FP32_TOKENS];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ai = task / j_blocks, j0 = (task % j_blocks) * 2 * TILE;
+      const float* rows_w = down_w + (active[ai] * H + j0) * I;  // [32, I]
+      for (int64_t r0 = 0; r0 < 2 * TILE; r0 += 4)
+        for (int64_t gi = first_group[ai]; gi < first_group[ai + 1]; ++gi) {
+          const Group& group = groups[gi];
+          const float* rows[FP32_TOKENS];
+          for (int64_t m = 0; m < group.count; ++m) rows[m] = &hs[(group.first + m) * I];
+          dot4_any(rows_w + r0 * I, I, rows, group.count, I, out);
+          for (int64_t m = 0; m < group.count; ++m)
+            for (int r = 0; r < 4; ++r) c.y[order[group.first + m] * H + j0 + r0 + r] = out[r][m];
+        }
+    }
+  });
+}
+
+at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+                          const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
+                  ids_in.size(0) == x_in.size(0),
+              "routed_experts: x [N, H], expert_ids and weights [N, k]");
+  TORCH_CHECK(gate_in.dim() == 3 && up_in.sizes() == gate_in.sizes() && gate_in.size(2) == x_in.size(1) &&
+                  down_in.dim() == 3 && down_in.size(0) == gate_in.size(0) && down_in.size(1) == x_in.size(1) &&
+                  down_in.size(2) == gate_in.size(1),
+              "routed_experts: gate and up [E, I, H], down [E, H, I]");
+  const auto dtype = x_in.scalar_type();
+  for (const auto* t : {&x_in, &gate_in, &up_in, &down_in})
+    TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && t->scalar_type() == dtype && t->device().is_cpu(),
+                "routed_experts: bfloat16 or float32 CPU tensors, x and the weights alike");
+  const int64_t N = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), E = gate_in.size(0), I = gate_in.size(1);
+  TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0, "routed_experts: hidden and intermediate sizes must be multiples of 32");
+  TORCH_CHECK(dtype == at::kFloat || amx_permitted(), "routed_experts: the kernel does not get AMX (arch_prctl refused)");
+  const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
+  const auto weights = weights_in.to(at::kFloat).contiguous();
+  const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
+  const int64_t A = N * k;  // assignments a = n·k + slot
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* w = weights.data_ptr<float>();
+  auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
+
+  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16 (a
+  // tile's columns; float32: ≤ 4, the vectors that stay in registers).
+  const int64_t group_size = dtype == at::kFloat ? FP32_TOKENS : TILE;
+  std::vector<int64_t> start(E + 1, 0), order(A);
+  for (int64_t a = 0; a < A; ++a)
+    if (mine(a)) ++start[id[a] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < A; ++a)
+      if (mine(a)) order[next[id[a]]++] = a;
+  }
+  std::vector<Group> groups;
+  std::vector<int64_t> active, first_group;  // the experts with assignments; [i, i+1): active[i]'s groups
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1] == start[e]) continue;
+    active.push_back(e);
+    first_group.push_back(groups.size());
+    for (int64_t f = start[e]; f < start[e + 1]; f += group_size)
+      groups.push_back({f, std::min(group_size, start[e + 1] - f)});
+  }
+  first_group.push_back(groups.size());
+
+  auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H] each assignment's output
+  Experts job{N, H, k, E, I, w, order, groups, active, first_group, ys.data_ptr<float>()};
+  if (dtype == at::kBFloat16)
+    experts_amx(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
+  else
+    experts_fp32(job, x.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(), down.data_ptr<float>());
+  float* y = job.y;
   for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
     if (!mine(a)) std::memset(y + a * H, 0, H * sizeof(float));
 

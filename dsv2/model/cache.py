@@ -14,11 +14,12 @@ from dsv2.config import ModelConfig
 
 
 def fused_decode_applies(cache_data: torch.Tensor, latent: torch.Tensor, value_dim: int) -> bool:
-    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data``: bf16 inference
-    on a CPU with AMX, entries of a multiple of 32 values whose first ``value_dim`` (a multiple of 16) are the value."""
-    return (not torch.is_grad_enabled() and cache_data.device.type == "cpu" and cache_data.dtype == torch.bfloat16
-            and latent.dtype == torch.bfloat16 and latent.shape[-1] % 32 == 0 and value_dim % 16 == 0
-            and kernels.amx_ops() is not None)
+    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data``: inference in bf16
+    or float32 on a CPU with AMX, entries of a multiple of 32 values whose first ``value_dim`` (a multiple of 16) are
+    the value."""
+    return (not torch.is_grad_enabled() and cache_data.device.type == "cpu"
+            and cache_data.dtype in (torch.bfloat16, torch.float32) and latent.dtype == cache_data.dtype
+            and latent.shape[-1] % 32 == 0 and value_dim % 16 == 0 and kernels.amx_ops() is not None)
 
 
 class LatentCache:

@@ -202,15 +202,17 @@ class RoutedExperts(nn.Module):
         return sum_over_slots(out)  # [N, H] float32
 
     def _amx_applies(self, x: torch.Tensor, assignments: int) -> bool:
-        """Whether the AMX kernel (`dsv2/kernels`) computes these experts: bf16 inference on a CPU with AMX, sizes
-        that are multiples of 32, and decode-sized steps (≤ AMX_MAX_ROWS_PER_EXPERT assignments per expert on
-        average), where it beats the torch paths by reading each expert's weights once (measured on the project's
-        machine, 32 experts of 1024 → 352, 4 per token: 2.6× at 1 token, 2.2× at 8, 1.3-1.5× at 64-128, 1.07× at
-        256); prefills keep grouped_mm."""
+        """Whether the decoding kernel (`dsv2/kernels`: AMX tiles in bf16, AVX-512 in float32) computes these
+        experts: inference on a CPU with AMX, x in the weights' dtype, sizes that are multiples of 32, and
+        decode-sized steps (at most AMX_MAX_ROWS_PER_EXPERT assignments per expert on average, half that in float32),
+        where it beats the torch paths by reading each expert's weights once. Measured on the project's machine, 32
+        experts of 1024 → 352, 4 per token, bf16: 2.6× at 1 token, 2.2× at 8, 1.3-1.5× at 64-128, 1.07× at 256;
+        float32: 1.7× at 1, 1.5× at 8, 1.3× at 64, 1.1× at 128. Prefills keep grouped_mm."""
         E, inter, H = self.gate_proj.shape
-        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16
-                and self.gate_proj.dtype == torch.bfloat16 and H % 32 == 0 and inter % 32 == 0
-                and assignments <= AMX_MAX_ROWS_PER_EXPERT * E and kernels.amx_ops() is not None)
+        limit = AMX_MAX_ROWS_PER_EXPERT if x.dtype == torch.bfloat16 else AMX_MAX_ROWS_PER_EXPERT // 2
+        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+                and self.gate_proj.dtype == x.dtype and H % 32 == 0 and inter % 32 == 0
+                and assignments <= limit * E and kernels.amx_ops() is not None)
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token's k experts one after another (batch-1 decoding on CPU, where reading the ids costs no sync):
