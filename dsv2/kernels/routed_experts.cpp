@@ -1,4 +1,5 @@
-// The routed experts of a decoding step in bf16 on CPUs with AMX (Intel Xeon 4th generation and later).
+// The routed experts of a decoding step on CPU: bf16 on the AMX tiles (Intel Xeon 4th generation and later), float32
+// with AVX-512 FMAs.
 //
 //   out[n] = Σ_slot down_e(h),  h = round(silu(gate_e · x_n) * (up_e · x_n)) · w[n, slot],  e = expert_ids[n, slot]
 //
@@ -8,6 +9,7 @@
 // its token count (≤ 16 tokens per pass; more re-read them from cache), and the next task's weights are prefetched
 // while the current one computes. The tokens are the B operand: an expert's (≤ 16) input rows, and its hidden
 // activations, are laid out pair-interleaved ([K/2][16][2], what TDPBF16PS reads), which costs little at these sizes.
+// float32 computes the same with 4 weight rows × ≤ 4 tokens of dot products per register tile, without roundings.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -36,7 +38,7 @@ struct Group {  // up to 16 (float32: 4) assignments of one expert: order[first,
 
 // What both implementations read and write.
 struct Experts {
-  int64_t N, H, k, E, I;
+  int64_t H, k, I;
   const float* w;  // [N·k] combine weights
   const std::vector<int64_t>& order;  // assignments grouped by expert
   const std::vector<Group>& groups;
@@ -279,7 +281,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   first_group.push_back(groups.size());
 
   auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H] each assignment's output
-  Experts job{N, H, k, E, I, w, order, groups, active, first_group, ys.data_ptr<float>()};
+  Experts job{H, k, I, w, order, groups, active, first_group, ys.data_ptr<float>()};
   if (dtype == at::kBFloat16)
     experts_amx(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
   else
