@@ -186,15 +186,15 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
   constexpr int64_t KEYS = 8;  // keys per score block (independent accumulators)
   constexpr int64_t VALUES = 16;  // values per pass of the value product (accumulators)
   at::parallel_for(0, static_cast<int64_t>(c.tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys((CHUNK + KEYS) * D);  // the chunk's rows, zero-padded to a multiple of 8
+    const std::vector<float> zeros(D, 0.0f);  // the rows of the padding keys
+    std::vector<const float*> keys(CHUNK + KEYS);  // the chunk's rows (then padding), read where they lie
     std::vector<float> q_t(D * TILE);  // [D][16 heads]: the queries transposed
     std::vector<float> scores(CHUNK * TILE), out_t(r * TILE);  // [key][16 heads], [value][16 heads]
     for (int64_t t = begin; t < end; ++t) {
       const auto [b, start, n] = c.tasks[t];
       const int64_t padded = (n + KEYS - 1) / KEYS * KEYS;
       const int64_t* chunk_slots = c.slot + b * S + start;
-      for (int64_t j = 0; j < n; ++j) std::memcpy(&keys[j * D], rows + chunk_slots[j] * c.row_stride, D * 4);
-      std::fill(keys.begin() + n * D, keys.begin() + padded * D, 0.0f);
+      for (int64_t j = 0; j < padded + KEYS; ++j) keys[j] = j < n ? rows + chunk_slots[j] * c.row_stride : zeros.data();
       for (int64_t g = 0; g < c.groups; ++g) {
         const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
         for (int64_t d = 0; d < D; ++d)
@@ -202,10 +202,13 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
         for (int64_t j0 = 0; j0 < padded; j0 += KEYS) {  // scores[j] (16 heads) = Σ_d keys[j][d] · q_t[d]
           __m512 acc[KEYS];
           for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
-          const float* k = &keys[j0 * D];
+          const float* const* k = &keys[j0];
           for (int64_t d = 0; d < D; ++d) {
+            if (d % 16 == 0)  // the next block's rows, a cache line at a time: scattered slots defeat the prefetcher
+              for (int64_t i = 0; i < KEYS; ++i)
+                _mm_prefetch(reinterpret_cast<const char*>(k[KEYS + i] + d), _MM_HINT_T0);
             const __m512 qd = _mm512_loadu_ps(&q_t[d * TILE]);
-            for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(k[i * D + d]), qd, acc[i]);
+            for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(k[i][d]), qd, acc[i]);
           }
           for (int64_t i = 0; i < KEYS; ++i) _mm512_storeu_ps(&scores[(j0 + i) * TILE], acc[i]);
         }
@@ -226,7 +229,7 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
           for (int64_t i = 0; i < VALUES; ++i) acc[i] = _mm512_setzero_ps();
           for (int64_t j = 0; j < n; ++j) {
             const __m512 pj = _mm512_loadu_ps(&scores[j * TILE]);
-            const float* v = &keys[j * D + v0];
+            const float* v = keys[j] + v0;
             for (int64_t i = 0; i < VALUES; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(v[i]), pj, acc[i]);
           }
           for (int64_t i = 0; i < VALUES; ++i) _mm512_storeu_ps(&out_t[(v0 + i) * TILE], acc[i]);
