@@ -90,8 +90,9 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
           uint16_t* dst = &values_vnni[((j0 / KSTEP) * value_blocks + v) * TILE * 2 * TILE];
           for (int64_t kk = 0; kk < TILE; ++kk) {
             const bf16* even_row = &keys[(j0 + 2 * kk) * D + v * TILE];
-            const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row)));
-            const __m512i odd = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row + D)));
+            const auto* row = reinterpret_cast<const __m256i*>(even_row);
+            const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(row));
+            const __m512i odd = _mm512_castsi256_si512(_mm256_loadu_si256(row + D / TILE));  // the next key's row
             _mm512_storeu_si512(dst + kk * 2 * TILE, _mm512_permutex2var_epi16(even, interleave, odd));
           }
         }

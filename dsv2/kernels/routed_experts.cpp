@@ -247,8 +247,10 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
     TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && t->scalar_type() == dtype && t->device().is_cpu(),
                 "routed_experts: bfloat16 or float32 CPU tensors, x and the weights alike");
   const int64_t N = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), E = gate_in.size(0), I = gate_in.size(1);
-  TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0, "routed_experts: hidden and intermediate sizes must be multiples of 32");
-  TORCH_CHECK(dtype == at::kFloat || amx_permitted(), "routed_experts: the kernel does not get AMX (arch_prctl refused)");
+  TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0,
+              "routed_experts: hidden and intermediate sizes must be multiples of 32");
+  TORCH_CHECK(dtype == at::kFloat || amx_permitted(),
+              "routed_experts: the kernel does not get AMX (arch_prctl refused)");
   const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
   const auto weights = weights_in.to(at::kFloat).contiguous();
   const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
