@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use (torch's C++ extension loader: a C++ compiler and ninja) and cached.
 
-For decoding in bf16 on CPUs with AMX (Intel Xeon 4th generation and later), one library, ``torch.ops.dsv2_amx``:
-`routed_experts` (a step's routed experts, each expert's weights read once: routed_experts.cpp) and
-`latent_attention` (MLA's absorbed attention read straight from the paged latent cache: latent_attention.cpp).
+For decoding on CPUs with AMX (Intel Xeon 4th generation and later), in bf16 on the AMX tiles and in float32 with
+AVX-512, one library, ``torch.ops.dsv2_amx``: `routed_experts` (a step's routed experts, each expert's weights read
+once: routed_experts.cpp) and `latent_attention` (MLA's absorbed attention read straight from the paged latent
+cache: latent_attention.cpp).
 Everything works without them: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops`
 is None and the model keeps its torch paths. The compiled library is cached per source and torch version under
 ``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~20 s build.
@@ -22,9 +23,9 @@ from types import ModuleType
 
 import torch
 
-SOURCES = Path(__file__).parent
-AMX_SOURCES = [SOURCES / "routed_experts.cpp", SOURCES / "latent_attention.cpp"]
-AMX_HEADERS = [SOURCES / "amx.h"]
+SOURCE_DIR = Path(__file__).parent
+AMX_SOURCES = [SOURCE_DIR / "routed_experts.cpp", SOURCE_DIR / "latent_attention.cpp"]
+AMX_HEADERS = [SOURCE_DIR / "amx.h"]
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 AMX_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 LIBRARY = "dsv2_amx"
