@@ -147,7 +147,7 @@ def test_fused_decoding_equals_the_gathered_path(paged, dtype):
 
         def step(fused: bool) -> torch.Tensor:
             step_cache = PagedStepCache(cache, write, read, mask=context[:, None, :] <= positions[:, :, None])
-            step_cache.fused_decode_applies = lambda latent: fused
+            step_cache.fused_decode_applies = lambda latent, value_dim: fused
             return attention(x, cos, sin, positions, step_cache)
     else:
         cache = LatentCache(config, B, 320, dtype=dtype)
@@ -156,7 +156,7 @@ def test_fused_decoding_equals_the_gathered_path(paged, dtype):
 
         def step(fused: bool) -> torch.Tensor:
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(LatentCache, "fused_decode_applies", lambda self, latent: fused)
+                patch.setattr(LatentCache, "fused_decode_applies", lambda self, latent, value_dim: fused)
                 return attention(x, cos, sin, positions, cache)
 
     with torch.no_grad():

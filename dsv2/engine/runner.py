@@ -22,7 +22,6 @@ from dsv2.model.cache import fused_decode_applies
 class PagedLatentCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        self.value_dim = config.kv_lora_rank
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.trash_slot = self.num_slots  # padding tokens write here; never read as a real entry
@@ -52,21 +51,25 @@ class PagedStepCache:
     def update(self, layer_idx: int, latent: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latent [B, T, D] → the batch's contexts [B, S, D] (entry s = position s) and the step's mask."""
-        layer = self.cache.data[layer_idx]  # [slots + 1, D]
-        layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
+        layer = self.write(layer_idx, latent)
         B, S = self.read_slots.shape
         return layer.index_select(0, self.read_slots.flatten()).view(B, S, -1), self.mask  # ~5× layer[read_slots]
 
-    def fused_decode_applies(self, latent: torch.Tensor) -> bool:
-        return fused_decode_applies(self.cache.data, latent, self.cache.value_dim)
+    def write(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store latent [B, T, D] in the step's write slots; → the layer's cache [slots + 1, D]."""
+        layer = self.cache.data[layer_idx]  # [slots + 1, D]
+        layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
+        return layer
+
+    def fused_decode_applies(self, latent: torch.Tensor, value_dim: int) -> bool:
+        return fused_decode_applies(self.cache.data, latent, value_dim)
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:
         """One token per sequence: write latent [B, 1, D] to its slot, then attend with the absorbed queries
         q [B, n_h, D] straight over each sequence's slots up to its position → [B, n_h, value_dim] (the AMX kernel
         reads the cache by the step's read slots: no gathered context)."""
-        layer = self.cache.data[layer_idx]  # [slots + 1, D]
-        layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
+        layer = self.write(layer_idx, latent)
         return kernels.amx_ops().latent_attention(q, layer, self.read_slots, positions[:, 0] + 1, value_dim, scale)
 
     def advance(self, num_tokens: int) -> None:

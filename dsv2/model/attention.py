@@ -70,7 +70,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = torch.cat([c_normed, apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
 
         absorbed = impl == "absorbed" or (impl == "auto" and cache is not None and T == 1)
-        if absorbed and T == 1 and cache is not None and cache.fused_decode_applies(latent):
+        if absorbed and T == 1 and cache is not None and cache.fused_decode_applies(latent, self.kv_rank):
             # a kernel writes the latents and attends straight over the cache: no gathered context, no mask
             q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, n_h, r + d_R]
             out_latent = cache.fused_decode(self.layer_idx, latent, positions, q, self.softmax_scale, self.kv_rank)

@@ -36,7 +36,6 @@ class LatentCache:
                              f"{config.max_position_embeddings}")
         self.data = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.latent_dim, dtype=dtype,
                                 device=device)
-        self.rope_dim = config.qk_rope_head_dim
         self.seq_len = 0  # slots in use
 
     @property
@@ -54,28 +53,31 @@ class LatentCache:
         its own positions, so a row never reads another row's padding.
         """
         T = latent.shape[1]
-        end = self.seq_len + T
-        if end > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + {T} new tokens > max_len={self.max_len}")
-        index = positions[:, :, None].expand_as(latent)  # [B, T, D]
-        self.data[layer_idx].scatter_(1, index, latent.to(self.data.dtype))
+        end = self.write(layer_idx, latent, positions)
         context = self.data[layer_idx, :, :end]  # [B, S, D]
         if self.seq_len == 0 or (latent.shape[0] == 1 and T == 1):
             return context, None
         return context, torch.arange(end, device=positions.device) <= positions[:, :, None]
 
-    def fused_decode_applies(self, latent: torch.Tensor) -> bool:
-        return fused_decode_applies(self.data, latent, latent.shape[-1] - self.rope_dim)
+    def write(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor) -> int:
+        """Store latent [B, T, D] at positions [B, T]; → the slots in use once the step is done (seq_len + T)."""
+        T = latent.shape[1]
+        end = self.seq_len + T
+        if end > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + {T} new tokens > max_len={self.max_len}")
+        index = positions[:, :, None].expand_as(latent)  # [B, T, D]
+        self.data[layer_idx].scatter_(1, index, latent.to(self.data.dtype))
+        return end
+
+    def fused_decode_applies(self, latent: torch.Tensor, value_dim: int) -> bool:
+        return fused_decode_applies(self.data, latent, value_dim)
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:
         """One token per row: store latent [B, 1, D] at positions [B, 1], then attend with the absorbed queries
         q [B, n_h, D] over each row's entries up to its position → [B, n_h, value_dim] (the AMX kernel)."""
-        end = self.seq_len + 1
-        if end > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        end = self.write(layer_idx, latent, positions)
         layer = self.data[layer_idx]  # [B, max_len, D]
-        layer.scatter_(1, positions[:, :, None].expand_as(latent), latent.to(layer.dtype))
         B = layer.shape[0]
         slots = torch.arange(B, device=layer.device)[:, None] * self.max_len + torch.arange(end, device=layer.device)
         return kernels.amx_ops().latent_attention(q, layer.view(B * self.max_len, -1), slots, positions[:, 0] + 1,
