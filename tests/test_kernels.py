@@ -8,6 +8,7 @@ from dsv2 import kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
+from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 
@@ -163,3 +164,76 @@ def test_fused_decoding_equals_the_gathered_path(paged, dtype):
         assert fused_decode_applies(cache.data, torch.zeros(B, 1, 64, dtype=dtype), 48)
         fused, gathered = step(True), step(False)
     assert_close_for(dtype, fused, gathered)
+
+
+@amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("G", "M", "N", "K"), [
+    (1, 1, 40, 96),  # one row, as a linear layer decodes one token
+    (1, 7, 37, 64),  # rows in two register tiles, a weight whose last 4-row block is short
+    (3, 16, 8, 32),  # per-head weights (MLA's W_UK / W_UV), 16 rows
+    (2, 4, 130, 256),
+])
+def test_amx_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
+    torch.manual_seed(M)
+    x = torch.randn(M, G, K).to(dtype).transpose(0, 1)  # [G, M, K], strided over groups and rows
+    weight = torch.randn(G, N, K).to(dtype)
+    got = kernels.amx_ops().small_matmul(x, weight)
+    assert got.shape == (G, M, N) and got.dtype == dtype
+    exact = x.double() @ weight.double().transpose(1, 2)
+    # float32 sums, rounded to the dtype once: within the rounding of the largest value (plus float32's sums)
+    tolerance = (2**-8 if dtype == torch.bfloat16 else 1e-6) * exact.abs().max().item()
+    torch.testing.assert_close(got.double(), exact, atol=tolerance, rtol=0)
+
+
+@amx
+def test_amx_small_matmul_rejects_what_it_cannot_take():
+    ops = kernels.amx_ops()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.small_matmul(torch.zeros(1, 1, 48, dtype=torch.bfloat16), torch.zeros(1, 8, 48, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x and the weight alike"):
+        ops.small_matmul(torch.zeros(1, 1, 32), torch.zeros(1, 8, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"x \[G, M, K\] and weight \[G, N, K\]"):
+        ops.small_matmul(torch.zeros(1, 1, 32), torch.zeros(2, 8, 32))
+
+
+@amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoding_linears_take_small_matmul_and_equal_torch(monkeypatch, dtype):
+    """Linear layers and MLA's per-head W_UK / W_UV take the kernel for a few rows at inference, and give torch's
+    product; more rows, gradients or autocast keep torch's paths."""
+    calls = []
+    ops = kernels.amx_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return (lambda *args: calls.append(name) or getattr(ops, name)(*args)) if name == "small_matmul" \
+                else getattr(ops, name)
+
+    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    layer = randomize_(Linear(96, 40), std=0.2).to(dtype)
+    most = SMALL_MATMUL_MAX_ROWS[dtype]
+    for rows, expect_kernel in ((1, True), (most, True), (most + 1, False)):
+        x = torch.randn(1, rows, 96, dtype=dtype)
+        calls.clear()
+        with torch.no_grad():
+            got = layer(x)
+        assert calls == (["small_matmul"] if expect_kernel else []), rows
+        assert_close_for(dtype, got, F.linear(x, layer.weight, layer.bias))
+    calls.clear()
+    layer(torch.randn(1, 96, dtype=dtype))  # gradients on
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        Linear(96, 40)(torch.randn(1, 96))  # float32 weights under autocast
+    assert calls == []
+
+    config = tiny_config(TINY_LITE, qk_nope_head_dim=32)  # K of both products a multiple of 32: d = 32, r = 32
+    attention = randomize_(MultiHeadLatentAttention(config, layer_idx=0), std=0.2).to(dtype)
+    q_nope = torch.randn(2, 1, attention.num_heads, attention.nope_dim, dtype=dtype)
+    out_latent = torch.randn(2, attention.num_heads, 1, attention.kv_rank, dtype=dtype)
+    with torch.no_grad():
+        w_uk_t, w_uv = attention.absorbed_weights()
+        q = attention.absorbed_query(q_nope, torch.zeros(2, 1, attention.num_heads, 0, dtype=dtype))
+        out = attention.unabsorb(out_latent)
+    assert calls == ["small_matmul", "small_matmul"]
+    assert_close_for(dtype, q, torch.einsum("bthd,hrd->bthr", q_nope, w_uk_t))
+    assert_close_for(dtype, out, torch.einsum("bhtr,hvr->bthv", out_latent, w_uv))

@@ -1,5 +1,8 @@
-"""nn.Linear with faster paths for bf16 inference on CPU.
+"""nn.Linear with faster paths for inference on CPU.
 
+- A few rows without gradients (decoding) on a CPU with AMX: `small_matmul_applies` → the `small_matmul` kernel
+  (dsv2/kernels/small_matmul.cpp), which streams the weight once at the memory's rate; bf16 up to 4 rows, float32
+  up to 16 (where it measured faster than torch's paths). Where the kernels are missing:
 - One row (batch-1 decoding): torch's matmul path (oneDNN) reads a bf16 weight for a single input row at
   ~15-23 GB/s, while ``torch.mv``'s bf16 gemv kernel reads it at ~22-37 GB/s (measured on the project's 2-core
   machine, 352×1024 to 4096×1024 weights; fp32 and fp16 are not faster through mv, so they keep the ordinary path).
@@ -19,6 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from dsv2 import kernels
+
+SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}  # beyond: oneDNN / MKL were as fast or faster
+
+
+def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `kernels.amx_ops().small_matmul` takes `rows` rows of x times weight [..., N, K]ᵀ: inference (no
+    gradients, no autocast) on CPU, x and weight both bf16 (≤ 4 rows) or both float32 (≤ 16), K a multiple of 32."""
+    return (rows <= SMALL_MATMUL_MAX_ROWS.get(x.dtype, 0) and weight.dtype == x.dtype and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.shape[-1] % 32 == 0 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and kernels.amx_ops() is not None)
+
 
 def single_row_cpu_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x · weightᵀ is one bf16 row on CPU (no autocast), where `torch.mv` beats the matmul path."""
@@ -32,6 +47,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     ``prepack``: the weight is a layer's own parameter (it lives on), so several bf16 rows on CPU without gradients
     read its `prepacked_weight`. Never for a weight made at the call (a slice): it would be packed at every call."""
+    rows = x.numel() // x.shape[-1]
+    if small_matmul_applies(rows, x, weight):
+        y = kernels.amx_ops().small_matmul(x.reshape(1, rows, -1), weight[None])  # [1, rows, out]
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
     if single_row_cpu_bf16(x, weight):
         y = torch.mv(weight, x.reshape(-1))  # [out]
         if bias is not None:

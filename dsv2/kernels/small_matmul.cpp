@@ -1,0 +1,129 @@
+// Products of a few rows with a large weight, for decoding: out[g] = x[g] · weight[g]ᵀ, x [G, M, K] with M ≲ 16 rows,
+// weight [G, N, K] as stored (a linear layer's [out, in], G = 1; or MLA's per-head W_UK / W_UV, G = heads).
+//
+// At a handful of rows the product only has to stream the weight once at the memory's rate. torch's paths do not:
+// its bf16 gemv (`torch.mv`) read a 1,536 × 1,024 weight at 13-25 GB/s here, oneDNN's matmul at 8 rows no faster,
+// and a batched matmul of 16 heads × one row ran at ~4 GB/s. This kernel gives each thread a contiguous run of
+// 4-row blocks of the weight (so the hardware prefetcher streams it), keeps 4 rows × ≤ 4 input rows of float32
+// accumulators in registers, and prefetches the next block's rows. bf16 multiplies pairs with AVX512-BF16
+// (VDPBF16PS: exact products, float32 sums), float32 with FMAs; the result is rounded to the input's dtype once.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "amx.h"
+
+namespace {
+
+using namespace dsv2_amx;
+
+constexpr int64_t ROWS = 4;  // weight rows per register tile
+constexpr int64_t COLS = 4;  // input rows per register tile
+
+// The element types: how many values one 512-bit register holds and how a step multiplies them into float32.
+struct Bf16Step {
+  using T = bf16;
+  static constexpr int64_t values = 32;
+  static __m512 fma(const T* w, const T* x, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+  }
+};
+
+struct Fp32Step {
+  using T = float;
+  static constexpr int64_t values = 16;
+  static __m512 fma(const T* w, const T* x, __m512 acc) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
+  }
+};
+
+// out[m·ldo + r] = Σ_k w[r·K + k] · x[m][k] for R weight rows and M input rows; the R rows after them are prefetched.
+template <typename Step, int R, int M>
+inline void tile(const typename Step::T* w, const typename Step::T* const* x, int64_t K, typename Step::T* out,
+                 int64_t ldo) {
+  __m512 acc[R][M];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += Step::values) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[r][m] = Step::fma(w + r * K + k, x[m] + k, acc[r][m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) out[m * ldo + r] = static_cast<typename Step::T>(_mm512_reduce_add_ps(acc[r][m]));
+}
+
+template <typename Step, int R>
+inline void tile_any(const typename Step::T* w, const typename Step::T* const* x, int64_t m, int64_t K,
+                     typename Step::T* out, int64_t ldo) {
+  switch (m) {
+    case 1: tile<Step, R, 1>(w, x, K, out, ldo); break;
+    case 2: tile<Step, R, 2>(w, x, K, out, ldo); break;
+    case 3: tile<Step, R, 3>(w, x, K, out, ldo); break;
+    default: tile<Step, R, 4>(w, x, K, out, ldo); break;
+  }
+}
+
+template <typename Step>
+void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
+  using T = typename Step::T;
+  const int64_t G = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
+  const int64_t blocks = (N + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
+  const T* xs = x.data_ptr<T>();
+  const T* ws = weight.data_ptr<T>();
+  T* os = out.data_ptr<T>();
+  const int64_t x_g = x.stride(0), x_m = x.stride(1);
+  // grain: ~64 KB of weight per task at least, so small products stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K * sizeof(T)));
+  at::parallel_for(0, G * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / blocks, n0 = (task % blocks) * ROWS, rows = std::min(ROWS, N - n0);
+      const T* w = ws + (g * N + n0) * K;
+      T* o = os + g * M * N + n0;
+      for (int64_t m0 = 0; m0 < M; m0 += COLS) {
+        const int64_t cols = std::min(COLS, M - m0);
+        const T* xr[COLS];
+        for (int64_t m = 0; m < cols; ++m) xr[m] = xs + g * x_g + (m0 + m) * x_m;
+        if (rows == ROWS)
+          tile_any<Step, ROWS>(w, xr, cols, K, o + m0 * N, N);
+        else
+          for (int64_t r = 0; r < rows; ++r) tile_any<Step, 1>(w + r * K, xr, cols, K, o + m0 * N + r, N);
+      }
+    }
+  });
+}
+
+at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && weight.size(0) == x.size(0) && weight.size(2) == x.size(2),
+              "small_matmul: x [G, M, K] and weight [G, N, K]");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && weight.scalar_type() == dtype &&
+                  x.device().is_cpu() && weight.device().is_cpu(),
+              "small_matmul: bfloat16 or float32 CPU tensors, x and the weight alike");
+  const int64_t K = x.size(2);
+  TORCH_CHECK(K % (dtype == at::kFloat ? Fp32Step::values : Bf16Step::values) == 0,
+              "small_matmul: K must be a multiple of 32 (bfloat16) or 16 (float32)");
+  // x may be strided over its groups and rows (a permuted view), not along K
+  const auto xs = x.stride(2) == 1 ? x : x.contiguous();
+  const auto w = weight.contiguous();
+  auto out = at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
+  if (dtype == at::kBFloat16)
+    small_matmul_impl<Bf16Step>(xs, w, out);
+  else
+    small_matmul_impl<Fp32Step>(xs, w, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) { m.def("small_matmul(Tensor x, Tensor weight) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("small_matmul", &small_matmul); }
