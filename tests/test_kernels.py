@@ -184,6 +184,9 @@ def test_amx_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
     # float32 sums, rounded to the dtype once: within the rounding of the largest value (plus float32's sums)
     tolerance = (2**-8 if dtype == torch.bfloat16 else 1e-6) * exact.abs().max().item()
     torch.testing.assert_close(got.double(), exact, atol=tolerance, rtol=0)
+    if G == 1:  # a linear layer's form: x [..., K] · weight [N, K]ᵀ → [..., N], the same sums
+        rows = x[0].reshape(M, 1, K)
+        assert kernels.amx_ops().small_matmul(rows, weight[0]).equal(got[0].view(M, 1, N))
 
 
 @amx

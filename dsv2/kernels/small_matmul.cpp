@@ -1,5 +1,5 @@
 // Products of a few rows with a large weight, for decoding: out[g] = x[g] · weight[g]ᵀ, x [G, M, K] with M ≲ 16 rows,
-// weight [G, N, K] as stored (a linear layer's [out, in], G = 1; or MLA's per-head W_UK / W_UV, G = heads).
+// weight [G, N, K] as stored (MLA's per-head W_UK / W_UV, G = heads); or a linear layer's x [..., K] · [N, K]ᵀ.
 //
 // At a handful of rows the product only has to stream the weight once at the memory's rate. torch's paths do not:
 // its bf16 gemv (`torch.mv`) read a 1,536 × 1,024 weight at 13-25 GB/s here, oneDNN's matmul at 8 rows no faster,
@@ -101,16 +101,22 @@ void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   });
 }
 
-at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && weight.size(0) == x.size(0) && weight.size(2) == x.size(2),
-              "small_matmul: x [G, M, K] and weight [G, N, K]");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && weight.scalar_type() == dtype &&
-                  x.device().is_cpu() && weight.device().is_cpu(),
+at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  // a linear layer's weight [N, K]: x [..., K] → [..., N], as one group of all its rows
+  const bool linear = weight_in.dim() == 2;
+  TORCH_CHECK(linear ? x_in.dim() >= 1 && weight_in.size(1) == x_in.size(-1)
+                     : x_in.dim() == 3 && weight_in.dim() == 3 && weight_in.size(0) == x_in.size(0) &&
+                           weight_in.size(2) == x_in.size(2),
+              "small_matmul: x [..., K] and weight [N, K], or x [G, M, K] and weight [G, N, K]");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && weight_in.scalar_type() == dtype &&
+                  x_in.device().is_cpu() && weight_in.device().is_cpu(),
               "small_matmul: bfloat16 or float32 CPU tensors, x and the weight alike");
-  const int64_t K = x.size(2);
+  const int64_t K = x_in.size(-1);
   TORCH_CHECK(K % (dtype == at::kFloat ? Fp32Step::values : Bf16Step::values) == 0,
               "small_matmul: K must be a multiple of 32 (bfloat16) or 16 (float32)");
+  const auto x = linear ? x_in.reshape({1, -1, K}) : x_in;
+  const auto weight = linear ? weight_in.unsqueeze(0) : weight_in;
   // x may be strided over its groups and rows (a permuted view), not along K
   const auto xs = x.stride(2) == 1 ? x : x.contiguous();
   const auto w = weight.contiguous();
@@ -119,7 +125,10 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight) {
     small_matmul_impl<Bf16Step>(xs, w, out);
   else
     small_matmul_impl<Fp32Step>(xs, w, out);
-  return out;
+  if (!linear) return out;
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = weight_in.size(0);
+  return out.view(sizes);
 }
 
 }  // namespace

@@ -37,6 +37,7 @@ class LatentCache:
         self.data = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.latent_dim, dtype=dtype,
                                 device=device)
         self.seq_len = 0  # slots in use
+        self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
 
     @property
     def max_len(self) -> int:
@@ -65,10 +66,18 @@ class LatentCache:
         end = self.seq_len + T
         if end > self.max_len:
             raise ValueError(f"latent cache is full: {self.seq_len} cached + {T} new tokens > max_len={self.max_len}")
-        rows = torch.arange(latent.shape[0], device=positions.device)[:, None]  # [B, 1]
+        rows, _ = self._step_indices(latent.shape[0], end)  # [B, 1]
         # index_put_ copies T rows of D values; scatter_ over the expanded [B, T, D] index took 0.4-20 ms per call
         self.data[layer_idx].index_put_((rows, positions), latent.to(self.data.dtype))
         return end
+
+    def _step_indices(self, batch: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row numbers [B, 1] and every row's slots in data[layer].view(B·max_len, D) up to ``end`` [B, end]: made
+        once per step, not per layer."""
+        if self._indices is None or self._indices[0] != (batch, end):
+            rows = torch.arange(batch, device=self.data.device)[:, None]
+            self._indices = (batch, end), rows, rows * self.max_len + torch.arange(end, device=self.data.device)
+        return self._indices[1], self._indices[2]
 
     def fused_decode_applies(self, latent: torch.Tensor, value_dim: int) -> bool:
         return fused_decode_applies(self.data, latent, value_dim)
@@ -80,7 +89,7 @@ class LatentCache:
         end = self.write(layer_idx, latent, positions)
         layer = self.data[layer_idx]  # [B, max_len, D]
         B = layer.shape[0]
-        slots = torch.arange(B, device=layer.device)[:, None] * self.max_len + torch.arange(end, device=layer.device)
+        _, slots = self._step_indices(B, end)  # [B, end]
         return kernels.amx_ops().latent_attention(q, layer.view(B * self.max_len, -1), slots, positions[:, 0] + 1,
                                                   value_dim, scale)
 

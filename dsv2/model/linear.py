@@ -49,10 +49,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     read its `prepacked_weight`. Never for a weight made at the call (a slice): it would be packed at every call."""
     rows = x.numel() // x.shape[-1]
     if small_matmul_applies(rows, x, weight):
-        y = kernels.amx_ops().small_matmul(x.reshape(1, rows, -1), weight[None])  # [1, rows, out]
-        if bias is not None:
-            y = y + bias
-        return y.view(*x.shape[:-1], weight.shape[0])
+        y = kernels.amx_ops().small_matmul(x, weight)  # [..., out]
+        return y if bias is None else y + bias
     if single_row_cpu_bf16(x, weight):
         y = torch.mv(weight, x.reshape(-1))  # [out]
         if bias is not None:

@@ -288,14 +288,17 @@ class MoE(nn.Module):
         # training may add losses computed from the routing (expert-parallel device balance): (routing, B, T) → loss
         self.extra_balance_loss: Callable[[Routing, int, int], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load."""
+    def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load (None
+        unless ``with_stats``: decoding asks for none)."""
         B, T, H = x.shape
         tokens = x.reshape(B * T, H)  # [N, H]
         routing = self.gate(tokens)
         y = self.experts(tokens, routing.expert_ids, routing.weights).to(x.dtype).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        if not with_stats:
+            return y, None
         load = torch.zeros(self.gate.num_experts, dtype=torch.float32, device=x.device)
         load.scatter_add_(0, routing.expert_ids.flatten(), torch.ones(B * T * self.top_k, device=x.device))  # [E]
         loss = torch.zeros((), device=x.device)

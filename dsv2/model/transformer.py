@@ -29,11 +29,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: LatentCache | None, attn_impl: AttentionImpl) -> tuple[torch.Tensor, MoEStats | None]:
-        """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer)."""
+                cache: LatentCache | None, attn_impl: AttentionImpl,
+                with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer, or unless ``with_stats``)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, attn_impl)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(self.post_attention_layernorm(h))
+            y, stats = self.mlp(self.post_attention_layernorm(h), with_stats)
             return h + y, stats
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
@@ -108,9 +109,10 @@ class DeepseekV2ForCausalLM(nn.Module):
         positions = positions.expand(B, T)  # [B, T]
         cos, sin = self.model.rotary(positions)  # [B, T, d_R/2] each
         h = self.model.embed_tokens(input_ids)  # [B, T, H]
+        with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         moe_stats = []
         for layer in self.model.layers:
-            h, stats = layer(h, cos, sin, positions, cache, self.attn_impl)
+            h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
             if stats is not None:
                 moe_stats.append(stats)
         if cache is not None:
@@ -126,7 +128,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             token_loss = token_loss.view(targets.shape)
         else:
             logits = self.lm_head(h).float()  # [B, T or K, vocab]
-            if not (self.training if return_aux is None else return_aux):
+            if not with_aux:
                 return logits
         if moe_stats:
             aux_loss = torch.stack([s.balance_loss for s in moe_stats]).sum()
