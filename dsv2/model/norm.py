@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,8 +14,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] → [..., dim]."""
-        # = x32 · rsqrt(mean(x32²) + eps), bitwise (checked in float32 and bf16 on CPU), in one op instead of five
-        normed = F.rms_norm(x.to(torch.float32), self.weight.shape, eps=self.eps)
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
