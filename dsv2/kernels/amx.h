@@ -6,6 +6,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <vector>
+
 namespace dsv2_amx {
 
 using bf16 = c10::BFloat16;
@@ -30,6 +32,16 @@ inline bool amx_permitted() {  // Linux hands out the AMX register state per pro
   constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
+}
+
+// A buffer of at least n values for this thread, kept for its next calls: no allocation, page faults or zeroing per
+// call (its contents are whatever the last call left). Tag tells buffers of one type apart: each kernel uses its own
+// tags (latent_attention 0-9, routed_experts 10-19), one per buffer a call holds at once.
+template <typename T, int Tag>
+inline T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
 }
 
 inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }

@@ -52,7 +52,7 @@ struct Chunks {
   int64_t S, heads, D, r, groups, padded_heads, row_stride;
   float scale;
   // per task and head: the scores' maximum, Σ exp(scale·(score − maximum)), and Σ exp(...)·value [r]
-  std::vector<float> maxima, sums, partial;
+  float *maxima, *sums, *partial;
 };
 
 // bf16: both products on the tiles.
@@ -62,16 +62,16 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
   const int64_t* slot = c.slot;
   const double scale = c.scale;
   auto& tasks = c.tasks;
-  auto& maxima = c.maxima;
-  auto& sums = c.sums;
-  auto& partial = c.partial;
+  float* maxima = c.maxima;
+  float* sums = c.sums;
+  float* partial = c.partial;
   const int64_t value_blocks = r / TILE;
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(8);  // 0-3: accumulators, 4: probabilities, 5-6: B operands, 7: keys
-    std::vector<bf16> keys((CHUNK + KSTEP) * D);  // the chunk's rows, zero-padded to a multiple of 32
+    bf16* keys = scratch<bf16, 0>((CHUNK + KSTEP) * D);  // the chunk's rows, zero-padded to a multiple of 32
     // the values pair-interleaved per 32 keys and 16 values: [CHUNK/32][r/16][16 key pairs][16 values][2]
-    std::vector<uint16_t> values_vnni(CHUNK / KSTEP * value_blocks * TILE * 2 * TILE);
-    std::vector<uint32_t> q_pairs((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved queries
+    uint16_t* values_vnni = scratch<uint16_t, 0>(CHUNK / KSTEP * value_blocks * TILE * 2 * TILE);
+    uint32_t* q_pairs = scratch<uint32_t, 0>((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved queries
     alignas(64) float scores[CHUNK * TILE];  // [key][16 heads]
     alignas(64) bf16 probs[TILE * CHUNK];  // [16 heads][key]
     const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
@@ -187,15 +187,17 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
   constexpr int64_t KEYS = 8;  // keys per score block (independent accumulators)
   constexpr int64_t VALUES = 16;  // values per pass of the value product (accumulators)
   at::parallel_for(0, static_cast<int64_t>(c.tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const std::vector<float> zeros(D, 0.0f);  // the rows of the padding keys
-    std::vector<const float*> keys(CHUNK + KEYS);  // the chunk's rows (then padding), read where they lie
-    std::vector<float> q_t(D * TILE);  // [D][16 heads]: the queries transposed
-    std::vector<float> scores(CHUNK * TILE), out_t(r * TILE);  // [key][16 heads], [value][16 heads]
+    float* zeros = scratch<float, 1>(D);  // the rows of the padding keys
+    std::fill(zeros, zeros + D, 0.0f);
+    const float** keys = scratch<const float*, 0>(CHUNK + 2 * KEYS);  // the chunk's rows (then padding), in place
+    float* q_t = scratch<float, 2>(D * TILE);  // [D][16 heads]: the queries transposed
+    float* scores = scratch<float, 3>(CHUNK * TILE);  // [key][16 heads]
+    float* out_t = scratch<float, 4>(r * TILE);  // [value][16 heads]
     for (int64_t t = begin; t < end; ++t) {
       const auto [b, start, n] = c.tasks[t];
       const int64_t padded = (n + KEYS - 1) / KEYS * KEYS;
       const int64_t* chunk_slots = c.slot + b * S + start;
-      for (int64_t j = 0; j < padded + KEYS; ++j) keys[j] = j < n ? rows + chunk_slots[j] * c.row_stride : zeros.data();
+      for (int64_t j = 0; j < padded + KEYS; ++j) keys[j] = j < n ? rows + chunk_slots[j] * c.row_stride : zeros;
       for (int64_t g = 0; g < c.groups; ++g) {
         const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
         for (int64_t d = 0; d < D; ++d)
@@ -280,18 +282,18 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
   }
   first_task[B] = tasks.size();
   const int64_t T = tasks.size(), padded_heads = c.padded_heads;
-  c.maxima.resize(T * padded_heads);
-  c.sums.resize(T * padded_heads);
-  c.partial.resize(T * padded_heads * r);
+  c.maxima = scratch<float, 5>(T * padded_heads);
+  c.sums = scratch<float, 6>(T * padded_heads);
+  c.partial = scratch<float, 7>(T * padded_heads * r);
   if (dtype == at::kBFloat16) {
     TORCH_CHECK(amx_permitted(), "latent_attention: the kernel does not get AMX (arch_prctl refused)");
     attend_chunks(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
   } else {
     attend_chunks(c, cache.data_ptr<float>(), q.data_ptr<float>());
   }
-  const auto& maxima = c.maxima;
-  const auto& sums = c.sums;
-  const auto& partial = c.partial;
+  const float* maxima = c.maxima;
+  const float* sums = c.sums;
+  const float* partial = c.partial;
 
   // merge each sequence's chunks: out = Σ_c e^(scale·(m_c − M)) o_c / Σ_c e^(scale·(m_c − M)) l_c
   auto out = at::zeros({B, heads, r}, q.options().dtype(at::kFloat));

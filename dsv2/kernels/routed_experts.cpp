@@ -58,7 +58,8 @@ void experts_amx(const Experts& c, const bf16* x, const bf16* gate_w, const bf16
   const int64_t G = groups.size(), experts = active.size();
 
   // Each group's input rows, pair-interleaved: xv[g][K/2][16 tokens] of bf16 pairs (absent tokens are zeros).
-  std::vector<uint32_t> xv(G * (H / 2) * TILE), hv(G * (I / 2) * TILE);
+  uint32_t* xv = scratch<uint32_t, 10>(G * (H / 2) * TILE);
+  uint32_t* hv = scratch<uint32_t, 11>(G * (I / 2) * TILE);
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -98,6 +99,8 @@ void experts_amx(const Experts& c, const bf16* x, const bf16* gate_w, const bf16
         _tile_stored(0, gate_out, 64);
         _tile_stored(1, up_out, 64);
         bf16* h = reinterpret_cast<bf16*>(&hv[g * (I / 2) * TILE]);  // [I/2][16][2]
+        for (int64_t t = groups[g].count; t < TILE; ++t)  // absent tokens: zeros (the buffer holds old values)
+          for (int64_t r = 0; r < TILE; ++r) h[(((i0 + r) / 2) * TILE + t) * 2 + (i0 + r) % 2] = bf16(0.0f);
         for (int64_t t = 0; t < groups[g].count; ++t) {
           const float scale = round_bf16(w[order[groups[g].first + t]]);
           for (int64_t r = 0; r < TILE; ++r) {
@@ -192,7 +195,7 @@ void experts_fp32(const Experts& c, const float* x, const float* gate_w, const f
   const auto& groups = c.groups;
   const auto& active = c.active;
   const auto& first_group = c.first_group;
-  std::vector<float> hs(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
+  float* hs = scratch<float, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
   const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
   at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
     float g[4][FP32_TOKENS], u[4][FP32_TOKENS];
