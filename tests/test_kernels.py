@@ -1,9 +1,12 @@
 """The native CPU kernels (dsv2/kernels) against dsv2's torch paths, which are tested against the references."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import dsv2.generate
 from dsv2 import kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
@@ -12,7 +15,7 @@ from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 
-from helpers import TINY_LITE, randomize_, tiny_config
+from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config, tiny_model
 
 amx = pytest.mark.skipif(kernels.amx_ops() is None, reason="needs an x86-64 Linux CPU with AMX and a C++ compiler")
 
@@ -126,17 +129,37 @@ def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, B, S,
     assert_close_for(dtype, got, want)  # bf16: probabilities rounded for their product, as torch's fused kernel
 
 
+# the attention kernel alone (entries of 64 values, sizes the whole-step kernel does not take: r = 48), the whole step
+# in one kernel (`mla_decode`), without and with query compression
+FUSED_CONFIGS = {
+    "attention kernel": dict(kv_lora_rank=48, qk_rope_head_dim=16),
+    "whole step": dict(kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32),
+    "whole step, q_lora": dict(kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, q_lora_rank=32),
+}
+
+
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("paged", [False, True])
-def test_fused_decoding_equals_the_gathered_path(paged, dtype):
-    """A decode step of MLA with the cache's fused kernel against the same step gathered and masked (SDPA)."""
-    config = tiny_config(TINY_LITE, kv_lora_rank=48, qk_rope_head_dim=16)  # entries of 64 values: the kernel's
+@pytest.mark.parametrize("path", list(FUSED_CONFIGS))
+def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype):
+    """A decode step of MLA through the kernels against the same step gathered and masked (SDPA): the output, and
+    the latent the step wrote to the cache."""
+    config = tiny_config(TINY_LITE, **FUSED_CONFIGS[path])
+    D = config.kv_lora_rank + config.qk_rope_head_dim
     attention = randomize_(MultiHeadLatentAttention(config, layer_idx=1), std=0.2).to(dtype).eval()
     B, lengths = 3, torch.tensor([37, 5, 300])  # the step's token sits at position length − 1
     positions = (lengths - 1)[:, None]  # [B, 1]
     x = torch.randn(B, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)  # [B, 1, d_R/2] float32
+    calls = []
+    ops = kernels.amx_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or getattr(ops, name)(*args)
+
+    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
     if paged:
         cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=dtype, device="cpu")
         cache.data.normal_()
@@ -146,24 +169,32 @@ def test_fused_decoding_equals_the_gathered_path(paged, dtype):
         read = torch.where(context < lengths[:, None], read, cache.trash_slot)
         write = read.gather(1, positions)
 
-        def step(fused: bool) -> torch.Tensor:
+        def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
             step_cache = PagedStepCache(cache, write, read, mask=context[:, None, :] <= positions[:, :, None])
-            step_cache.fused_decode_applies = lambda latent, value_dim: fused
-            return attention(x, cos, sin, positions, step_cache)
+            step_cache.fused_decode_applies = lambda dtype, value_dim: fused
+            return attention(x, cos, sin, positions, step_cache), cache.data[1, write[:, 0]].clone()
     else:
         cache = LatentCache(config, B, 320, dtype=dtype)
         cache.data.normal_()
         cache.seq_len = 300
 
-        def step(fused: bool) -> torch.Tensor:
+        def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(LatentCache, "fused_decode_applies", lambda self, latent, value_dim: fused)
-                return attention(x, cos, sin, positions, cache)
+                patch.setattr(LatentCache, "fused_decode_applies", lambda self, dtype, value_dim: fused)
+                out = attention(x, cos, sin, positions, cache)
+            cache._step_slots = None  # what the model's `advance` does after a step
+            return out, cache.data[1, torch.arange(B), positions[:, 0]].clone()
 
     with torch.no_grad():
-        assert fused_decode_applies(cache.data, torch.zeros(B, 1, 64, dtype=dtype), 48)
-        fused, gathered = step(True), step(False)
+        assert fused_decode_applies(cache.data, dtype, config.kv_lora_rank)
+        fused, fused_latent = step(True)
+        fused_calls = set(calls)
+        gathered, gathered_latent = step(False)
+    assert fused_calls >= ({"mla_decode"} if path.startswith("whole step") else {"latent_attention", "small_matmul"})
+    assert path.startswith("whole step") or "mla_decode" not in fused_calls
     assert_close_for(dtype, fused, gathered)
+    assert_close_for(dtype, fused_latent, gathered_latent)
+    assert fused.shape == (B, 1, config.hidden_size) and fused_latent.shape == (B, D)
 
 
 @amx
@@ -240,3 +271,26 @@ def test_decoding_linears_take_small_matmul_and_equal_torch(monkeypatch, dtype):
     assert calls == ["small_matmul", "small_matmul"]
     assert_close_for(dtype, q, torch.einsum("bthd,hrd->bthr", q_nope, w_uk_t))
     assert_close_for(dtype, out, torch.einsum("bhtr,hvr->bthv", out_latent, w_uv))
+
+
+@amx
+@pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],
+                         ids=["lite", "v2"])
+def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, base, sizes):
+    """float32 greedy decoding of a model whose sizes every kernel takes (the whole MLA step in one call, the
+    experts, the products) against the same model on dsv2's torch paths, token for token."""
+    model = tiny_model(base, **FUSED_CONFIGS[sizes], moe_intermediate_size=32, intermediate_size=96)
+    generate = dsv2.generate.generate
+    prompts = torch.randint(0, 128, (2, 9))
+    calls = collections.Counter()
+    ops = kernels.amx_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
+
+    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
+    assert calls["mla_decode"] == 11 * 3 and calls["routed_experts"] > 0  # 11 decode steps × 3 layers
+    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+    assert generate(model, prompts, max_new_tokens=12, ignore_eos=True).equal(with_kernels)

@@ -47,6 +47,7 @@ class PagedStepCache:
         self.read_slots = read_slots  # [B, S]
         self.mask = mask  # [B, T, S], or None when bottom-right causal suffices
         self.seq_len = 0  # positions are always given by the runner
+        self._lengths: torch.Tensor | None = None  # [B] made by the step's first `step_slots`
 
     def update(self, layer_idx: int, latent: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,8 +62,16 @@ class PagedStepCache:
         layer.index_copy_(0, self.write_slots, latent.flatten(0, 1).to(layer.dtype))
         return layer
 
-    def fused_decode_applies(self, latent: torch.Tensor, value_dim: int) -> bool:
-        return fused_decode_applies(self.cache.data, latent, value_dim)
+    def fused_decode_applies(self, dtype: torch.dtype, value_dim: int) -> bool:
+        return fused_decode_applies(self.cache.data, dtype, value_dim)
+
+    def step_slots(self, layer_idx: int,
+                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a kernel that writes one token per sequence and attends itself (`mla_decode`): the layer's cache
+        [slots + 1, D], the write slots [B], the read slots [B, S] and the lengths [B]."""
+        if self._lengths is None:  # every layer of the step passes the same positions
+            self._lengths = positions[:, 0] + 1
+        return self.cache.data[layer_idx], self.write_slots, self.read_slots, self._lengths
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:

@@ -245,6 +245,10 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
   });
 }
 
+}  // namespace
+
+namespace dsv2_amx {
+
 at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
                             const at::Tensor& lengths_in, int64_t value_dim, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 2 && q_in.size(2) == cache.size(1),
@@ -318,10 +322,10 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
   return out.to(dtype);
 }
 
-}  // namespace
+}  // namespace dsv2_amx
 
 TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
   m.def("latent_attention(Tensor q, Tensor cache, Tensor slots, Tensor lengths, int value_dim, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("latent_attention", &latent_attention); }
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("latent_attention", &dsv2_amx::latent_attention); }

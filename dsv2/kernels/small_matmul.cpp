@@ -101,6 +101,10 @@ void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   });
 }
 
+}  // namespace
+
+namespace dsv2_amx {
+
 at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   // a linear layer's weight [N, K]: x [..., K] → [..., N], as one group of all its rows
   const bool linear = weight_in.dim() == 2;
@@ -131,8 +135,8 @@ at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   return out.view(sizes);
 }
 
-}  // namespace
+}  // namespace dsv2_amx
 
 TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) { m.def("small_matmul(Tensor x, Tensor weight) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("small_matmul", &small_matmul); }
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("small_matmul", &dsv2_amx::small_matmul); }

@@ -11,6 +11,7 @@ Both use scale = (d + d_R)^-0.5 · m² (see ModelConfig.softmax_scale).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -58,6 +59,9 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed path and runs everything else expanded.
         """
         B, T, _ = x.shape
+        absorbed = impl == "absorbed" or (impl == "auto" and cache is not None and T == 1)
+        if absorbed and T == 1 and cache is not None and self.fused_step_applies(x, cache):
+            return self.fused_step(x, cos, sin, positions, cache)
         x = autocast_input(x)  # read by two projections
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)  # [B, T, n_h, d + d_R]
@@ -70,8 +74,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_normed = autocast_input(self.kv_a_layernorm(c))  # [B, T, r]
         latent = torch.cat([c_normed, apply_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + d_R]
 
-        absorbed = impl == "absorbed" or (impl == "auto" and cache is not None and T == 1)
-        if absorbed and T == 1 and cache is not None and cache.fused_decode_applies(latent, self.kv_rank):
+        if absorbed and T == 1 and cache is not None and cache.fused_decode_applies(latent.dtype, self.kv_rank):
             # a kernel writes the latents and attends straight over the cache: no gathered context, no mask
             q = self.absorbed_query(q_nope, q_pe)[:, 0]  # [B, n_h, r + d_R]
             out_latent = cache.fused_decode(self.layer_idx, latent, positions, q, self.softmax_scale, self.kv_rank)
@@ -83,6 +86,37 @@ class MultiHeadLatentAttention(nn.Module):
 
         out = self.absorbed(q_nope, q_pe, latent, mask) if absorbed else self.expanded(q_nope, q_pe, latent, mask)
         return self.o_proj(out.flatten(2))  # [B, T, n_h·v] → [B, T, H]
+
+    def fused_step_applies(self, x: torch.Tensor, cache: LatentCache) -> bool:
+        """Whether `fused_step` can take this decoding step: inference on a CPU with AMX, x in the weights' dtype
+        (bf16 or float32) for few enough rows (the `small_matmul` kernel's), no biases, every product's inner size a
+        multiple of 32, and a cache the attention kernel reads."""
+        w = self.kv_a_proj_with_mqa.weight
+        return (self._fused_shapes_ok and small_matmul_applies(x.shape[0], x, w)
+                and self.kv_a_layernorm.weight.dtype == x.dtype and cache.fused_decode_applies(x.dtype, self.kv_rank))
+
+    @functools.cached_property
+    def _fused_shapes_ok(self) -> bool:
+        inner = [self.kv_a_proj_with_mqa.in_features, self.nope_dim, self.kv_rank, self.num_heads * self.v_dim]
+        projections = [self.kv_a_proj_with_mqa, self.o_proj]
+        if self.q_lora_rank is not None:
+            inner.append(self.q_lora_rank)
+            projections.append(self.q_a_proj)
+        return all(size % 32 == 0 for size in inner) and all(p.bias is None for p in projections)
+
+    def fused_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   cache: LatentCache) -> torch.Tensor:
+        """One token per row, the whole absorbed path in one kernel call (`mla_decode`: the products, norms, RoPE,
+        the cache write and the attention, with this module's roundings): x [B, 1, H] → [B, 1, H]."""
+        w_uk_t, w_uv = self.absorbed_weights()
+        layer, write_slots, read_slots, lengths = cache.step_slots(self.layer_idx, positions)
+        lora = self.q_lora_rank is not None
+        out = kernels.amx_ops().mla_decode(
+            x[:, 0], None if lora else self.q_proj.weight, self.q_a_proj.weight if lora else None,
+            self.q_a_layernorm.weight if lora else None, self.q_b_proj.weight if lora else None,
+            self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, w_uk_t, w_uv, self.o_proj.weight,
+            cos[:, 0], sin[:, 0], layer, write_slots, read_slots, lengths, self.kv_a_layernorm.eps, self.softmax_scale)
+        return out[:, None]  # [B, 1, H]
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:

@@ -13,13 +13,13 @@ from dsv2 import kernels
 from dsv2.config import ModelConfig
 
 
-def fused_decode_applies(cache_data: torch.Tensor, latent: torch.Tensor, value_dim: int) -> bool:
-    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data``: inference in bf16
-    or float32 on a CPU with AMX, entries of a multiple of 32 values whose first ``value_dim`` (a multiple of 16) are
-    the value."""
+def fused_decode_applies(cache_data: torch.Tensor, dtype: torch.dtype, value_dim: int) -> bool:
+    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data`` for a step in
+    ``dtype``: inference in bf16 or float32 on a CPU with AMX, the cache in that dtype, entries of a multiple of 32
+    values whose first ``value_dim`` (a multiple of 16) are the value."""
     return (not torch.is_grad_enabled() and cache_data.device.type == "cpu"
-            and cache_data.dtype in (torch.bfloat16, torch.float32) and latent.dtype == cache_data.dtype
-            and latent.shape[-1] % 32 == 0 and value_dim % 16 == 0 and kernels.amx_ops() is not None)
+            and cache_data.dtype in (torch.bfloat16, torch.float32) and dtype == cache_data.dtype
+            and cache_data.shape[-1] % 32 == 0 and value_dim % 16 == 0 and kernels.amx_ops() is not None)
 
 
 class LatentCache:
@@ -38,6 +38,7 @@ class LatentCache:
                                 device=device)
         self.seq_len = 0  # slots in use
         self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
+        self._step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (`step_slots`)
 
     @property
     def max_len(self) -> int:
@@ -79,8 +80,21 @@ class LatentCache:
             self._indices = (batch, end), rows, rows * self.max_len + torch.arange(end, device=self.data.device)
         return self._indices[1], self._indices[2]
 
-    def fused_decode_applies(self, latent: torch.Tensor, value_dim: int) -> bool:
-        return fused_decode_applies(self.data, latent, value_dim)
+    def fused_decode_applies(self, dtype: torch.dtype, value_dim: int) -> bool:
+        return fused_decode_applies(self.data, dtype, value_dim)
+
+    def step_slots(self, layer_idx: int,
+                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a kernel that writes one token per row and attends itself (`mla_decode`): the layer's cache as
+        [B·max_len, D], each row's write slot [B], its slots up to the step's end [B, S] and lengths [B]."""
+        B, end = positions.shape[0], self.seq_len + 1
+        if end > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        if self._step_slots is None:  # every layer of a step passes the same positions; `advance` forgets them
+            rows, slots = self._step_indices(B, end)
+            self._step_slots = rows[:, 0] * self.max_len + positions[:, 0], slots, positions[:, 0] + 1
+        write, read, lengths = self._step_slots
+        return self.data[layer_idx].view(B * self.max_len, -1), write, read, lengths
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:
@@ -96,9 +110,11 @@ class LatentCache:
     def advance(self, num_tokens: int) -> None:
         """Called by the model once every layer has stored the step's tokens: seq_len counts slots in use."""
         self.seq_len += num_tokens
+        self._step_slots = None
 
     def reset(self) -> None:
         self.seq_len = 0
+        self._step_slots = None
 
     @property
     def nbytes(self) -> int:
