@@ -12,7 +12,7 @@ from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
 from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
-from dsv2.model.moe import RoutedExperts
+from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 
 from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config, tiny_model
@@ -291,6 +291,40 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
 
     monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
     with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
-    assert calls["mla_decode"] == 11 * 3 and calls["routed_experts"] > 0  # 11 decode steps × 3 layers
+    assert calls["mla_decode"] == 11 * 3 and calls["moe_decode"] == 11 * 2  # 11 decode steps, 3 layers (2 MoE)
     monkeypatch.setattr(kernels, "amx_ops", lambda: None)
     assert generate(model, prompts, max_new_tokens=12, ignore_eos=True).equal(with_kernels)
+
+
+@amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("routing", [
+    dict(),  # greedy, weights × routed_scaling_factor (1.0)
+    dict(norm_topk_prob=True),  # greedy, weights renormalized
+    dict(TINY_V2),  # group-limited greedy over 4 groups, × 16, two shared experts
+    dict(n_shared_experts=None),  # no shared experts
+], ids=["greedy", "normalized", "group-limited", "no-shared"])
+def test_moe_decode_equals_the_torch_paths(monkeypatch, routing, tokens, dtype):
+    """A MoE layer's decoding step in one kernel call against the layer on dsv2's torch paths."""
+    config = tiny_config({**TINY_LITE, **routing})
+    moe = randomize_(MoE(config), std=0.2).to(dtype).eval()
+    x = torch.randn(1, tokens, config.hidden_size).to(dtype)
+    with torch.no_grad():
+        assert moe.decode_kernel_applies(x)
+        got, stats = moe(x, with_stats=False)
+        assert stats is None
+        monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+        want, _ = moe(x, with_stats=False)
+    assert_close_for(dtype, got, want)
+
+
+@amx
+def test_moe_decode_is_kept_out_of_training_and_large_batches():
+    moe = randomize_(MoE(tiny_config(TINY_LITE)), std=0.2)
+    x = torch.randn(1, 3, 64)
+    assert not moe.decode_kernel_applies(x)  # gradients on
+    with torch.no_grad():
+        assert moe.decode_kernel_applies(x)
+        assert not moe.decode_kernel_applies(torch.randn(1, SMALL_MATMUL_MAX_ROWS[torch.float32] + 1, 64))
+        assert not moe.decode_kernel_applies(x.to(torch.bfloat16))  # not the experts' dtype

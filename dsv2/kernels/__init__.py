@@ -25,7 +25,7 @@ import torch
 
 SOURCE_DIR = Path(__file__).parent
 AMX_SOURCES = [SOURCE_DIR / name for name in ("routed_experts.cpp", "latent_attention.cpp", "small_matmul.cpp",
-                                              "mla_decode.cpp")]
+                                              "mla_decode.cpp", "moe_decode.cpp")]
 AMX_HEADERS = [SOURCE_DIR / "amx.h"]
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 AMX_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]

@@ -46,9 +46,11 @@ inline T* scratch(size_t n) {
 
 inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
 
-// The kernels other kernels call (small_matmul.cpp, latent_attention.cpp).
+// The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp).
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& slots,
                             const at::Tensor& lengths, int64_t value_dim, double scale);
+at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
+                          const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
 
 }  // namespace dsv2_amx

@@ -236,6 +236,10 @@ void experts_fp32(const Experts& c, const float* x, const float* gate_w, const f
   });
 }
 
+}  // namespace
+
+namespace dsv2_amx {
+
 at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
@@ -310,10 +314,10 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   return out;
 }
 
-}  // namespace
+}  // namespace dsv2_amx
 
 TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
   m.def("routed_experts(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("routed_experts", &routed_experts); }
+TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("routed_experts", &dsv2_amx::routed_experts); }

@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv2 import kernels
 from dsv2.config import ModelConfig
-from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype
+from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype, small_matmul_applies
 
 
 class MLP(nn.Module):
@@ -292,6 +292,8 @@ class MoE(nn.Module):
         """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load (None
         unless ``with_stats``: decoding asks for none)."""
         B, T, H = x.shape
+        if not with_stats and self.decode_kernel_applies(x):
+            return self.decode_step(x), None
         tokens = x.reshape(B * T, H)  # [N, H]
         routing = self.gate(tokens)
         y = self.experts(tokens, routing.expert_ids, routing.weights).to(x.dtype).view(B, T, H)
@@ -307,6 +309,30 @@ class MoE(nn.Module):
         if self.training and self.extra_balance_loss is not None:
             loss = loss + self.extra_balance_loss(routing, B, T)
         return y, MoEStats(loss, load)
+
+    def decode_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether `decode_step` can take these tokens: inference on a CPU with AMX, a few tokens in the experts'
+        dtype (what `small_matmul` and the routed experts' kernel take), this module's own gate, experts and shared
+        experts (not an expert- or tensor-parallel replacement), sizes multiples of 32."""
+        experts, shared = self.experts, self.shared_experts
+        rows = x.numel() // x.shape[-1]
+        return (type(self.gate) is MoEGate and type(experts) is RoutedExperts
+                and self.gate.topk_method in ("greedy", "group_limited_greedy")
+                and (shared is None or (type(shared) is MLP and shared.down_proj.in_features % 32 == 0
+                                        and shared.gate_proj.weight.dtype == x.dtype))
+                and small_matmul_applies(rows, x, experts.gate_proj) and experts._amx_applies(x, rows * self.top_k))
+
+    def decode_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer for a few tokens in one kernel call (`moe_decode`: gate, routed and shared experts, with
+        this module's roundings): x [B, T, H] → [B, T, H]."""
+        gate, experts, shared = self.gate, self.experts, self.shared_experts
+        out = kernels.amx_ops().moe_decode(
+            x.reshape(-1, x.shape[-1]), gate.weight, gate.top_k, gate.topk_method == "group_limited_greedy",
+            gate.n_group or 1, gate.topk_group or 1, gate.norm_topk_prob, gate.routed_scaling_factor,
+            experts.gate_proj, experts.up_proj, experts.down_proj,
+            *((None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                                  shared.down_proj.weight)))
+        return out.view(x.shape)
 
     def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Expert-level balance loss α·Σ_e f_e·P_e, per sequence and averaged (seq_aux) or over the whole batch.
