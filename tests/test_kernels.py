@@ -14,6 +14,7 @@ from dsv2.model.cache import LatentCache, fused_decode_applies
 from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
+from dsv2.model.transformer import DecoderLayer
 
 from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config, tiny_model
 
@@ -328,3 +329,38 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
         assert moe.decode_kernel_applies(x)
         assert not moe.decode_kernel_applies(torch.randn(1, SMALL_MATMUL_MAX_ROWS[torch.float32] + 1, 64))
         assert not moe.decode_kernel_applies(x.to(torch.bfloat16))  # not the experts' dtype
+
+
+@amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, dtype):
+    """A decoder layer's decoding step as two calls (norm + attention + residual, norm + MoE + residual) against
+    the layer on dsv2's torch paths: its output and the latents it wrote."""
+    config = tiny_config(TINY_V2, **FUSED_CONFIGS["whole step, q_lora"])
+    layer = randomize_(DecoderLayer(config, layer_idx=1), std=0.2).to(dtype).eval()
+    positions = torch.tensor([[40], [7]])  # [B, 1]
+    h = torch.randn(2, 1, config.hidden_size).to(dtype)
+    cos, sin = RotaryEmbedding(config)(positions)
+    calls = collections.Counter()
+    ops = kernels.amx_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = LatentCache(config, 2, 64, dtype=dtype)
+        cache.data.normal_(generator=torch.Generator().manual_seed(0))
+        cache.seq_len = 41
+        with torch.no_grad():
+            out, stats = layer(h, cos, sin, positions, cache, "auto", with_stats=False)
+        assert stats is None
+        return out, cache.data[1, torch.arange(2), positions[:, 0]]
+
+    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    got, got_latent = step()
+    assert calls == {"mla_decode": 1, "moe_decode": 1}
+    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+    want, want_latent = step()
+    assert_close_for(dtype, got, want)
+    assert_close_for(dtype, got_latent, want_latent)

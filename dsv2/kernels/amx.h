@@ -6,6 +6,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cmath>
+#include <functional>
 #include <vector>
 
 namespace dsv2_amx {
@@ -45,6 +47,39 @@ inline T* scratch(size_t n) {
 }
 
 inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
+
+// DeepSeek-V2's RMSNorm over each row of x [B, n] in place: float32 statistics, cast to the dtype, times the weight.
+template <typename T>
+void rms_norm_rows(T* x, int64_t rows, int64_t n, int64_t stride, const T* weight, float eps) {
+  for (int64_t b = 0; b < rows; ++b) {
+    T* row = x + b * stride;
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; ++i) squares += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+    const float inv = 1.0f / std::sqrt(squares / n + eps);
+    for (int64_t i = 0; i < n; ++i)
+      row[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(row[i] * inv)));
+  }
+}
+
+// RMSNorm in place over the rows of x [B, n] (contiguous), weight [n] of x's dtype (bf16 or float32).
+inline void rms_norm_(at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1),
+              "rms_norm: contiguous rows and a weight of their size and dtype");
+  const auto w = weight.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_rows(x.data_ptr<bf16>(), rows, n, n, w.data_ptr<bf16>(), static_cast<float>(eps));
+  else
+    rms_norm_rows(x.data_ptr<float>(), rows, n, n, w.data_ptr<float>(), static_cast<float>(eps));
+}
+
+// A decoder layer's residual step for rows of h [B, H]: h + f(norm(h)), the sum rounded to h's dtype.
+inline at::Tensor residual_of(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
+                              const std::function<at::Tensor(const at::Tensor&)>& f) {
+  auto normed = h.contiguous().clone();
+  rms_norm_(normed, norm_weight, eps);
+  return f(normed).add_(h);
+}
 
 // The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp).
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight);

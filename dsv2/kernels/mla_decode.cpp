@@ -9,7 +9,8 @@
 //
 // The products go through small_matmul (each weight streamed once), the attention through latent_attention (the
 // cache read where it lies). bf16 rounds where the torch path does: after every product, the norm's cast and its
-// scaling, and RoPE's result; RMSNorm and RoPE compute in float32.
+// scaling, and RoPE's result; RMSNorm and RoPE compute in float32. Given the decoder layer's norm (input_norm), x is
+// the residual stream h and the call returns h + out(norm(h)).
 #include <torch/library.h>
 
 #include <cmath>
@@ -20,19 +21,6 @@
 namespace {
 
 using namespace dsv2_amx;
-
-// DeepSeek-V2's RMSNorm over each row of x [B, n] in place: float32 statistics, cast to the dtype, times the weight.
-template <typename T>
-void rms_norm_rows(T* x, int64_t rows, int64_t n, int64_t stride, const T* weight, float eps) {
-  for (int64_t b = 0; b < rows; ++b) {
-    T* row = x + b * stride;
-    float squares = 0.0f;
-    for (int64_t i = 0; i < n; ++i) squares += static_cast<float>(row[i]) * static_cast<float>(row[i]);
-    const float inv = 1.0f / std::sqrt(squares / n + eps);
-    for (int64_t i = 0; i < n; ++i)
-      row[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(row[i] * inv)));
-  }
-}
 
 // Rotate interleaved pairs (x[2i], x[2i+1]) of x [n] by cos/sin [n/2] (float32), writing to out.
 template <typename T>
@@ -90,7 +78,12 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
                       const at::Tensor& kv_a_norm, const at::Tensor& w_uk_t, const at::Tensor& w_uv,
                       const at::Tensor& o_proj, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
                       const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
-                      double eps, double scale) {
+                      double eps, double scale, const std::optional<at::Tensor>& input_norm) {
+  if (input_norm)  // x is the residual stream h: h + attention(norm(h))
+    return residual_of(x.contiguous(), *input_norm, eps, [&](const at::Tensor& normed) {
+      return mla_decode(normed, q_proj, q_a_proj, q_a_norm, q_b_proj, kv_a_proj, kv_a_norm, w_uk_t, w_uv, o_proj, cos,
+                        sin, cache, write_slots, read_slots, lengths, eps, scale, std::nullopt);
+    });
   TORCH_CHECK(x.dim() == 2 && cache.dim() == 2 && w_uk_t.dim() == 3 && w_uv.dim() == 3,
               "mla_decode: x [B, H], cache [slots, r + d_R], w_uk_t [n_h, r, d], w_uv [n_h, v, r]");
   TORCH_CHECK(q_proj.has_value() != (q_a_proj.has_value() && q_a_norm.has_value() && q_b_proj.has_value()),
@@ -108,13 +101,7 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
     q = small_matmul(xs, *q_proj);  // [B, n_h·(d + d_R)]
   } else {
     auto q_a = small_matmul(xs, *q_a_proj);  // [B, q_lora_rank]
-    TORCH_CHECK(q_a_norm->scalar_type() == dtype, "mla_decode: q_a_norm in x's dtype");
-    if (dtype == at::kBFloat16)
-      rms_norm_rows(q_a.data_ptr<bf16>(), q_a.size(0), q_a.size(1), q_a.size(1), q_a_norm->contiguous().data_ptr<bf16>(),
-                    static_cast<float>(eps));
-    else
-      rms_norm_rows(q_a.data_ptr<float>(), q_a.size(0), q_a.size(1), q_a.size(1),
-                    q_a_norm->contiguous().data_ptr<float>(), static_cast<float>(eps));
+    rms_norm_(q_a, *q_a_norm, eps);
     q = small_matmul(q_a, *q_b_proj);
   }
   auto kv = small_matmul(xs, kv_a_proj);  // [B, r + d_R]
@@ -133,7 +120,7 @@ TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
   m.def(
       "mla_decode(Tensor x, Tensor? q_proj, Tensor? q_a_proj, Tensor? q_a_norm, Tensor? q_b_proj, Tensor kv_a_proj, "
       "Tensor kv_a_norm, Tensor w_uk_t, Tensor w_uv, Tensor o_proj, Tensor cos, Tensor sin, Tensor(a!) cache, "
-      "Tensor write_slots, Tensor read_slots, Tensor lengths, float eps, float scale) -> Tensor");
+      "Tensor write_slots, Tensor read_slots, Tensor lengths, float eps, float scale, Tensor? input_norm=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("mla_decode", &mla_decode); }

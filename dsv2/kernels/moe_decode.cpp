@@ -6,6 +6,7 @@
 //             renormalized (norm_topk_prob) or scaled by routed_scaling_factor
 //   out     = Σ_k weight · expert(x)  (routed_experts, float32 sum, cast to the dtype)  +  shared(x)
 //   shared  = down(silu(gate(x)) * up(x)), each product through small_matmul, rounded as the torch path rounds
+// Given the layer's norm (input_norm), x is the residual stream h and the call returns h + out(norm(h)).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,7 +73,14 @@ at::Tensor moe_decode(const at::Tensor& x_in, const at::Tensor& gate_weight, int
                       int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scaling_factor,
                       const at::Tensor& expert_gate, const at::Tensor& expert_up, const at::Tensor& expert_down,
                       const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
-                      const std::optional<at::Tensor>& shared_down) {
+                      const std::optional<at::Tensor>& shared_down, const std::optional<at::Tensor>& input_norm,
+                      double eps) {
+  if (input_norm)  // x is the residual stream h: h + moe(norm(h))
+    return residual_of(x_in, *input_norm, eps, [&](const at::Tensor& normed) {
+      return moe_decode(normed, gate_weight, top_k, group_limited, n_group, topk_group, norm_topk_prob,
+                        routed_scaling_factor, expert_gate, expert_up, expert_down, shared_gate, shared_up,
+                        shared_down, std::nullopt, eps);
+    });
   TORCH_CHECK(x_in.dim() == 2 && gate_weight.dim() == 2 && gate_weight.size(1) == x_in.size(1),
               "moe_decode: x [N, H] and the gate's weight [E, H]");
   const int64_t N = x_in.size(0), E = gate_weight.size(0);
@@ -100,7 +108,7 @@ TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
   m.def(
       "moe_decode(Tensor x, Tensor gate_weight, int top_k, bool group_limited, int n_group, int topk_group, "
       "bool norm_topk_prob, float routed_scaling_factor, Tensor expert_gate, Tensor expert_up, Tensor expert_down, "
-      "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down) -> Tensor");
+      "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? input_norm=None, float eps=1e-6) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("moe_decode", &moe_decode); }

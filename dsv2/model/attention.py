@@ -105,9 +105,10 @@ class MultiHeadLatentAttention(nn.Module):
         return all(size % 32 == 0 for size in inner) and all(p.bias is None for p in projections)
 
     def fused_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   cache: LatentCache) -> torch.Tensor:
+                   cache: LatentCache, norm: RMSNorm | None = None) -> torch.Tensor:
         """One token per row, the whole absorbed path in one kernel call (`mla_decode`: the products, norms, RoPE,
-        the cache write and the attention, with this module's roundings): x [B, 1, H] → [B, 1, H]."""
+        the cache write and the attention, with this module's roundings): x [B, 1, H] → [B, 1, H].
+        With the decoder layer's ``norm`` (of the same eps), x is its residual stream h: → h + attention(norm(h))."""
         w_uk_t, w_uv = self.absorbed_weights()
         layer, write_slots, read_slots, lengths = cache.step_slots(self.layer_idx, positions)
         lora = self.q_lora_rank is not None
@@ -115,7 +116,8 @@ class MultiHeadLatentAttention(nn.Module):
             x[:, 0], None if lora else self.q_proj.weight, self.q_a_proj.weight if lora else None,
             self.q_a_layernorm.weight if lora else None, self.q_b_proj.weight if lora else None,
             self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, w_uk_t, w_uv, self.o_proj.weight,
-            cos[:, 0], sin[:, 0], layer, write_slots, read_slots, lengths, self.kv_a_layernorm.eps, self.softmax_scale)
+            cos[:, 0], sin[:, 0], layer, write_slots, read_slots, lengths, self.kv_a_layernorm.eps, self.softmax_scale,
+            None if norm is None else norm.weight)
         return out[:, None]  # [B, 1, H]
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,

@@ -322,16 +322,18 @@ class MoE(nn.Module):
                                         and shared.gate_proj.weight.dtype == x.dtype))
                 and small_matmul_applies(rows, x, experts.gate_proj) and experts._amx_applies(x, rows * self.top_k))
 
-    def decode_step(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """The whole layer for a few tokens in one kernel call (`moe_decode`: gate, routed and shared experts, with
-        this module's roundings): x [B, T, H] → [B, T, H]."""
+        this module's roundings): x [B, T, H] → [B, T, H]. With the decoder layer's ``norm`` (an RMSNorm), x is its
+        residual stream h: → h + moe(norm(h))."""
         gate, experts, shared = self.gate, self.experts, self.shared_experts
         out = kernels.amx_ops().moe_decode(
             x.reshape(-1, x.shape[-1]), gate.weight, gate.top_k, gate.topk_method == "group_limited_greedy",
             gate.n_group or 1, gate.topk_group or 1, gate.norm_topk_prob, gate.routed_scaling_factor,
             experts.gate_proj, experts.up_proj, experts.down_proj,
             *((None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
-                                                  shared.down_proj.weight)))
+                                                  shared.down_proj.weight)),
+            None if norm is None else norm.weight, 1e-6 if norm is None else norm.eps)
         return out.view(x.shape)
 
     def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:

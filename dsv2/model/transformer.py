@@ -31,8 +31,19 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: LatentCache | None, attn_impl: AttentionImpl,
                 with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
-        """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer, or unless ``with_stats``)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, attn_impl)
+        """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer, or unless ``with_stats``).
+
+        Decoding a few sequences on a CPU with AMX, each half of the layer (norm, block, residual sum) is one kernel
+        call where it applies (`MultiHeadLatentAttention.fused_step`, `MoE.decode_step`)."""
+        attention, norm = self.self_attn, self.input_layernorm
+        if (h.shape[1] == 1 and cache is not None and attn_impl != "expanded" and norm.weight.dtype == h.dtype
+                and norm.eps == attention.kv_a_layernorm.eps and attention.fused_step_applies(h, cache)):
+            h = attention.fused_step(h, cos, sin, positions, cache, norm)
+        else:
+            h = h + attention(norm(h), cos, sin, positions, cache, attn_impl)
+        if isinstance(self.mlp, MoE) and not with_stats and self.mlp.decode_kernel_applies(h) \
+                and self.post_attention_layernorm.weight.dtype == h.dtype:
+            return self.mlp.decode_step(h, self.post_attention_layernorm), None
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(self.post_attention_layernorm(h), with_stats)
             return h + y, stats
