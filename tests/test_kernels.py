@@ -364,3 +364,22 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, d
     want, want_latent = step()
     assert_close_for(dtype, got, want)
     assert_close_for(dtype, got_latent, want_latent)
+
+
+@amx
+def test_mla_decode_rejects_sizes_that_disagree():
+    config = tiny_config(TINY_LITE, **FUSED_CONFIGS["whole step"])
+    attention = randomize_(MultiHeadLatentAttention(config, layer_idx=0), std=0.2).eval()
+    cache = LatentCache(config, 1, 8)
+    positions = torch.tensor([[0]])
+    cos, sin = RotaryEmbedding(config)(positions)
+    with torch.no_grad():
+        w_uk_t, w_uv = attention.absorbed_weights()
+        layer, write, read, lengths = cache.step_slots(0, positions)
+        args = [torch.randn(1, config.hidden_size), attention.q_proj.weight, None, None, None,
+                attention.kv_a_proj_with_mqa.weight, attention.kv_a_layernorm.weight, w_uk_t, w_uv,
+                attention.o_proj.weight, cos[:, 0], sin[:, 0], layer, write, read, lengths, 1e-6, 0.1]
+        assert kernels.amx_ops().mla_decode(*args).shape == (1, config.hidden_size)
+        args[10], args[11] = cos[:, 0, :4].contiguous(), sin[:, 0, :4].contiguous()  # half the rotary pairs
+        with pytest.raises(RuntimeError, match="sizes disagree"):
+            kernels.amx_ops().mla_decode(*args)

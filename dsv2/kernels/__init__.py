@@ -1,12 +1,14 @@
 """Native CPU kernels, compiled on first use (torch's C++ extension loader: a C++ compiler and ninja) and cached.
 
-For decoding on CPUs with AMX (Intel Xeon 4th generation and later), in bf16 on the AMX tiles and in float32 with
-AVX-512, one library, ``torch.ops.dsv2_amx``: `routed_experts` (a step's routed experts, each expert's weights read
-once: routed_experts.cpp) and `latent_attention` (MLA's absorbed attention read straight from the paged latent
-cache: latent_attention.cpp).
+For decoding on CPUs with AMX (Intel Xeon 4th generation and later), in bf16 (AMX tiles, AVX512-BF16) and in float32
+(AVX-512), one library, ``torch.ops.dsv2_amx``: `routed_experts` (a step's routed experts, each expert's weights read
+once: routed_experts.cpp), `latent_attention` (MLA's absorbed attention read straight from the paged latent cache:
+latent_attention.cpp), `small_matmul` (a few rows times a weight streamed once: small_matmul.cpp), and for a few
+sequences a whole half of a decoder layer in one call: `mla_decode` (mla_decode.cpp) and `moe_decode`
+(moe_decode.cpp).
 Everything works without them: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops`
 is None and the model keeps its torch paths. The compiled library is cached per source and torch version under
-``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~20 s build.
+``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~30 s build.
 """
 
 from __future__ import annotations

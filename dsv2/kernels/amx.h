@@ -1,4 +1,5 @@
-// What the AMX kernels share: the tile configuration, the permission Linux asks for, bf16 rounding.
+// What the kernels share: the tile configuration, the permission Linux asks for, per-thread work buffers, bf16
+// rounding, DeepSeek-V2's RMSNorm and a decoder layer's residual step, and the kernels that other kernels call.
 #pragma once
 
 #include <ATen/ATen.h>

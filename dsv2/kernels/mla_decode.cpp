@@ -40,6 +40,10 @@ at::Tensor mla_decode_impl(const at::Tensor& x, const at::Tensor& q, const at::T
                            double eps, double scale) {
   const int64_t B = x.size(0), heads = w_uk_t.size(0), r = w_uk_t.size(1), nope = w_uk_t.size(2);
   const int64_t qk = q.size(1) / heads, rope_dim = qk - nope, D = r + rope_dim;
+  TORCH_CHECK(q.size(1) == heads * qk && rope_dim > 0 && rope_dim % 2 == 0 && kv.size(1) == D && cache.size(1) == D &&
+                  kv_norm.numel() == r && cos.size(1) * 2 == rope_dim && w_uv.size(0) == heads && w_uv.size(2) == r,
+              "mla_decode: sizes disagree (q [B, n_h·(d + d_R)], latent r + d_R = the cache's row, cos [B, d_R/2], "
+              "W_UV [n_h, v, r])");
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
   // the latent: normed c | roped k_pe, written to each sequence's slot

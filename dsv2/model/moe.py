@@ -18,6 +18,7 @@ from torch import nn
 from dsv2 import kernels
 from dsv2.config import ModelConfig
 from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype, small_matmul_applies
+from dsv2.model.norm import RMSNorm
 
 
 class MLP(nn.Module):
@@ -322,10 +323,10 @@ class MoE(nn.Module):
                                         and shared.gate_proj.weight.dtype == x.dtype))
                 and small_matmul_applies(rows, x, experts.gate_proj) and experts._amx_applies(x, rows * self.top_k))
 
-    def decode_step(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """The whole layer for a few tokens in one kernel call (`moe_decode`: gate, routed and shared experts, with
-        this module's roundings): x [B, T, H] → [B, T, H]. With the decoder layer's ``norm`` (an RMSNorm), x is its
-        residual stream h: → h + moe(norm(h))."""
+        this module's roundings): x [B, T, H] → [B, T, H]. With the decoder layer's ``norm``, x is its residual
+        stream h: → h + moe(norm(h))."""
         gate, experts, shared = self.gate, self.experts, self.shared_experts
         out = kernels.amx_ops().moe_decode(
             x.reshape(-1, x.shape[-1]), gate.weight, gate.top_k, gate.topk_method == "group_limited_greedy",
