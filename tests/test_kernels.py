@@ -11,7 +11,7 @@ from dsv2 import kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
-from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
+from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, STEP_KERNEL_MAX_ROWS, Linear
 from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 from dsv2.model.transformer import DecoderLayer
@@ -299,7 +299,7 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
 
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("routing", [
     dict(),  # greedy, weights × routed_scaling_factor (1.0)
     dict(norm_topk_prob=True),  # greedy, weights renormalized
@@ -327,19 +327,21 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
     assert not moe.decode_kernel_applies(x)  # gradients on
     with torch.no_grad():
         assert moe.decode_kernel_applies(x)
-        assert not moe.decode_kernel_applies(torch.randn(1, SMALL_MATMUL_MAX_ROWS[torch.float32] + 1, 64))
+        assert not moe.decode_kernel_applies(torch.randn(1, STEP_KERNEL_MAX_ROWS[torch.float32] + 1, 64))
         assert not moe.decode_kernel_applies(x.to(torch.bfloat16))  # not the experts' dtype
 
 
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, dtype):
+@pytest.mark.parametrize("rows", [2, 8])  # 8: the most bf16 takes (the products past small_matmul's own 4)
+def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, rows, dtype):
     """A decoder layer's decoding step as two calls (norm + attention + residual, norm + MoE + residual) against
     the layer on dsv2's torch paths: its output and the latents it wrote."""
+    assert rows <= STEP_KERNEL_MAX_ROWS[dtype]
     config = tiny_config(TINY_V2, **FUSED_CONFIGS["whole step, q_lora"])
     layer = randomize_(DecoderLayer(config, layer_idx=1), std=0.2).to(dtype).eval()
-    positions = torch.tensor([[40], [7]])  # [B, 1]
-    h = torch.randn(2, 1, config.hidden_size).to(dtype)
+    positions = torch.randint(0, 41, (rows, 1)).index_fill_(0, torch.tensor([0]), 40)  # [B, 1], one at the end
+    h = torch.randn(rows, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)
     calls = collections.Counter()
     ops = kernels.amx_ops()
@@ -349,13 +351,13 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, d
             return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        cache = LatentCache(config, 2, 64, dtype=dtype)
+        cache = LatentCache(config, rows, 64, dtype=dtype)
         cache.data.normal_(generator=torch.Generator().manual_seed(0))
         cache.seq_len = 41
         with torch.no_grad():
             out, stats = layer(h, cos, sin, positions, cache, "auto", with_stats=False)
         assert stats is None
-        return out, cache.data[1, torch.arange(2), positions[:, 0]]
+        return out, cache.data[1, torch.arange(rows), positions[:, 0]]
 
     monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
     got, got_latent = step()
