@@ -1,5 +1,6 @@
 // What the kernels share: the tile configuration, the permission Linux asks for, per-thread work buffers, bf16
-// rounding, DeepSeek-V2's RMSNorm and a decoder layer's residual step, and the kernels that other kernels call.
+// rounding, DeepSeek-V2's RMSNorm and a decoder layer's residual step, register tiles of dot products, and the
+// kernels that other kernels call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -80,6 +81,58 @@ inline at::Tensor residual_of(const at::Tensor& h, const at::Tensor& norm_weight
   auto normed = h.contiguous().clone();
   rms_norm_(normed, norm_weight, eps);
   return f(normed).add_(h);
+}
+
+// Register tiles of dot products against weights stored [N, K] (small_matmul; routed_experts in float32).
+// The element types: how many values one 512-bit register holds and how a step multiplies them into float32.
+struct Bf16Step {
+  using T = bf16;
+  static constexpr int64_t values = 32;
+  static __m512 fma(const T* w, const T* x, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+  }
+};
+
+struct Fp32Step {
+  using T = float;
+  static constexpr int64_t values = 16;
+  static __m512 fma(const T* w, const T* x, __m512 acc) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
+  }
+};
+
+// out[m·ldo + r] = Σ_k w[r·K + k] · x[m][k] for R weight rows and M input rows; the R rows after them are prefetched.
+template <typename Step, int R, int M>
+inline void tile(const typename Step::T* w, const typename Step::T* const* x, int64_t K, typename Step::T* out,
+                 int64_t ldo) {
+  __m512 acc[R][M];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += Step::values) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[r][m] = Step::fma(w + r * K + k, x[m] + k, acc[r][m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) out[m * ldo + r] = static_cast<typename Step::T>(_mm512_reduce_add_ps(acc[r][m]));
+}
+
+template <typename Step, int R>
+inline void tile_any(const typename Step::T* w, const typename Step::T* const* x, int64_t m, int64_t K,
+                     typename Step::T* out, int64_t ldo) {
+  switch (m) {
+    case 1: tile<Step, R, 1>(w, x, K, out, ldo); break;
+    case 2: tile<Step, R, 2>(w, x, K, out, ldo); break;
+    case 3: tile<Step, R, 3>(w, x, K, out, ldo); break;
+    default: tile<Step, R, 4>(w, x, K, out, ldo); break;
+  }
 }
 
 // The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp).

@@ -153,41 +153,6 @@ void experts_amx(const Experts& c, const bf16* x, const bf16* gate_w, const bf16
   });
 }
 
-// out[r][m] = Σ_k w[r·ldw + k] · x[m][k] for 4 weight rows and M ≤ 4 input rows, K a multiple of 16: the 16
-// accumulators stay in registers; the rows 4 ahead are prefetched.
-template <int M>
-inline void dot4(const float* w, int64_t ldw, const float* const* x, int64_t K, float out[4][FP32_TOKENS]) {
-  __m512 acc[4][M];
-#pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < K; kk += 16) {
-    __m512 xv[M];
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x[m] + kk);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4) * ldw + kk), _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(w + r * ldw + kk);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-    }
-  }
-  for (int r = 0; r < 4; ++r)
-    for (int m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-inline void dot4_any(const float* w, int64_t ldw, const float* const* x, int64_t m, int64_t K,
-                     float out[4][FP32_TOKENS]) {
-  switch (m) {
-    case 1: dot4<1>(w, ldw, x, K, out); break;
-    case 2: dot4<2>(w, ldw, x, K, out); break;
-    case 3: dot4<3>(w, ldw, x, K, out); break;
-    default: dot4<4>(w, ldw, x, K, out); break;
-  }
-}
-
 // float32 with AVX-512 FMAs: each expert's weights 4 rows at a time against ≤ 4 of its tokens, no rounding.
 void experts_fp32(const Experts& c, const float* x, const float* gate_w, const float* up_w, const float* down_w) {
   const int64_t H = c.H, k = c.k, I = c.I;
@@ -198,7 +163,7 @@ void experts_fp32(const Experts& c, const float* x, const float* gate_w, const f
   float* hs = scratch<float, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
   const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
   at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
-    float g[4][FP32_TOKENS], u[4][FP32_TOKENS];
+    float g[FP32_TOKENS][4], u[FP32_TOKENS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / i_blocks, i0 = (task % i_blocks) * TILE;
       const int64_t offset = (active[ai] * I + i0) * H;  // rows i0..i0+15 of the expert
@@ -207,19 +172,19 @@ void experts_fp32(const Experts& c, const float* x, const float* gate_w, const f
           const Group& group = groups[gi];
           const float* rows[FP32_TOKENS];
           for (int64_t m = 0; m < group.count; ++m) rows[m] = x + (order[group.first + m] / k) * H;
-          dot4_any(gate_w + offset + r0 * H, H, rows, group.count, H, g);
-          dot4_any(up_w + offset + r0 * H, H, rows, group.count, H, u);
+          tile_any<Fp32Step, 4>(gate_w + offset + r0 * H, rows, group.count, H, &g[0][0], 4);
+          tile_any<Fp32Step, 4>(up_w + offset + r0 * H, rows, group.count, H, &u[0][0], 4);
           for (int64_t m = 0; m < group.count; ++m) {
             const float scale = c.w[order[group.first + m]];
             for (int r = 0; r < 4; ++r)
-              hs[(group.first + m) * I + i0 + r0 + r] = g[r][m] / (1.0f + std::exp(-g[r][m])) * u[r][m] * scale;
+              hs[(group.first + m) * I + i0 + r0 + r] = g[m][r] / (1.0f + std::exp(-g[m][r])) * u[m][r] * scale;
           }
         }
     }
   });
   const int64_t j_blocks = H / (2 * TILE), down_tasks = active.size() * j_blocks;
   at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
-    float out[4][FP32_TOKENS];
+    float out[FP32_TOKENS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / j_blocks, j0 = (task % j_blocks) * 2 * TILE;
       const float* rows_w = down_w + (active[ai] * H + j0) * I;  // [32, I]
@@ -228,9 +193,9 @@ void experts_fp32(const Experts& c, const float* x, const float* gate_w, const f
           const Group& group = groups[gi];
           const float* rows[FP32_TOKENS];
           for (int64_t m = 0; m < group.count; ++m) rows[m] = &hs[(group.first + m) * I];
-          dot4_any(rows_w + r0 * I, I, rows, group.count, I, out);
+          tile_any<Fp32Step, 4>(rows_w + r0 * I, rows, group.count, I, &out[0][0], 4);
           for (int64_t m = 0; m < group.count; ++m)
-            for (int r = 0; r < 4; ++r) c.y[order[group.first + m] * H + j0 + r0 + r] = out[r][m];
+            for (int r = 0; r < 4; ++r) c.y[order[group.first + m] * H + j0 + r0 + r] = out[m][r];
         }
     }
   });
