@@ -88,50 +88,109 @@ inline at::Tensor residual_of(const at::Tensor& h, const at::Tensor& norm_weight
 struct Bf16Step {
   using T = bf16;
   static constexpr int64_t values = 32;
-  static __m512 fma(const T* w, const T* x, __m512 acc) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
-  }
+  static __m512 load(const T* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  static __m512 fma(__m512 w, __m512 x, __m512 acc) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 };
 
 struct Fp32Step {
   using T = float;
   static constexpr int64_t values = 16;
-  static __m512 fma(const T* w, const T* x, __m512 acc) {
-    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
-  }
+  static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+  static __m512 fma(__m512 w, __m512 x, __m512 acc) { return _mm512_fmadd_ps(w, x, acc); }
 };
+
+// Lane i of the result = the sum of v[i]'s 16 lanes, for i < n ≤ 16 (the other lanes are 0): four rounds of
+// shuffles and adds over all the vectors at once, instead of a reduction per vector.
+template <int n>
+inline __m512 sum_each(const __m512* v) {
+  static_assert(n >= 1 && n <= 16, "sum_each: 1 to 16 vectors");
+  auto at = [&](int i) { return i < n ? v[i] : _mm512_setzero_ps(); };
+  __m512 quads[4];  // quads[q]: 128-bit block b holds block b's sums of v[4q .. 4q + 3]
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    if (4 * q >= n) {
+      quads[q] = _mm512_setzero_ps();
+      continue;
+    }
+    const __m512 a = at(4 * q), b = at(4 * q + 1), c = at(4 * q + 2), d = at(4 * q + 3);
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+    quads[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // Σa Σb Σc Σd per block
+  }
+  // add the four blocks: pairs of blocks, then pairs of those
+  const __m512 h0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 h1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h0, h1, 0x88), _mm512_shuffle_f32x4(h0, h1, 0xDD));
+}
 
 // out[m·ldo + r] = Σ_k w[r·K + k] · x[m][k] for R weight rows and M input rows; the R rows after them are prefetched.
 template <typename Step, int R, int M>
 inline void tile(const typename Step::T* w, const typename Step::T* const* x, int64_t K, typename Step::T* out,
                  int64_t ldo) {
-  __m512 acc[R][M];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  static_assert(R * M <= 16, "tile: at most 16 accumulators");
+  __m512 acc[R * M];  // acc[m·R + r]
+#pragma GCC unroll 16
+  for (int i = 0; i < R * M; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += Step::values) {
+    // each operand loaded once per step: the empty asm keeps GCC from folding a load into every product that uses
+    // it (the loads, not the FMAs, would then bound the loop)
+    __m512 wv[R], xv[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      xv[m] = Step::load(x[m] + k);
+      __asm__("" : "+v"(xv[m]));
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) acc[r][m] = Step::fma(w + r * K + k, x[m] + k, acc[r][m]);
+      wv[r] = Step::load(w + r * K + k);
+      __asm__("" : "+v"(wv[r]));
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m * R + r] = Step::fma(wv[r], xv[m], acc[m * R + r]);
   }
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, sum_each<R * M>(acc));
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) out[m * ldo + r] = static_cast<typename Step::T>(_mm512_reduce_add_ps(acc[r][m]));
+    for (int r = 0; r < R; ++r) out[m * ldo + r] = static_cast<typename Step::T>(sums[m * R + r]);
 }
 
+constexpr int64_t TILE_INPUTS = 8;  // input rows a call of tile_any takes at most
+
+// R weight rows against M input rows as tiles of ≤ 16 accumulators: one R × M tile, or pairs of rows as 2 × M tiles.
+template <typename Step, int R, int M>
+inline void tile_split(const typename Step::T* w, const typename Step::T* const* x, int64_t K, typename Step::T* out,
+                       int64_t ldo) {
+  if constexpr (R * M <= 16) {
+    tile<Step, R, M>(w, x, K, out, ldo);
+  } else {
+    static_assert(R % 2 == 0 && 2 * M <= 16, "tile_split: rows in pairs, at most 8 inputs");
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r += 2) tile<Step, 2, M>(w + r * K, x, K, out + r, ldo);
+  }
+}
+
+// R weight rows against m ∈ [1, TILE_INPUTS] input rows.
 template <typename Step, int R>
 inline void tile_any(const typename Step::T* w, const typename Step::T* const* x, int64_t m, int64_t K,
                      typename Step::T* out, int64_t ldo) {
   switch (m) {
-    case 1: tile<Step, R, 1>(w, x, K, out, ldo); break;
-    case 2: tile<Step, R, 2>(w, x, K, out, ldo); break;
-    case 3: tile<Step, R, 3>(w, x, K, out, ldo); break;
-    default: tile<Step, R, 4>(w, x, K, out, ldo); break;
+    case 1: tile_split<Step, R, 1>(w, x, K, out, ldo); break;
+    case 2: tile_split<Step, R, 2>(w, x, K, out, ldo); break;
+    case 3: tile_split<Step, R, 3>(w, x, K, out, ldo); break;
+    case 4: tile_split<Step, R, 4>(w, x, K, out, ldo); break;
+    case 5: tile_split<Step, R, 5>(w, x, K, out, ldo); break;
+    case 6: tile_split<Step, R, 6>(w, x, K, out, ldo); break;
+    case 7: tile_split<Step, R, 7>(w, x, K, out, ldo); break;
+    default: tile_split<Step, R, 8>(w, x, K, out, ldo); break;
   }
 }
 

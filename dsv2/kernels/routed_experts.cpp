@@ -30,9 +30,10 @@ inline void prefetch_part(const void* block, int64_t bytes, int64_t step, int64_
   for (int64_t offset = step * part; offset < (step + 1) * part; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
 }
 
-constexpr int64_t FP32_TOKENS = 4;  // tokens per group in float32
+// bf16 takes the register tiles while experts average at most this many tokens (AMX tiles beyond)
+constexpr int64_t BF16_DOTS_MAX_TOKENS = 4;
 
-struct Group {  // up to 16 (float32: 4) assignments of one expert: order[first, first + count)
+struct Group {  // up to 16 (register tiles: 8) assignments of one expert: order[first, first + count)
   int64_t first, count;
 };
 
@@ -153,49 +154,63 @@ void experts_amx(const Experts& c, const bf16* x, const bf16* gate_w, const bf16
   });
 }
 
-// float32 with AVX-512 FMAs: each expert's weights 4 rows at a time against ≤ 4 of its tokens, no rounding.
-void experts_fp32(const Experts& c, const float* x, const float* gate_w, const float* up_w, const float* down_w) {
+// h = silu(g) · u · w for one assignment's row: float32 as is; bf16 with the AMX path's roundings (g and u arrive
+// rounded, the SiLU and the product are rounded, then scaled by the rounded weight and rounded once more).
+inline float hidden_value(float g, float u, float w) { return g / (1.0f + std::exp(-g)) * u * w; }
+inline bf16 hidden_value(bf16 g, bf16 u, float w) {
+  const float gv = static_cast<float>(g);
+  const float act = round_bf16(gv / (1.0f + std::exp(-gv)));
+  return static_cast<bf16>(round_bf16(act * static_cast<float>(u)) * round_bf16(w));
+}
+
+// Register tiles of dot products (AVX-512 FMAs in float32, VDPBF16PS in bf16): each expert's weights 4 rows at a time
+// against ≤ 8 of its tokens. float32 always; bf16 when experts have few tokens each, where the AMX tiles' 16 token
+// columns would stay mostly empty and the weights stream faster this way.
+template <typename Step>
+void experts_dots(const Experts& c, const typename Step::T* x, const typename Step::T* gate_w,
+                  const typename Step::T* up_w, const typename Step::T* down_w) {
+  using T = typename Step::T;
   const int64_t H = c.H, k = c.k, I = c.I;
   const auto& order = c.order;
   const auto& groups = c.groups;
   const auto& active = c.active;
   const auto& first_group = c.first_group;
-  float* hs = scratch<float, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
+  T* hs = scratch<T, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
   const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
   at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
-    float g[FP32_TOKENS][4], u[FP32_TOKENS][4];  // [token][weight row]
+    T g[TILE_INPUTS][4], u[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / i_blocks, i0 = (task % i_blocks) * TILE;
       const int64_t offset = (active[ai] * I + i0) * H;  // rows i0..i0+15 of the expert
       for (int64_t r0 = 0; r0 < TILE; r0 += 4)
         for (int64_t gi = first_group[ai]; gi < first_group[ai + 1]; ++gi) {
           const Group& group = groups[gi];
-          const float* rows[FP32_TOKENS];
+          const T* rows[TILE_INPUTS];
           for (int64_t m = 0; m < group.count; ++m) rows[m] = x + (order[group.first + m] / k) * H;
-          tile_any<Fp32Step, 4>(gate_w + offset + r0 * H, rows, group.count, H, &g[0][0], 4);
-          tile_any<Fp32Step, 4>(up_w + offset + r0 * H, rows, group.count, H, &u[0][0], 4);
+          tile_any<Step, 4>(gate_w + offset + r0 * H, rows, group.count, H, &g[0][0], 4);
+          tile_any<Step, 4>(up_w + offset + r0 * H, rows, group.count, H, &u[0][0], 4);
           for (int64_t m = 0; m < group.count; ++m) {
             const float scale = c.w[order[group.first + m]];
-            for (int r = 0; r < 4; ++r)
-              hs[(group.first + m) * I + i0 + r0 + r] = g[m][r] / (1.0f + std::exp(-g[m][r])) * u[m][r] * scale;
+            for (int r = 0; r < 4; ++r) hs[(group.first + m) * I + i0 + r0 + r] = hidden_value(g[m][r], u[m][r], scale);
           }
         }
     }
   });
   const int64_t j_blocks = H / (2 * TILE), down_tasks = active.size() * j_blocks;
   at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
-    float out[FP32_TOKENS][4];  // [token][weight row]
+    T out[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / j_blocks, j0 = (task % j_blocks) * 2 * TILE;
-      const float* rows_w = down_w + (active[ai] * H + j0) * I;  // [32, I]
+      const T* rows_w = down_w + (active[ai] * H + j0) * I;  // [32, I]
       for (int64_t r0 = 0; r0 < 2 * TILE; r0 += 4)
         for (int64_t gi = first_group[ai]; gi < first_group[ai + 1]; ++gi) {
           const Group& group = groups[gi];
-          const float* rows[FP32_TOKENS];
+          const T* rows[TILE_INPUTS];
           for (int64_t m = 0; m < group.count; ++m) rows[m] = &hs[(group.first + m) * I];
-          tile_any<Fp32Step, 4>(rows_w + r0 * I, rows, group.count, I, &out[0][0], 4);
+          tile_any<Step, 4>(rows_w + r0 * I, rows, group.count, I, &out[0][0], 4);
           for (int64_t m = 0; m < group.count; ++m)
-            for (int r = 0; r < 4; ++r) c.y[order[group.first + m] * H + j0 + r0 + r] = out[m][r];
+            for (int r = 0; r < 4; ++r)
+              c.y[order[group.first + m] * H + j0 + r0 + r] = static_cast<float>(out[m][r]);
         }
     }
   });
@@ -231,13 +246,16 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   const float* w = weights.data_ptr<float>();
   auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
 
-  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16 (a
-  // tile's columns; float32: ≤ 4, the vectors that stay in registers).
-  const int64_t group_size = dtype == at::kFloat ? FP32_TOKENS : TILE;
+  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16 (an
+  // AMX tile's columns) or ≤ 8 (what a register tile takes: float32, and bf16 with few tokens per expert).
   std::vector<int64_t> start(E + 1, 0), order(A);
   for (int64_t a = 0; a < A; ++a)
     if (mine(a)) ++start[id[a] + 1];
+  int64_t used = 0;  // experts with assignments
+  for (int64_t e = 0; e < E; ++e) used += start[e + 1] > 0;
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const bool amx = dtype == at::kBFloat16 && start[E] > BF16_DOTS_MAX_TOKENS * used;
+  const int64_t group_size = amx ? TILE : TILE_INPUTS;
   {
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t a = 0; a < A; ++a)
@@ -256,10 +274,13 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
 
   auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H] each assignment's output
   Experts job{H, k, I, w, order, groups, active, first_group, ys.data_ptr<float>()};
-  if (dtype == at::kBFloat16)
+  if (amx)
     experts_amx(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
+  else if (dtype == at::kBFloat16)
+    experts_dots<Bf16Step>(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
   else
-    experts_fp32(job, x.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(), down.data_ptr<float>());
+    experts_dots<Fp32Step>(job, x.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(),
+                           down.data_ptr<float>());
   float* y = job.y;
   for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
     if (!mine(a)) std::memset(y + a * H, 0, H * sizeof(float));

@@ -19,7 +19,7 @@ namespace {
 using namespace dsv2_amx;
 
 constexpr int64_t ROWS = 4;  // weight rows per register tile
-constexpr int64_t COLS = 4;  // input rows per register tile
+constexpr int64_t COLS = TILE_INPUTS;  // input rows per register tile
 
 template <typename Step>
 void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
