@@ -68,7 +68,12 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
   const int64_t value_blocks = r / TILE;
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(8);  // 0-3: accumulators, 4: probabilities, 5-6: B operands, 7: keys
-    bf16* keys = scratch<bf16, 0>((CHUNK + KSTEP) * D);  // the chunk's rows, zero-padded to a multiple of 32
+    bf16* keys = scratch<bf16, 0>((CHUNK + KSTEP) * D);  // copies of the rows of key tiles not contiguous in the cache
+    bf16* zeros = scratch<bf16, 1>(D);  // the row of a padding key
+    std::fill(zeros, zeros + D, bf16(0.0f));
+    const bf16** key_rows = scratch<const bf16*, 0>(CHUNK + KSTEP);  // [key] its row, wherever it lies
+    const bf16** tile_rows = scratch<const bf16*, 1>((CHUNK + KSTEP) / TILE);  // [16 keys] the first one's row
+    int64_t* tile_strides = scratch<int64_t, 0>((CHUNK + KSTEP) / TILE);  // [16 keys] elements from row to row
     // the values pair-interleaved per 32 keys and 16 values: [CHUNK/32][r/16][16 key pairs][16 values][2]
     uint16_t* values_vnni = scratch<uint16_t, 0>(CHUNK / KSTEP * value_blocks * TILE * 2 * TILE);
     uint32_t* q_pairs = scratch<uint32_t, 0>((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved queries
@@ -80,22 +85,42 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
       const auto [b, start, n] = tasks[t];
       const int64_t padded = (n + KSTEP - 1) / KSTEP * KSTEP;
       const int64_t* chunk_slots = slot + b * S + start;
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + 4 < n) _mm_prefetch(reinterpret_cast<const char*>(rows + chunk_slots[j + 4] * row_stride), _MM_HINT_T0);
-        std::memcpy(&keys[j * D], rows + chunk_slots[j] * row_stride, D * 2);
+      // Key tiles are read where they lie when their 16 rows are consecutive cache rows (a paged cache's block, a
+      // contiguous cache's run); others (and the padding) are copied together first.
+      for (int64_t j0 = 0; j0 < padded; j0 += TILE) {
+        bool in_place = j0 + TILE <= n;
+        for (int64_t i = 1; i < TILE && in_place; ++i) in_place = chunk_slots[j0 + i] == chunk_slots[j0] + i;
+        if (in_place) {
+          tile_rows[j0 / TILE] = rows + chunk_slots[j0] * row_stride;
+          tile_strides[j0 / TILE] = row_stride;
+        } else {
+          for (int64_t j = j0; j < j0 + TILE; ++j)
+            std::memcpy(&keys[j * D], j < n ? rows + chunk_slots[j] * row_stride : zeros, D * 2);
+          tile_rows[j0 / TILE] = &keys[j0 * D];
+          tile_strides[j0 / TILE] = D;
+        }
+        for (int64_t i = 0; i < TILE; ++i) key_rows[j0 + i] = tile_rows[j0 / TILE] + i * tile_strides[j0 / TILE];
       }
-      std::memset(static_cast<void*>(&keys[n * D]), 0, (padded - n) * D * 2);
-      for (int64_t j0 = 0; j0 < padded; j0 += KSTEP)
+      // this thread's next chunk: its rows are prefetched into L2 along the way (they lie scattered over the cache,
+      // where the hardware prefetcher alone streams them at a fraction of the memory's rate)
+      const int64_t* next_slots = t + 1 < end ? slot + tasks[t + 1].b * S + tasks[t + 1].start : nullptr;
+      const int64_t next_n = t + 1 < end ? tasks[t + 1].count : 0;
+      for (int64_t j0 = 0; j0 < padded; j0 += KSTEP) {
+        for (int64_t j = j0; j < std::min(j0 + KSTEP, next_n); ++j) {
+          const char* row = reinterpret_cast<const char*>(rows + next_slots[j] * row_stride);
+          for (int64_t byte = 0; byte < D * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+        }
         for (int64_t v = 0; v < value_blocks; ++v) {
           uint16_t* dst = &values_vnni[((j0 / KSTEP) * value_blocks + v) * TILE * 2 * TILE];
           for (int64_t kk = 0; kk < TILE; ++kk) {
-            const bf16* even_row = &keys[(j0 + 2 * kk) * D + v * TILE];
-            const auto* row = reinterpret_cast<const __m256i*>(even_row);
-            const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(row));
-            const __m512i odd = _mm512_castsi256_si512(_mm256_loadu_si256(row + D / TILE));  // the next key's row
+            const auto* even_row = reinterpret_cast<const __m256i*>(key_rows[j0 + 2 * kk] + v * TILE);
+            const auto* odd_row = reinterpret_cast<const __m256i*>(key_rows[j0 + 2 * kk + 1] + v * TILE);
+            const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(even_row));
+            const __m512i odd = _mm512_castsi256_si512(_mm256_loadu_si256(odd_row));
             _mm512_storeu_si512(dst + kk * 2 * TILE, _mm512_permutex2var_epi16(even, interleave, odd));
           }
         }
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
         const uint32_t* q32 = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);
@@ -108,16 +133,17 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
           _tile_zero(1);
           _tile_zero(2);
           _tile_zero(3);
+          const int64_t t0 = j0 / TILE;
           for (int64_t k0 = 0; k0 < D; k0 += KSTEP) {
             _tile_loadd(5, &q_pairs[(k0 / 2) * TILE], 64);
-            _tile_loadd(7, &keys[j0 * D + k0], D * 2);
+            _tile_loadd(7, tile_rows[t0] + k0, tile_strides[t0] * 2);
             _tile_dpbf16ps(0, 7, 5);
-            _tile_loadd(6, &keys[(j0 + TILE) * D + k0], D * 2);
+            _tile_loadd(6, tile_rows[t0 + 1] + k0, tile_strides[t0 + 1] * 2);
             _tile_dpbf16ps(1, 6, 5);
             if (blocks == 4) {
-              _tile_loadd(7, &keys[(j0 + 2 * TILE) * D + k0], D * 2);
+              _tile_loadd(7, tile_rows[t0 + 2] + k0, tile_strides[t0 + 2] * 2);
               _tile_dpbf16ps(2, 7, 5);
-              _tile_loadd(6, &keys[(j0 + 3 * TILE) * D + k0], D * 2);
+              _tile_loadd(6, tile_rows[t0 + 3] + k0, tile_strides[t0 + 3] * 2);
               _tile_dpbf16ps(3, 6, 5);
             }
           }
