@@ -43,10 +43,10 @@ def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bo
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("N", "E", "k", "H", "inter"), [
-    (1, 8, 2, 64, 32),  # one token (the torch path: one expert after another)
-    (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm)
-    (64, 16, 4, 256, 128),  # a decode batch (the torch path: capacity bmm)
-    (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one group of 16, float32 in 4 of 4
+    (1, 8, 2, 64, 32),  # one token (the torch path: one expert after another; the kernel: register tiles)
+    (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm; the kernel: register tiles, ≤ 4 per expert)
+    (64, 16, 4, 256, 128),  # a decode batch (the torch path: capacity bmm; the kernel: bf16 AMX, float32 8 + 8)
+    (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one AMX group of 16, float32 in groups of 8 and 7
 ])
 def test_amx_routed_experts_equal_the_torch_paths(dtype, N, E, k, H, inter):
     torch.manual_seed(N)
@@ -114,14 +114,20 @@ def gathered_attention(q, layer, slots, lengths, value_dim, scale):
 
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["scattered", "blocks"])
 @pytest.mark.parametrize(("B", "S", "heads", "D", "value_dim"), [
     (3, 40, 4, 64, 48),  # fewer heads than a tile's 16 rows
     (2, 600, 20, 576, 512),  # V2's latent size; 3 chunks of ≤ 256 keys merged; a second, partial group of heads
 ])
-def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, B, S, heads, D, value_dim):
+def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, layout, B, S, heads, D, value_dim):
     torch.manual_seed(S)
-    layer = torch.randn(B * S + 7, D).to(dtype)  # one layer's slots
-    slots = torch.randperm(B * S + 7)[: B * S].view(B, S)  # scattered, as blocks of a paged cache are
+    blocks = B * (S // 16 + 1) + 1
+    layer = torch.randn(blocks * 16, D).to(dtype)  # one layer's slots
+    if layout == "scattered":  # every key somewhere else: bf16 copies each 16 keys' rows together first
+        slots = torch.randperm(blocks * 16)[: B * S].view(B, S)
+    else:  # runs of 16 consecutive rows, as a paged cache's blocks: bf16 reads those in place (S % 16: a short run)
+        order = torch.randperm(blocks)[: B * (S // 16 + 1)].view(B, -1)  # [B, blocks per sequence]
+        slots = (order[:, :, None] * 16 + torch.arange(16)).view(B, -1)[:, :S].contiguous()
     lengths = torch.tensor([S, 1, S // 2][:B])
     q = (0.5 * torch.randn(B, heads, D)).to(dtype)
     got = kernels.amx_ops().latent_attention(q, layer, slots, lengths, value_dim, D**-0.5)
@@ -202,7 +208,8 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("G", "M", "N", "K"), [
     (1, 1, 40, 96),  # one row, as a linear layer decodes one token
-    (1, 7, 37, 64),  # rows in two register tiles, a weight whose last 4-row block is short
+    (1, 7, 37, 64),  # 7 rows in one pass (2 × 7 register tiles), a weight whose last 4-row block is short
+    (1, 13, 21, 64),  # 8 rows, then 5
     (3, 16, 8, 32),  # per-head weights (MLA's W_UK / W_UV), 16 rows
     (2, 4, 130, 256),
 ])
