@@ -136,19 +136,20 @@ inline void tile(const typename Step::T* w, const typename Step::T* const* x, in
 #pragma GCC unroll 16
   for (int i = 0; i < R * M; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += Step::values) {
-    // each operand loaded once per step: the empty asm keeps GCC from folding a load into every product that uses
-    // it (the loads, not the FMAs, would then bound the loop)
+    // an operand that several products use is loaded once per step: the empty asm keeps GCC from folding its load
+    // into every one of them (the loads, not the FMAs, would then bound the loop); one used once stays folded (fewer
+    // instructions in flight per load: more loads in flight, which streaming a weight for one row needs)
     __m512 wv[R], xv[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       xv[m] = Step::load(x[m] + k);
-      __asm__("" : "+v"(xv[m]));
+      if constexpr (R > 1) __asm__("" : "+v"(xv[m]));
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
       wv[r] = Step::load(w + r * K + k);
-      __asm__("" : "+v"(wv[r]));
+      if constexpr (M > 1) __asm__("" : "+v"(wv[r]));
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
