@@ -11,7 +11,10 @@ the two implementations' calls interleaved:
 
 * prefill: wall time of a generate call with max_new_tokens=1 on a 512-token prompt (time to first token);
 * decode: batch-1 ms per step after a 32 / 1024 / 2048-token prompt, timed from one model forward call to the next
-  inside a generate call (a forward pre-hook records the times: the same clock for both, sampling included);
+  inside a generate call (a forward pre-hook records the times: the same clock for both, sampling included), in
+  rounds of one generate call each, the order alternating from round to round: the median of all steps, and the
+  median of the rounds' ratios (each round's two calls back to back, so that this machine's speed drifts, up to 2×
+  within minutes, hit both alike). The 5× goal needs both;
 * memory: in a fresh subprocess per implementation, peak RSS (VmHWM) of loading above the RSS before it, and of a
   generate call at the longest context above the loaded model's RSS; KV-cache bytes per token (transformers': its
   DynamicCache summed after a prefill);
@@ -61,7 +64,7 @@ class Settings:
     contexts: tuple[int, ...]
     prefill_repeats: int  # timed prefill calls (median), after one warm-up
     decode_tokens: int  # new tokens per decode generate call
-    decode_calls: int  # generate calls per context (step times pooled)
+    decode_calls: int  # rounds per context: a generate call of each implementation (step times pooled)
     memory_tokens: int = 8  # new tokens of the memory probe's generate call
 
 
@@ -71,6 +74,7 @@ class Result:
 
     prefill_s: float = 0.0
     decode_s: dict[int, float] = field(default_factory=dict)  # context → median seconds per step
+    decode_rounds_s: dict[int, list[float]] = field(default_factory=dict)  # context → each round's median step
     cache_bytes_per_token: int = 0
     load_peak: int = 0  # VmHWM above the pre-load RSS while loading
     generate_peak: int = 0  # VmHWM above the loaded model's RSS during a generate at the longest context
@@ -217,10 +221,13 @@ def measure_speed(impls: list[Impl], config: ModelConfig, settings: Settings) ->
     for context in settings.contexts:
         ids = prompt(config, context, seed=context)
         steps: dict[str, list[float]] = {impl.name: [] for impl in impls}
-        for _ in range(settings.decode_calls):
-            for impl in impls:
+        for impl in impls:
+            impl.result.decode_rounds_s[context] = []
+        for round_ in range(settings.decode_calls):
+            for impl in impls if round_ % 2 == 0 else impls[::-1]:
                 times, out = decode_steps_s(impl, ids, settings.decode_tokens)
                 steps[impl.name] += times
+                impl.result.decode_rounds_s[context].append(statistics.median(times))
                 outputs.setdefault(impl.name, out[0, ids.shape[1]:])
         for impl in impls:
             impl.result.decode_s[context] = statistics.median(steps[impl.name])
@@ -473,7 +480,10 @@ def limit_lines(dtype_name: str, config: ModelConfig, summary: ModelSummary, lim
     goal = f"  goal: dsv2 decode step ≥ {SPEEDUP_GOAL:.0f}× faster than transformers' at 2,048 tokens: "
     if 2048 in contexts:
         speedup = theirs.decode_s[2048] / ours.decode_s[2048]
-        lines.append(f"{goal}{speedup:.2f}× {mark(speedup >= SPEEDUP_GOAL)}")
+        per_round = statistics.median(t / o for t, o in zip(theirs.decode_rounds_s[2048], ours.decode_rounds_s[2048],
+                                                            strict=True))
+        lines.append(f"{goal}{speedup:.2f}× (median of the rounds' ratios {per_round:.2f}×) "
+                     f"{mark(min(speedup, per_round) >= SPEEDUP_GOAL)}")
     else:
         lines.append(f"{goal}not measured (context 2048 not run)")
     lines.append(f"  goal: dsv2 prefill ≥ {PREFILL_GOAL:.0%} of the matmul peak: {prefill_ours:.0%} "
@@ -521,7 +531,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     settings = (Settings(contexts=(32, 1024), prefill_repeats=1, decode_tokens=6, decode_calls=1) if args.quick
-                else Settings(contexts=(32, 1024, 2048), prefill_repeats=5, decode_tokens=16, decode_calls=2))
+                else Settings(contexts=(32, 1024, 2048), prefill_repeats=5, decode_tokens=16, decode_calls=4))
     config = bench_config()
     summary = summarize(config)
     account = CpuAccount()

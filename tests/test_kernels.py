@@ -44,7 +44,7 @@ def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bo
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("N", "E", "k", "H", "inter"), [
     (1, 8, 2, 64, 32),  # one token (the torch path: one expert after another; the kernel: register tiles)
-    (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm; the kernel: register tiles, ≤ 4 per expert)
+    (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm; the kernel: register tiles, ≤ 2 per expert)
     (64, 16, 4, 256, 128),  # a decode batch (the torch path: capacity bmm; the kernel: bf16 AMX, float32 8 + 8)
     (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one AMX group of 16, float32 in groups of 8 and 7
 ])

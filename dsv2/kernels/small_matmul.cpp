@@ -4,8 +4,8 @@
 // At a handful of rows the product only has to stream the weight once at the memory's rate. torch's paths do not:
 // its bf16 gemv (`torch.mv`) read a 1,536 × 1,024 weight at 13-25 GB/s here, oneDNN's matmul at 8 rows no faster,
 // and a batched matmul of 16 heads × one row ran at ~4 GB/s. This kernel gives each thread a contiguous run of
-// 4-row blocks of the weight (so the hardware prefetcher streams it), keeps 4 rows × ≤ 4 input rows of float32
-// accumulators in registers, and prefetches the next block's rows. bf16 multiplies pairs with AVX512-BF16
+// 4-row blocks of the weight (so the hardware prefetcher streams it), keeps up to 16 float32 accumulators in registers
+// (4 rows × ≤ 4 input rows, or 2 × 5-8: up to 8 input rows per pass over a block), and prefetches the next block. bf16 multiplies pairs with AVX512-BF16
 // (VDPBF16PS: exact products, float32 sums), float32 with FMAs; the result is rounded to the input's dtype once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
