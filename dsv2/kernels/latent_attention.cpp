@@ -40,6 +40,34 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The 16 × 16 matrix whose rows are r[0..15], transposed in place: pairs of rows interleaved, then pairs of pairs,
+// then 128-bit blocks gathered.
+inline void transpose16(__m512* r) {
+  __m512 t[TILE];
+  for (int i = 0; i < TILE; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < TILE; i += 4) {  // r[i + c], block L: rows i..i+3, column 4L + c
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), hi01 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 lo23 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 hi23 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    t[12 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+  for (int i = 0; i < TILE; ++i) r[i] = t[i];
+}
+
 struct Task {  // keys [start, start + count) of sequence b
   int64_t b, start, count;
 };
@@ -76,7 +104,8 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
     int64_t* tile_strides = scratch<int64_t, 0>((CHUNK + KSTEP) / TILE);  // [16 keys] elements from row to row
     // the values pair-interleaved per 32 keys and 16 values: [CHUNK/32][r/16][16 key pairs][16 values][2]
     uint16_t* values_vnni = scratch<uint16_t, 0>(CHUNK / KSTEP * value_blocks * TILE * 2 * TILE);
-    uint32_t* q_pairs = scratch<uint32_t, 0>((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved queries
+    uint32_t* q_pairs = scratch<uint32_t, 0>(groups * (D / 2) * TILE);  // [group][D/2][16 heads] pair-interleaved
+    int64_t q_pairs_of = -1;  // the sequence whose queries q_pairs holds (a thread's chunks come in sequence order)
     alignas(64) float scores[CHUNK * TILE];  // [key][16 heads]
     alignas(64) bf16 probs[TILE * CHUNK];  // [16 heads][key]
     const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
@@ -121,11 +150,19 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
           }
         }
       }
+      if (q_pairs_of != b) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
+          const uint32_t* q32 = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);
+          uint32_t* dst = &q_pairs[g * (D / 2) * TILE];
+          for (int64_t kk = 0; kk < D / 2; ++kk)
+            for (int64_t h = 0; h < TILE; ++h) dst[kk * TILE + h] = h < hn ? q32[h * (D / 2) + kk] : 0;
+        }
+        q_pairs_of = b;
+      }
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
-        const uint32_t* q32 = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);
-        for (int64_t kk = 0; kk < D / 2; ++kk)
-          for (int64_t h = 0; h < TILE; ++h) q_pairs[kk * TILE + h] = h < hn ? q32[h * (D / 2) + kk] : 0;
+        const int64_t h0 = g * TILE;
+        const uint32_t* group_q = &q_pairs[g * (D / 2) * TILE];
         // scores [key][head] = keys · queries, 4 × 16 keys at a time (independent accumulators)
         for (int64_t j0 = 0; j0 < padded; j0 += 4 * TILE) {
           const int64_t blocks = std::min<int64_t>(4, (padded - j0) / TILE);
@@ -135,7 +172,7 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
           _tile_zero(3);
           const int64_t t0 = j0 / TILE;
           for (int64_t k0 = 0; k0 < D; k0 += KSTEP) {
-            _tile_loadd(5, &q_pairs[(k0 / 2) * TILE], 64);
+            _tile_loadd(5, &group_q[(k0 / 2) * TILE], 64);
             _tile_loadd(7, tile_rows[t0] + k0, tile_strides[t0] * 2);
             _tile_dpbf16ps(0, 7, 5);
             _tile_loadd(6, tile_rows[t0 + 1] + k0, tile_strides[t0 + 1] * 2);
@@ -159,13 +196,17 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
         for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
         const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale)), top_scaled = _mm512_mul_ps(top, scale_v);
         __m512 total = _mm512_setzero_ps();
-        alignas(64) bf16 p_heads[TILE];
-        for (int64_t j = 0; j < padded; ++j) {
-          __m512 p = _mm512_setzero_ps();
-          if (j < n) p = exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled));
-          total = _mm512_add_ps(total, p);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p_heads), (__m256i)_mm512_cvtneps_pbh(p));
-          for (int64_t h = 0; h < TILE; ++h) probs[h * CHUNK + j] = p_heads[h];
+        for (int64_t j0 = 0; j0 < padded; j0 += TILE) {  // 16 keys at a time, turned from [key][head] to [head][key]
+          __m512 p[TILE];
+          for (int64_t i = 0; i < TILE; ++i) {
+            const int64_t j = j0 + i;
+            p[i] = j < n ? exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled))
+                         : _mm512_setzero_ps();
+            total = _mm512_add_ps(total, p[i]);
+          }
+          transpose16(p);
+          for (int64_t h = 0; h < TILE; ++h)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[h * CHUNK + j0]), (__m256i)_mm512_cvtneps_pbh(p[h]));
         }
         _mm512_storeu_ps(&maxima[t * padded_heads + h0], top);
         _mm512_storeu_ps(&sums[t * padded_heads + h0], total);
