@@ -306,7 +306,7 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
 
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
 @pytest.mark.parametrize("routing", [
     dict(),  # greedy, weights × routed_scaling_factor (1.0)
     dict(norm_topk_prob=True),  # greedy, weights renormalized
@@ -340,7 +340,7 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
 
 @amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [2, 8])  # 8: the most bf16 takes (the products past small_matmul's own 4)
+@pytest.mark.parametrize("rows", [2, 8, 16])  # bf16 products of 5-16 rows on the AMX tiles; 16: the most either takes
 def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, rows, dtype):
     """A decoder layer's decoding step as two calls (norm + attention + residual, norm + MoE + residual) against
     the layer on dsv2's torch paths: its output and the latents it wrote."""

@@ -1,8 +1,9 @@
 """nn.Linear with faster paths for inference on CPU.
 
 - A few rows without gradients (decoding) on a CPU with AMX: `small_matmul_applies` → the `small_matmul` kernel
-  (dsv2/kernels/small_matmul.cpp), which streams the weight once at the memory's rate; bf16 up to 4 rows, float32
-  up to 16 (where it measured faster than torch's paths). Where the kernels are missing:
+  (dsv2/kernels/small_matmul.cpp), which streams the weight once at the memory's rate; up to 16 rows (bf16 from 5
+  rows on the AMX tiles: 1.1-1.7× oneDNN's prepacked path at 5-16 rows, 1.1-2.5× the register tiles). Where the
+  kernels are missing:
 - One row (batch-1 decoding): torch's matmul path (oneDNN) reads a bf16 weight for a single input row at
   ~15-23 GB/s, while ``torch.mv``'s bf16 gemv kernel reads it at ~22-37 GB/s (measured on the project's 2-core
   machine, 352×1024 to 4096×1024 weights; fp32 and fp16 are not faster through mv, so they keep the ordinary path).
@@ -24,14 +25,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv2 import kernels
 
-SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}  # beyond: oneDNN / MKL were as fast or faster
-STEP_KERNEL_MAX_ROWS = {torch.bfloat16: 8, torch.float32: 16}  # mla_decode / moe_decode: a step's sequences
+SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}  # beyond: oneDNN / MKL are as fast or faster
+STEP_KERNEL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}  # mla_decode / moe_decode: a step's sequences
 
 
 def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor,
                          max_rows: dict[torch.dtype, int] = SMALL_MATMUL_MAX_ROWS) -> bool:
     """Whether `kernels.amx_ops().small_matmul` takes `rows` rows of x times weight [..., N, K]ᵀ: inference (no
-    gradients, no autocast) on CPU, x and weight both bf16 (≤ 4 rows) or both float32 (≤ 16), K a multiple of 32.
+    gradients, no autocast) on CPU, x and weight both bf16 or both float32 (≤ 16 rows), K a multiple of 32.
     ``max_rows``: other row limits (the whole-step kernels', whose products run through it too)."""
     return (rows <= max_rows.get(x.dtype, 0) and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.shape[-1] % 32 == 0 and not torch.is_grad_enabled()
