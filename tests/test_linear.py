@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv2.model.linear as linear_module
-from dsv2.model.linear import Linear
+from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 
 from helpers import greedy_continuation, tiny_model
 
@@ -46,7 +46,7 @@ needs_prepacking = pytest.mark.skipif(not linear_module._onednn_prepacking_works
 
 
 @needs_prepacking
-@pytest.mark.parametrize("rows", [8, 64, 300])  # more than the small_matmul kernel takes
+@pytest.mark.parametrize("rows", [SMALL_MATMUL_MAX_ROWS[torch.bfloat16] + 1, 64, 300])  # more than small_matmul takes
 @pytest.mark.parametrize("bias", [False, True])
 def test_several_bf16_rows_without_grad_read_the_prepacked_weight_bitwise(rows, bias):
     layer = Linear(96, 40, bias=bias).to(torch.bfloat16)
@@ -67,7 +67,7 @@ def test_several_bf16_rows_without_grad_read_the_prepacked_weight_bitwise(rows, 
 @needs_prepacking
 def test_prepacked_weight_follows_in_place_changes_and_dies_with_the_layer():
     layer = Linear(96, 40, bias=False).to(torch.bfloat16)
-    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    x = torch.randn(SMALL_MATMUL_MAX_ROWS[torch.bfloat16] + 1, 96, dtype=torch.bfloat16)  # past small_matmul's rows
     with torch.no_grad():
         before = layer(x)
         layer.weight.mul_(-2)  # e.g. load_state_dict's copy_: the version changes, the pointer does not
