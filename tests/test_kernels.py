@@ -11,7 +11,7 @@ from dsv2 import kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
-from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, STEP_KERNEL_MAX_ROWS, Linear
+from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 from dsv2.model.transformer import DecoderLayer
@@ -334,7 +334,7 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
     assert not moe.decode_kernel_applies(x)  # gradients on
     with torch.no_grad():
         assert moe.decode_kernel_applies(x)
-        assert not moe.decode_kernel_applies(torch.randn(1, STEP_KERNEL_MAX_ROWS[torch.float32] + 1, 64))
+        assert not moe.decode_kernel_applies(torch.randn(1, SMALL_MATMUL_MAX_ROWS[torch.float32] + 1, 64))
         assert not moe.decode_kernel_applies(x.to(torch.bfloat16))  # not the experts' dtype
 
 
@@ -344,7 +344,7 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
 def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, rows, dtype):
     """A decoder layer's decoding step as two calls (norm + attention + residual, norm + MoE + residual) against
     the layer on dsv2's torch paths: its output and the latents it wrote."""
-    assert rows <= STEP_KERNEL_MAX_ROWS[dtype]
+    assert rows <= SMALL_MATMUL_MAX_ROWS[dtype]
     config = tiny_config(TINY_V2, **FUSED_CONFIGS["whole step, q_lora"])
     layer = randomize_(DecoderLayer(config, layer_idx=1), std=0.2).to(dtype).eval()
     positions = torch.randint(0, 41, (rows, 1)).index_fill_(0, torch.tensor([0]), 40)  # [B, 1], one at the end

@@ -5,8 +5,9 @@
 // its bf16 gemv (`torch.mv`) read a 1,536 × 1,024 weight at 13-25 GB/s here, oneDNN's matmul at 8 rows no faster,
 // and a batched matmul of 16 heads × one row ran at ~4 GB/s. This kernel gives each thread a contiguous run of
 // 4-row blocks of the weight (so the hardware prefetcher streams it), keeps up to 16 float32 accumulators in registers
-// (4 rows × ≤ 4 input rows, or 2 × 5-8: up to 8 input rows per pass over a block), and prefetches the next block. bf16 multiplies pairs with AVX512-BF16
-// (VDPBF16PS: exact products, float32 sums), float32 with FMAs; the result is rounded to the input's dtype once.
+// (4 rows × ≤ 4 input rows, or 2 × 5-8: up to 8 input rows per pass over a block), and prefetches the next block.
+// bf16 multiplies pairs with AVX512-BF16 (VDPBF16PS: exact products, float32 sums), float32 with FMAs; the result is
+// rounded to the input's dtype once.
 // bf16 with 5-16 rows runs on the AMX tiles instead (`small_matmul_amx`), where the register tiles turn
 // compute-bound: 1.1-2.5× them, 1.1-1.7× oneDNN's prepacked path (model shapes, weights out of cache).
 #include <ATen/Parallel.h>
@@ -23,11 +24,12 @@ using namespace dsv2_amx;
 constexpr int64_t ROWS = 4;  // weight rows per register tile
 constexpr int64_t COLS = TILE_INPUTS;  // input rows per register tile
 
+// The weight's rows from first_row on (the rows before: another path's).
 template <typename Step>
-void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
+void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, int64_t first_row = 0) {
   using T = typename Step::T;
   const int64_t G = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
-  const int64_t blocks = (N + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
+  const int64_t blocks = (N - first_row + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
   const T* xs = x.data_ptr<T>();
   const T* ws = weight.data_ptr<T>();
   T* os = out.data_ptr<T>();
@@ -36,7 +38,7 @@ void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K * sizeof(T)));
   at::parallel_for(0, G * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / blocks, n0 = (task % blocks) * ROWS, rows = std::min(ROWS, N - n0);
+      const int64_t g = task / blocks, n0 = first_row + (task % blocks) * ROWS, rows = std::min(ROWS, N - n0);
       const T* w = ws + (g * N + n0) * K;
       T* o = os + g * M * N + n0;
       for (int64_t m0 = 0; m0 < M; m0 += COLS) {
@@ -76,8 +78,8 @@ void small_matmul_amx(const at::Tensor& x, const at::Tensor& weight, at::Tensor&
       const int64_t g = task / blocks, n0 = (task % blocks) * TILE;
       const bf16* w = ws + (g * N + n0) * K;
       const uint32_t* b = xv + g * (K / 2) * TILE;
-      const bf16* next = ws + std::min(task + 1, G * blocks - 1) / blocks * N * K +
-                         (std::min(task + 1, G * blocks - 1) % blocks) * TILE * K;
+      const int64_t following = std::min(task + 1, G * blocks - 1);
+      const bf16* next = ws + (following / blocks * N + following % blocks * TILE) * K;
       _tile_zero(0);
       for (int64_t k0 = 0; k0 < K; k0 += KSTEP) {
         for (int64_t r = 0; r < TILE; ++r)  // the same lines of the next block
@@ -92,15 +94,7 @@ void small_matmul_amx(const at::Tensor& x, const at::Tensor& weight, at::Tensor&
     }
     _tile_release();
   });
-  if (blocks * TILE == N) return;
-  for (int64_t g = 0; g < G; ++g)  // the rows after the last whole block
-    for (int64_t n = blocks * TILE; n < N; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += COLS) {
-        const int64_t cols = std::min(COLS, M - m0);
-        const bf16* xr[COLS];
-        for (int64_t m = 0; m < cols; ++m) xr[m] = x.data_ptr<bf16>() + g * x.stride(0) + (m0 + m) * x.stride(1);
-        tile_any<Bf16Step, 1>(ws + (g * N + n) * K, xr, cols, K, os + (g * M + m0) * N + n, N);
-      }
+  if (blocks * TILE < N) small_matmul_impl<Bf16Step>(x, weight, out, blocks * TILE);  // the rows after the last block
 }
 
 }  // namespace

@@ -22,7 +22,6 @@ from dsv2 import kernels
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
 from dsv2.model.linear import (
-    STEP_KERNEL_MAX_ROWS,
     Linear,
     autocast_input,
     matmul_dtype,
@@ -96,10 +95,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def fused_step_applies(self, x: torch.Tensor, cache: LatentCache) -> bool:
         """Whether `fused_step` can take this decoding step: inference on a CPU with AMX, x in the weights' dtype
-        (bf16 or float32) for few enough rows (STEP_KERNEL_MAX_ROWS), no biases, every product's inner size a
+        (bf16 or float32) for few enough rows (SMALL_MATMUL_MAX_ROWS), no biases, every product's inner size a
         multiple of 32, and a cache the attention kernel reads."""
         w = self.kv_a_proj_with_mqa.weight
-        return (self._fused_shapes_ok and small_matmul_applies(x.shape[0], x, w, STEP_KERNEL_MAX_ROWS)
+        return (self._fused_shapes_ok and small_matmul_applies(x.shape[0], x, w)
                 and self.kv_a_layernorm.weight.dtype == x.dtype and cache.fused_decode_applies(x.dtype, self.kv_rank))
 
     @functools.cached_property

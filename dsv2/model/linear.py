@@ -25,16 +25,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv2 import kernels
 
-SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}  # beyond: oneDNN / MKL are as fast or faster
-STEP_KERNEL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}  # mla_decode / moe_decode: a step's sequences
+# beyond: oneDNN / MKL are as fast or faster. Also the most sequences of a step that the whole-step kernels
+# (mla_decode / moe_decode) take: their products run through small_matmul.
+SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}
 
 
-def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor,
-                         max_rows: dict[torch.dtype, int] = SMALL_MATMUL_MAX_ROWS) -> bool:
+def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `kernels.amx_ops().small_matmul` takes `rows` rows of x times weight [..., N, K]ᵀ: inference (no
-    gradients, no autocast) on CPU, x and weight both bf16 or both float32 (≤ 16 rows), K a multiple of 32.
-    ``max_rows``: other row limits (the whole-step kernels', whose products run through it too)."""
-    return (rows <= max_rows.get(x.dtype, 0) and weight.dtype == x.dtype and x.device.type == "cpu"
+    gradients, no autocast) on CPU, x and weight both bf16 or both float32 (≤ 16 rows), K a multiple of 32."""
+    return (rows <= SMALL_MATMUL_MAX_ROWS.get(x.dtype, 0) and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.shape[-1] % 32 == 0 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and kernels.amx_ops() is not None)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv2 import kernels
 from dsv2.config import ModelConfig
-from dsv2.model.linear import STEP_KERNEL_MAX_ROWS, Linear, autocast_input, linear, matmul_dtype, small_matmul_applies
+from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype, small_matmul_applies
 from dsv2.model.norm import RMSNorm
 
 
@@ -321,7 +321,7 @@ class MoE(nn.Module):
                 and self.gate.topk_method in ("greedy", "group_limited_greedy")
                 and (shared is None or (type(shared) is MLP and shared.down_proj.in_features % 32 == 0
                                         and shared.gate_proj.weight.dtype == x.dtype))
-                and small_matmul_applies(rows, x, experts.gate_proj, STEP_KERNEL_MAX_ROWS)
+                and small_matmul_applies(rows, x, experts.gate_proj)
                 and experts._amx_applies(x, rows * self.top_k))
 
     def decode_step(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
