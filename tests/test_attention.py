@@ -26,8 +26,11 @@ def test_matmul_attention_equals_sdpa_values_and_gradients(T, S):
 
 
 def test_bf16_training_takes_the_matmul_path_and_matches_the_fused_one(monkeypatch):
-    model = randomize_(DeepseekV2ForCausalLM(tiny_config(TINY_LITE)), std=0.1).train()
-    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    # dense layers only: a top-k routing tie broken one way in one path and the other way in the other would move
+    # the experts' gradients by far more than rounding does
+    config = tiny_config(TINY_LITE, first_k_dense_replace=TINY_LITE["num_hidden_layers"])
+    model = randomize_(DeepseekV2ForCausalLM(config), std=0.1).train()
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -46,8 +49,11 @@ def test_bf16_training_takes_the_matmul_path_and_matches_the_fused_one(monkeypat
     monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys: False)
     loss_fused, grads_fused = loss_and_grads()
     torch.testing.assert_close(loss_matmul, loss_fused, atol=2e-2, rtol=2e-2)
-    for a, b in zip(grads_matmul, grads_fused, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item() + 1e-6, rtol=5e-2)
+    # bf16 products round differently in the two paths (and per CPU: AMX or AVX512-BF16), so single elements near
+    # zero can differ by a third: each gradient is compared as a whole, by its relative distance (~1-2% here; a
+    # wrong mask or scale moves them by tens of percent)
+    for (name, _), a, b in zip(model.named_parameters(), grads_matmul, grads_fused, strict=True):
+        assert (a - b).norm() <= 5e-2 * b.norm(), f"{name}: gradients differ by {(a - b).norm() / b.norm():.2%}"
 
 
 def test_matmul_path_only_where_it_pays():
