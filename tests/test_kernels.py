@@ -18,7 +18,22 @@ from dsv2.model.transformer import DecoderLayer
 
 from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config, tiny_model
 
-amx = pytest.mark.skipif(kernels.amx_ops() is None, reason="needs an x86-64 Linux CPU with AMX and a C++ compiler")
+built = pytest.mark.skipif(kernels.cpu_ops() is None,
+                           reason="needs an x86-64 Linux CPU with AVX-512 (BF16) and a C++ compiler")
+
+
+@pytest.fixture(autouse=True, params=["amx", "avx512"])
+def bf16_units(request):
+    """Every test twice: with the bf16 paths on the AMX tiles (where the CPU has them) and on AVX-512 registers."""
+    ops = kernels.cpu_ops()
+    if ops is None:
+        yield
+        return
+    if ops.use_amx(request.param == "amx") != (request.param == "amx"):
+        ops.use_amx(True)
+        pytest.skip("this CPU has no AMX")
+    yield
+    ops.use_amx(True)
 
 
 def experts(E: int, H: int, inter: int, dtype: torch.dtype = torch.bfloat16) -> RoutedExperts:
@@ -33,38 +48,38 @@ def assert_close_for(dtype: torch.dtype, got: torch.Tensor, want: torch.Tensor) 
 
 
 def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bool = False) -> torch.Tensor:
-    """The module's inference output: through the AMX kernel, or with it switched off (its torch paths)."""
+    """The module's inference output: through the CPU kernel, or with it switched off (its torch paths)."""
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         if torch_path:
-            patch.setattr(kernels, "amx_ops", lambda: None)
+            patch.setattr(kernels, "cpu_ops", lambda: None)
         return module(x, ids, weights, owned)
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("N", "E", "k", "H", "inter"), [
     (1, 8, 2, 64, 32),  # one token (the torch path: one expert after another; the kernel: register tiles)
     (5, 8, 3, 128, 96),  # a few tokens (the torch path: grouped_mm; the kernel: register tiles, ≤ 2 per expert)
-    (64, 16, 4, 256, 128),  # a decode batch (the torch path: capacity bmm; the kernel: bf16 AMX, float32 8 + 8)
-    (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one AMX group of 16, float32 in groups of 8 and 7
+    (64, 16, 4, 256, 128),  # a decode batch (torch: capacity bmm; the kernel: bf16 AMX or 8 + 8, float32 8 + 8)
+    (30, 4, 2, 64, 64),  # ~15 per expert: bf16 around one AMX group of 16, AVX-512 and float32 in groups of 8 and 7
 ])
-def test_amx_routed_experts_equal_the_torch_paths(dtype, N, E, k, H, inter):
+def test_kernel_routed_experts_equal_the_torch_paths(dtype, N, E, k, H, inter):
     torch.manual_seed(N)
     module = experts(E, H, inter, dtype)
     x = torch.randn(N, H, dtype=dtype)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(N)])  # [N, k] distinct per token
     weights = torch.rand(N, k)
-    assert module._amx_applies(x, N * k) is False  # gradients are enabled out here: training never takes it
+    assert module._kernel_applies(x, N * k) is False  # gradients are enabled out here: training never takes it
     with torch.no_grad():
-        assert module._amx_applies(x, N * k)
+        assert module._kernel_applies(x, N * k)
     got = routed(module, x, ids, weights)
     ref = routed(module, x, ids, weights, torch_path=True)
     assert got.dtype == torch.float32 and got.shape == (N, H)
     assert_close_for(dtype, got, ref)
 
 
-@amx
-def test_amx_assignments_to_other_ranks_experts_add_nothing():
+@built
+def test_kernel_assignments_to_other_ranks_experts_add_nothing():
     module = experts(8, 64, 32)
     x = torch.randn(6, 64, dtype=torch.bfloat16)
     ids = torch.tensor([[0, 9], [3, 12], [8, 1], [7, 7 + 8], [2, 5], [15, 14]])  # ids ≥ 8: another rank's
@@ -76,23 +91,23 @@ def test_amx_assignments_to_other_ranks_experts_add_nothing():
     assert (got[5] == 0).all()  # both of its experts live elsewhere
 
 
-@amx
-def test_amx_kernel_is_kept_out_of_what_it_does_not_cover():
+@built
+def test_kernel_kernel_is_kept_out_of_what_it_does_not_cover():
     module = experts(8, 64, 32)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert module._amx_applies(x, 8)
-        assert not module._amx_applies(x, 8 * 32 + 1)  # prefill-sized: grouped_mm
-        assert not module._amx_applies(x.float(), 8)  # float32 input, bf16 weights
-        assert not experts(8, 64, 32, torch.float32)._amx_applies(x, 8)  # bf16 input (autocast), float32 weights
-        assert not module._amx_applies(x.half(), 8)  # float16
-        assert not experts(8, 64, 48)._amx_applies(x, 8)  # intermediate size not a multiple of 32
+        assert module._kernel_applies(x, 8)
+        assert not module._kernel_applies(x, 8 * 32 + 1)  # prefill-sized: grouped_mm
+        assert not module._kernel_applies(x.float(), 8)  # float32 input, bf16 weights
+        assert not experts(8, 64, 32, torch.float32)._kernel_applies(x, 8)  # bf16 input (autocast), float32 weights
+        assert not module._kernel_applies(x.half(), 8)  # float16
+        assert not experts(8, 64, 48)._kernel_applies(x, 8)  # intermediate size not a multiple of 32
     with pytest.raises(RuntimeError, match="x and the weights alike"):
-        kernels.amx_ops().routed_experts(x.float(), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
+        kernels.cpu_ops().routed_experts(x.float(), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
                                          module.gate_proj, module.up_proj, module.down_proj)
     with pytest.raises(RuntimeError, match="multiples of 32"):
         m = experts(8, 64, 48)
-        kernels.amx_ops().routed_experts(x, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
+        kernels.cpu_ops().routed_experts(x, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
                                          m.gate_proj, m.up_proj, m.down_proj)
 
 
@@ -100,7 +115,7 @@ def test_kernels_switch_off_by_environment(monkeypatch):
     assert kernels.kernels_enabled()
     monkeypatch.setenv("DSV2_CPU_KERNELS", "0")
     assert not kernels.kernels_enabled()
-    assert kernels.amx_ops.__wrapped__() is None  # uncached: asked again, it declines before building anything
+    assert kernels.cpu_ops.__wrapped__() is None  # uncached: asked again, it declines before building anything
 
 
 def gathered_attention(q, layer, slots, lengths, value_dim, scale):
@@ -112,14 +127,14 @@ def gathered_attention(q, layer, slots, lengths, value_dim, scale):
     return out[:, 0, :, :value_dim]
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["scattered", "blocks"])
 @pytest.mark.parametrize(("B", "S", "heads", "D", "value_dim"), [
     (3, 40, 4, 64, 48),  # fewer heads than a tile's 16 rows
     (2, 600, 20, 576, 512),  # V2's latent size; 3 chunks of ≤ 256 keys merged; a second, partial group of heads
 ])
-def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, layout, B, S, heads, D, value_dim):
+def test_kernel_latent_attention_equals_sdpa_over_the_gathered_context(dtype, layout, B, S, heads, D, value_dim):
     torch.manual_seed(S)
     blocks = B * (S // 16 + 1) + 1
     layer = torch.randn(blocks * 16, D).to(dtype)  # one layer's slots
@@ -130,7 +145,7 @@ def test_amx_latent_attention_equals_sdpa_over_the_gathered_context(dtype, layou
         slots = (order[:, :, None] * 16 + torch.arange(16)).view(B, -1)[:, :S].contiguous()
     lengths = torch.tensor([S, 1, S // 2][:B])
     q = (0.5 * torch.randn(B, heads, D)).to(dtype)
-    got = kernels.amx_ops().latent_attention(q, layer, slots, lengths, value_dim, D**-0.5)
+    got = kernels.cpu_ops().latent_attention(q, layer, slots, lengths, value_dim, D**-0.5)
     want = gathered_attention(q, layer, slots, lengths, value_dim, D**-0.5)
     assert got.shape == (B, heads, value_dim) and got.dtype == dtype
     assert_close_for(dtype, got, want)  # bf16: probabilities rounded for their product, as torch's fused kernel
@@ -145,7 +160,7 @@ FUSED_CONFIGS = {
 }
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("path", list(FUSED_CONFIGS))
@@ -160,13 +175,13 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
     x = torch.randn(B, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)  # [B, 1, d_R/2] float32
     calls = []
-    ops = kernels.amx_ops()
+    ops = kernels.cpu_ops()
 
     class Spy:
         def __getattr__(self, name):
             return lambda *args: calls.append(name) or getattr(ops, name)(*args)
 
-    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
     if paged:
         cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=dtype, device="cpu")
         cache.data.normal_()
@@ -204,7 +219,7 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
     assert fused.shape == (B, 1, config.hidden_size) and fused_latent.shape == (B, D)
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("G", "M", "N", "K"), [
     (1, 1, 40, 96),  # one row, as a linear layer decodes one token
@@ -213,11 +228,11 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
     (3, 16, 8, 32),  # per-head weights (MLA's W_UK / W_UV), 16 rows
     (2, 4, 130, 256),
 ])
-def test_amx_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
+def test_kernel_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
     torch.manual_seed(M)
     x = torch.randn(M, G, K).to(dtype).transpose(0, 1)  # [G, M, K], strided over groups and rows
     weight = torch.randn(G, N, K).to(dtype)
-    got = kernels.amx_ops().small_matmul(x, weight)
+    got = kernels.cpu_ops().small_matmul(x, weight)
     assert got.shape == (G, M, N) and got.dtype == dtype
     exact = x.double() @ weight.double().transpose(1, 2)
     # float32 sums, rounded to the dtype once: within the rounding of the largest value (plus float32's sums)
@@ -225,12 +240,12 @@ def test_amx_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
     torch.testing.assert_close(got.double(), exact, atol=tolerance, rtol=0)
     if G == 1:  # a linear layer's form: x [..., K] · weight [N, K]ᵀ → [..., N], the same sums
         rows = x[0].reshape(M, 1, K)
-        assert kernels.amx_ops().small_matmul(rows, weight[0]).equal(got[0].view(M, 1, N))
+        assert kernels.cpu_ops().small_matmul(rows, weight[0]).equal(got[0].view(M, 1, N))
 
 
-@amx
-def test_amx_small_matmul_rejects_what_it_cannot_take():
-    ops = kernels.amx_ops()
+@built
+def test_kernel_small_matmul_rejects_what_it_cannot_take():
+    ops = kernels.cpu_ops()
     with pytest.raises(RuntimeError, match="multiple of 32"):
         ops.small_matmul(torch.zeros(1, 1, 48, dtype=torch.bfloat16), torch.zeros(1, 8, 48, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="x and the weight alike"):
@@ -239,20 +254,20 @@ def test_amx_small_matmul_rejects_what_it_cannot_take():
         ops.small_matmul(torch.zeros(1, 1, 32), torch.zeros(2, 8, 32))
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decoding_linears_take_small_matmul_and_equal_torch(monkeypatch, dtype):
     """Linear layers and MLA's per-head W_UK / W_UV take the kernel for a few rows at inference, and give torch's
     product; more rows, gradients or autocast keep torch's paths."""
     calls = []
-    ops = kernels.amx_ops()
+    ops = kernels.cpu_ops()
 
     class Spy:
         def __getattr__(self, name):
             return (lambda *args: calls.append(name) or getattr(ops, name)(*args)) if name == "small_matmul" \
                 else getattr(ops, name)
 
-    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
     layer = randomize_(Linear(96, 40), std=0.2).to(dtype)
     most = SMALL_MATMUL_MAX_ROWS[dtype]
     for rows, expect_kernel in ((1, True), (most, True), (most + 1, False)):
@@ -281,7 +296,7 @@ def test_decoding_linears_take_small_matmul_and_equal_torch(monkeypatch, dtype):
     assert_close_for(dtype, out, torch.einsum("bhtr,hvr->bthv", out_latent, w_uv))
 
 
-@amx
+@built
 @pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],
                          ids=["lite", "v2"])
 def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, base, sizes):
@@ -291,20 +306,20 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
     generate = dsv2.generate.generate
     prompts = torch.randint(0, 128, (2, 9))
     calls = collections.Counter()
-    ops = kernels.amx_ops()
+    ops = kernels.cpu_ops()
 
     class Spy:
         def __getattr__(self, name):
             return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
 
-    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
     with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
     assert calls["mla_decode"] == 11 * 3 and calls["moe_decode"] == 11 * 2  # 11 decode steps, 3 layers (2 MoE)
-    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     assert generate(model, prompts, max_new_tokens=12, ignore_eos=True).equal(with_kernels)
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16])
 @pytest.mark.parametrize("routing", [
@@ -322,12 +337,12 @@ def test_moe_decode_equals_the_torch_paths(monkeypatch, routing, tokens, dtype):
         assert moe.decode_kernel_applies(x)
         got, stats = moe(x, with_stats=False)
         assert stats is None
-        monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+        monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
         want, _ = moe(x, with_stats=False)
     assert_close_for(dtype, got, want)
 
 
-@amx
+@built
 def test_moe_decode_is_kept_out_of_training_and_large_batches():
     moe = randomize_(MoE(tiny_config(TINY_LITE)), std=0.2)
     x = torch.randn(1, 3, 64)
@@ -338,9 +353,9 @@ def test_moe_decode_is_kept_out_of_training_and_large_batches():
         assert not moe.decode_kernel_applies(x.to(torch.bfloat16))  # not the experts' dtype
 
 
-@amx
+@built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [2, 8, 16])  # bf16 products of 5-16 rows on the AMX tiles; 16: the most either takes
+@pytest.mark.parametrize("rows", [2, 8, 16])  # bf16 5-16 rows: AMX (or 2 passes); 16: the most either takes
 def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, rows, dtype):
     """A decoder layer's decoding step as two calls (norm + attention + residual, norm + MoE + residual) against
     the layer on dsv2's torch paths: its output and the latents it wrote."""
@@ -351,7 +366,7 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, r
     h = torch.randn(rows, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)
     calls = collections.Counter()
-    ops = kernels.amx_ops()
+    ops = kernels.cpu_ops()
 
     class Spy:
         def __getattr__(self, name):
@@ -366,16 +381,16 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, r
         assert stats is None
         return out, cache.data[1, torch.arange(rows), positions[:, 0]]
 
-    monkeypatch.setattr(kernels, "amx_ops", lambda: Spy())
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
     got, got_latent = step()
     assert calls == {"mla_decode": 1, "moe_decode": 1}
-    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     want, want_latent = step()
     assert_close_for(dtype, got, want)
     assert_close_for(dtype, got_latent, want_latent)
 
 
-@amx
+@built
 def test_mla_decode_rejects_sizes_that_disagree():
     config = tiny_config(TINY_LITE, **FUSED_CONFIGS["whole step"])
     attention = randomize_(MultiHeadLatentAttention(config, layer_idx=0), std=0.2).eval()
@@ -388,7 +403,7 @@ def test_mla_decode_rejects_sizes_that_disagree():
         args = [torch.randn(1, config.hidden_size), attention.q_proj.weight, None, None, None,
                 attention.kv_a_proj_with_mqa.weight, attention.kv_a_layernorm.weight, w_uk_t, w_uv,
                 attention.o_proj.weight, cos[:, 0], sin[:, 0], layer, write, read, lengths, 1e-6, 0.1]
-        assert kernels.amx_ops().mla_decode(*args).shape == (1, config.hidden_size)
+        assert kernels.cpu_ops().mla_decode(*args).shape == (1, config.hidden_size)
         args[10], args[11] = cos[:, 0, :4].contiguous(), sin[:, 0, :4].contiguous()  # half the rotary pairs
         with pytest.raises(RuntimeError, match="sizes disagree"):
-            kernels.amx_ops().mla_decode(*args)
+            kernels.cpu_ops().mla_decode(*args)

@@ -15,9 +15,9 @@ def moe_layer(base=TINY_LITE, **overrides) -> MoE:
 
 @pytest.fixture
 def torch_experts(monkeypatch):
-    """The routed experts' torch paths in bf16 inference, which the AMX kernel would take over (it is tested against
+    """The routed experts' torch paths in bf16 inference, which the CPU kernel would take over (it is tested against
     them in test_kernels.py)."""
-    monkeypatch.setattr(kernels, "amx_ops", lambda: None)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
 
 
 def swiglu(x, gate, up, down):

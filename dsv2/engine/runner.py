@@ -76,10 +76,10 @@ class PagedStepCache:
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:
         """One token per sequence: write latent [B, 1, D] to its slot, then attend with the absorbed queries
-        q [B, n_h, D] straight over each sequence's slots up to its position → [B, n_h, value_dim] (the AMX kernel
+        q [B, n_h, D] straight over each sequence's slots up to its position → [B, n_h, value_dim] (the CPU kernel
         reads the cache by the step's read slots: no gathered context)."""
         layer = self.write(layer_idx, latent)
-        return kernels.amx_ops().latent_attention(q, layer, self.read_slots, positions[:, 0] + 1, value_dim, scale)
+        return kernels.cpu_ops().latent_attention(q, layer, self.read_slots, positions[:, 0] + 1, value_dim, scale)
 
     def advance(self, num_tokens: int) -> None:
         pass

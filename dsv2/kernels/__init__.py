@@ -1,14 +1,15 @@
 """Native CPU kernels, compiled on first use (torch's C++ extension loader: a C++ compiler and ninja) and cached.
 
-For decoding on CPUs with AMX (Intel Xeon 4th generation and later), in bf16 (AMX tiles, AVX512-BF16) and in float32
-(AVX-512), one library, ``torch.ops.dsv2_amx``: `routed_experts` (a step's routed experts, each expert's weights read
-once: routed_experts.cpp), `latent_attention` (MLA's absorbed attention read straight from the paged latent cache:
-latent_attention.cpp), `small_matmul` (a few rows times a weight streamed once: small_matmul.cpp), and for a few
-sequences a whole half of a decoder layer in one call: `mla_decode` (mla_decode.cpp) and `moe_decode`
-(moe_decode.cpp).
-Everything works without them: where the CPU lacks AMX, the build fails, or ``DSV2_CPU_KERNELS=0`` is set, `amx_ops`
-is None and the model keeps its torch paths. The compiled library is cached per source and torch version under
-``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~30 s build.
+For decoding on x86-64 CPUs with AVX-512 and its bf16 instructions (AVX512-BF16: Intel Xeon 3rd generation Cooper
+Lake and 4th generation on, AMD EPYC / Ryzen from Zen 4), in bf16 and float32, one library, ``torch.ops.dsv2_cpu``:
+`routed_experts` (a step's routed experts, each expert's weights read once: routed_experts.cpp), `latent_attention`
+(MLA's absorbed attention read straight from the paged latent cache: latent_attention.cpp), `small_matmul` (a few
+rows times a weight streamed once: small_matmul.cpp), and for a few sequences a whole half of a decoder layer in one
+call: `mla_decode` (mla_decode.cpp) and `moe_decode` (moe_decode.cpp). Where the CPU has AMX (Intel Xeon 4th
+generation on), bf16 products of several rows run on its tiles; elsewhere on AVX-512 registers (VDPBF16PS, FMAs).
+Everything works without them: where the CPU lacks those instructions, the build fails, or ``DSV2_CPU_KERNELS=0`` is
+set, `cpu_ops` is None and the model keeps its torch paths. The compiled library is cached per source and torch
+version under ``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~30 s build.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from types import ModuleType
 import torch
 
 SOURCE_DIR = Path(__file__).parent
-AMX_SOURCES = [SOURCE_DIR / name for name in ("routed_experts.cpp", "latent_attention.cpp", "small_matmul.cpp",
+SOURCES = [SOURCE_DIR / name for name in ("routed_experts.cpp", "latent_attention.cpp", "small_matmul.cpp",
                                               "mla_decode.cpp", "moe_decode.cpp")]
-AMX_HEADERS = [SOURCE_DIR / "amx.h"]
-AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
-AMX_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
-LIBRARY = "dsv2_amx"
+HEADERS = [SOURCE_DIR / "common.h"]
+CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # what the library needs
+AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})  # what its AMX paths need besides (checked again at run time)
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
+LIBRARY = "dsv2_cpu"
 
 
 def cpu_flags() -> frozenset[str]:
@@ -48,8 +50,8 @@ def kernels_enabled() -> bool:
 
 
 def _build_directory() -> Path:
-    key = hashlib.sha256(b"".join(path.read_bytes() for path in AMX_SOURCES + AMX_HEADERS))
-    key.update(" ".join([*AMX_CFLAGS, torch.__version__, sys.version]).encode())
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS))
+    key.update(" ".join([*CFLAGS, torch.__version__, sys.version]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "dsv2" / "kernels" / f"{LIBRARY}-{key.hexdigest()[:16]}"
 
@@ -66,10 +68,10 @@ def _ninja_on_path() -> None:
 
 
 @functools.cache
-def amx_ops() -> ModuleType | None:
-    """``torch.ops.dsv2_amx``, built or loaded from the cache; None where it cannot run:
-    not x86-64 Linux with AMX, ``DSV2_CPU_KERNELS=0``, or a failed build (warned once)."""
-    if not kernels_enabled() or platform.system() != "Linux" or not cpu_flags() >= AMX_CPU_FLAGS:
+def cpu_ops() -> ModuleType | None:
+    """``torch.ops.dsv2_cpu``, built or loaded from the cache; None where it cannot run:
+    not x86-64 Linux with AVX-512 (F, BW, VL, BF16), ``DSV2_CPU_KERNELS=0``, or a failed build (warned once)."""
+    if not kernels_enabled() or platform.system() != "Linux" or not cpu_flags() >= CPU_FLAGS:
         return None
     directory = _build_directory()
     library = directory / f"{LIBRARY}.so"
@@ -79,14 +81,14 @@ def amx_ops() -> ModuleType | None:
         else:
             from torch.utils import cpp_extension
 
-            print(f"dsv2: compiling the AMX decoding kernels into {directory} (once, ~30 s; DSV2_CPU_KERNELS=0 "
+            print(f"dsv2: compiling the CPU decoding kernels into {directory} (once, ~30 s; DSV2_CPU_KERNELS=0 "
                   "skips them)", file=sys.stderr, flush=True)
             _ninja_on_path()
             directory.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=LIBRARY, sources=[str(path) for path in AMX_SOURCES], extra_cflags=AMX_CFLAGS,
+            cpp_extension.load(name=LIBRARY, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
     except Exception as error:  # no compiler, no ninja, an old assembler: the torch path serves
-        warnings.warn(f"dsv2: the AMX decoding kernels are unavailable ({type(error).__name__}: {error}); "
+        warnings.warn(f"dsv2: the CPU decoding kernels are unavailable ({type(error).__name__}: {error}); "
                       "decoding runs through torch", stacklevel=2)
         return None
-    return torch.ops.dsv2_amx
+    return torch.ops.dsv2_cpu

@@ -1,5 +1,5 @@
-// MLA's absorbed decoding attention on CPU, read straight from the paged latent cache: bf16 on the AMX tiles, float32
-// with AVX-512 FMAs.
+// MLA's absorbed decoding attention on CPU, read straight from the paged latent cache: bf16 on the AMX tiles where the
+// CPU has them (AVX512-BF16 dot products and FMAs elsewhere), float32 with AVX-512 FMAs.
 //
 //   out[b, h] = Σ_{s < length[b]} softmax_s(scale · q[b, h] · L[slot[b, s]]) · L[slot[b, s], :r]
 //
@@ -10,7 +10,8 @@
 // a float32 softmax per head, and the value product with tiles (A: the bf16 probabilities [16 heads][32 keys], B: 32
 // keys × 16 values pair-interleaved by permutes); a sequence's chunks are merged by their maxima, as split-K flash
 // decoding does. The probabilities are rounded to bf16 for their product, as torch's fused CPU kernel does. float32
-// takes the same chunks, with the queries (scores) and the probabilities (values) as the vectors of its FMAs.
+// takes the same chunks, with the queries (scores) and the probabilities (values) as the vectors of its FMAs; bf16
+// without AMX the same chunks with dot products of pairs for the scores (see attend_chunks for bf16).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,11 +20,11 @@
 #include <cstring>
 #include <vector>
 
-#include "amx.h"
+#include "common.h"
 
 namespace {
 
-using namespace dsv2_amx;
+using namespace dsv2_cpu;
 constexpr int64_t CHUNK = 256;  // keys per task
 constexpr int64_t DBLOCKS = 4;  // 16-value blocks of the output per pass over a chunk (tiles 0-3)
 
@@ -38,6 +39,11 @@ inline __m512 exp_ps(__m512 x) {
   __m512 p = _mm512_set1_ps(c[7]);
   for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
   return _mm512_scalef_ps(p, n);
+}
+
+// 16 bf16 values as float32 (exact: a bf16 is the top half of a float32).
+inline __m512 widen_bf16(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
 }
 
 // The 16 × 16 matrix whose rows are r[0..15], transposed in place: pairs of rows interleaved, then pairs of pairs,
@@ -84,7 +90,7 @@ struct Chunks {
 };
 
 // bf16: both products on the tiles.
-void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
+void attend_chunks_amx(Chunks& c, const bf16* rows, const bf16* queries) {
   const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, groups = c.groups, padded_heads = c.padded_heads;
   const int64_t row_stride = c.row_stride, T = c.tasks.size();
   const int64_t* slot = c.slot;
@@ -248,6 +254,80 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
 
 }
 
+// bf16 without AMX: the scores with VDPBF16PS (the queries pair-interleaved as the vector, a key's pair of values
+// broadcast from its row), the value product with float32 FMAs (a value row's 16 values widened to float32 as the
+// vector, a head's probability broadcast), both products exact, float32 sums; the probabilities rounded to bf16 for
+// theirs, as on the tiles.
+void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
+  const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, padded_heads = c.padded_heads;
+  constexpr int64_t KEYS = 8;  // keys per score block (independent accumulators)
+  at::parallel_for(0, static_cast<int64_t>(c.tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    bf16* zeros = scratch<bf16, 2>(D);  // the rows of the padding keys
+    std::fill(zeros, zeros + D, bf16(0.0f));
+    const bf16** keys = scratch<const bf16*, 2>(CHUNK + TILE + KEYS);  // the chunk's rows (then padding), in place
+    uint32_t* q_pairs = scratch<uint32_t, 2>((D / 2) * TILE);  // [D/2][16 heads] pair-interleaved
+    alignas(64) float scores[CHUNK * TILE];  // [key][16 heads]
+    alignas(64) float probs[TILE * CHUNK];  // [16 heads][key], rounded to bf16
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [b, start, n] = c.tasks[t];
+      const int64_t padded = (n + TILE - 1) / TILE * TILE;
+      const int64_t* chunk_slots = c.slot + b * S + start;
+      for (int64_t j = 0; j < padded + KEYS; ++j) keys[j] = j < n ? rows + chunk_slots[j] * c.row_stride : zeros;
+      for (int64_t g = 0; g < c.groups; ++g) {
+        const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
+        const auto* q = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);  // [hn][D/2] pairs
+        for (int64_t d = 0; d < D / 2; ++d)
+          for (int64_t h = 0; h < TILE; ++h) q_pairs[d * TILE + h] = h < hn ? q[h * (D / 2) + d] : 0;
+        for (int64_t j0 = 0; j0 < padded; j0 += KEYS) {  // scores[j] (16 heads) = Σ_d keys[j][d] · q[d]
+          __m512 acc[KEYS];
+          for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
+          const uint32_t* k[2 * KEYS];  // this block's rows as pairs, then the next block's
+          for (int64_t i = 0; i < 2 * KEYS; ++i) k[i] = reinterpret_cast<const uint32_t*>(keys[j0 + i]);
+          for (int64_t d = 0; d < D / 2; ++d) {
+            if (d % 16 == 0)  // the next block's rows, a cache line at a time: scattered slots defeat the prefetcher
+              for (int64_t i = 0; i < KEYS; ++i)
+                _mm_prefetch(reinterpret_cast<const char*>(k[KEYS + i] + d), _MM_HINT_T0);
+            const __m512 qd = _mm512_castsi512_ps(_mm512_loadu_si512(&q_pairs[d * TILE]));
+            for (int64_t i = 0; i < KEYS; ++i)
+              acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(k[i][d])));
+          }
+          for (int64_t i = 0; i < KEYS; ++i) _mm512_store_ps(&scores[(j0 + i) * TILE], acc[i]);
+        }
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
+        const __m512 scale_v = _mm512_set1_ps(c.scale), top_scaled = _mm512_mul_ps(top, scale_v);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < padded; j0 += TILE) {  // 16 keys at a time, turned from [key][head] to [head][key]
+          __m512 p[TILE];
+          for (int64_t i = 0; i < TILE; ++i) {
+            const int64_t j = j0 + i;
+            p[i] = j < n ? exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled))
+                         : _mm512_setzero_ps();
+            total = _mm512_add_ps(total, p[i]);
+            p[i] = widen_bf16(_mm512_cvtneps_pbh(p[i]));  // rounded for the value product
+          }
+          transpose16(p);
+          for (int64_t h = 0; h < TILE; ++h) _mm512_store_ps(&probs[h * CHUNK + j0], p[h]);
+        }
+        _mm512_storeu_ps(&c.maxima[t * padded_heads + h0], top);
+        _mm512_storeu_ps(&c.sums[t * padded_heads + h0], total);
+        float* out = &c.partial[(t * padded_heads + h0) * r];  // [16 heads][r]
+        for (int64_t v0 = 0; v0 < r; v0 += TILE) {  // out[h][v0 .. v0 + 15] = Σ_j probs[h][j] · keys[j][v0 ..]
+          __m512 acc[TILE];
+          for (int64_t h = 0; h < TILE; ++h) acc[h] = _mm512_setzero_ps();
+          for (int64_t j = 0; j < n; ++j) {
+            const __m512 v = widen_bf16(
+                (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys[j] + v0)));
+            for (int64_t h = 0; h < TILE; ++h)
+              acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(probs[h * CHUNK + j]), v, acc[h]);
+          }
+          for (int64_t h = 0; h < TILE; ++h) _mm512_storeu_ps(&out[h * r + v0], acc[h]);
+        }
+      }
+    }
+  });
+}
+
 // float32: AVX-512 FMAs with one operand broadcast from memory (no rounding anywhere, as the float32 torch path).
 void attend_chunks(Chunks& c, const float* rows, const float* queries) {
   const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, padded_heads = c.padded_heads;
@@ -314,7 +394,7 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
 
 }  // namespace
 
-namespace dsv2_amx {
+namespace dsv2_cpu {
 
 at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
                             const at::Tensor& lengths_in, int64_t value_dim, double scale) {
@@ -356,8 +436,9 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
   c.maxima = scratch<float, 5>(T * padded_heads);
   c.sums = scratch<float, 6>(T * padded_heads);
   c.partial = scratch<float, 7>(T * padded_heads * r);
-  if (dtype == at::kBFloat16) {
-    TORCH_CHECK(amx_permitted(), "latent_attention: the kernel does not get AMX (arch_prctl refused)");
+  if (dtype == at::kBFloat16 && amx_usable()) {
+    attend_chunks_amx(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
+  } else if (dtype == at::kBFloat16) {
     attend_chunks(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
   } else {
     attend_chunks(c, cache.data_ptr<float>(), q.data_ptr<float>());
@@ -389,10 +470,10 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
   return out.to(dtype);
 }
 
-}  // namespace dsv2_amx
+}  // namespace dsv2_cpu
 
-TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
+TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("latent_attention(Tensor q, Tensor cache, Tensor slots, Tensor lengths, int value_dim, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("latent_attention", &dsv2_amx::latent_attention); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("latent_attention", &dsv2_cpu::latent_attention); }

@@ -16,11 +16,11 @@
 #include <cmath>
 #include <optional>
 
-#include "amx.h"
+#include "common.h"
 
 namespace {
 
-using namespace dsv2_amx;
+using namespace dsv2_cpu;
 
 // Rotate interleaved pairs (x[2i], x[2i+1]) of x [n] by cos/sin [n/2] (float32), writing to out.
 template <typename T>
@@ -120,11 +120,11 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
+TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def(
       "mla_decode(Tensor x, Tensor? q_proj, Tensor? q_a_proj, Tensor? q_a_norm, Tensor? q_b_proj, Tensor kv_a_proj, "
       "Tensor kv_a_norm, Tensor w_uk_t, Tensor w_uv, Tensor o_proj, Tensor cos, Tensor sin, Tensor(a!) cache, "
       "Tensor write_slots, Tensor read_slots, Tensor lengths, float eps, float scale, Tensor? input_norm=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("mla_decode", &mla_decode); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("mla_decode", &mla_decode); }

@@ -15,11 +15,11 @@
 #include <optional>
 #include <vector>
 
-#include "amx.h"
+#include "common.h"
 
 namespace {
 
-using namespace dsv2_amx;
+using namespace dsv2_cpu;
 
 // The gate's choice for each token: expert ids and combine weights [N, k], as MoEGate picks them.
 void route(const float* scores, int64_t N, int64_t E, int64_t k, bool group_limited, int64_t n_group,
@@ -104,11 +104,11 @@ at::Tensor moe_decode(const at::Tensor& x_in, const at::Tensor& gate_weight, int
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
+TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def(
       "moe_decode(Tensor x, Tensor gate_weight, int top_k, bool group_limited, int n_group, int topk_group, "
       "bool norm_topk_prob, float routed_scaling_factor, Tensor expert_gate, Tensor expert_up, Tensor expert_down, "
       "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? input_norm=None, float eps=1e-6) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("moe_decode", &moe_decode); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("moe_decode", &moe_decode); }

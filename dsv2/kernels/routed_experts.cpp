@@ -1,5 +1,5 @@
-// The routed experts of a decoding step on CPU: bf16 on the AMX tiles (Intel Xeon 4th generation and later), float32
-// with AVX-512 FMAs.
+// The routed experts of a decoding step on CPU: bf16 on the AMX tiles where the CPU has them (Intel Xeon 4th
+// generation and later), float32 with AVX-512 FMAs.
 //
 //   out[n] = Σ_slot down_e(h),  h = round(silu(gate_e · x_n) * (up_e · x_n)) · w[n, slot],  e = expert_ids[n, slot]
 //
@@ -12,6 +12,7 @@
 // float32 computes the same with register tiles of dot products (4 weight rows against ≤ 8 of an expert's tokens),
 // without roundings; so does bf16 where experts average ≤ 2 tokens (a decoding step of a few sequences), with its
 // roundings: there the AMX tiles' 16 token columns would stay mostly empty, and the weights stream faster this way.
+// Without AMX (AMD Zen 4, say), bf16 takes the register tiles (VDPBF16PS) at every token count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,11 +20,11 @@
 #include <cstring>
 #include <vector>
 
-#include "amx.h"
+#include "common.h"
 
 namespace {
 
-using namespace dsv2_amx;
+using namespace dsv2_cpu;
 
 // Prefetch part `step` of `steps` of a contiguous block into L1: the next task's weights, spread over this one's steps.
 inline void prefetch_part(const void* block, int64_t bytes, int64_t step, int64_t steps) {
@@ -221,7 +222,7 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
 
 }  // namespace
 
-namespace dsv2_amx {
+namespace dsv2_cpu {
 
 at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
@@ -239,8 +240,6 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   const int64_t N = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), E = gate_in.size(0), I = gate_in.size(1);
   TORCH_CHECK(H % KSTEP == 0 && I % KSTEP == 0,
               "routed_experts: hidden and intermediate sizes must be multiples of 32");
-  TORCH_CHECK(dtype == at::kFloat || amx_permitted(),
-              "routed_experts: the kernel does not get AMX (arch_prctl refused)");
   const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
   const auto weights = weights_in.to(at::kFloat).contiguous();
   const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
@@ -257,7 +256,7 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   int64_t used = 0;  // experts with assignments
   for (int64_t e = 0; e < E; ++e) used += start[e + 1] > 0;
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  const bool amx = dtype == at::kBFloat16 && start[E] > BF16_DOTS_MAX_TOKENS * used;
+  const bool amx = dtype == at::kBFloat16 && start[E] > BF16_DOTS_MAX_TOKENS * used && amx_usable();
   const int64_t group_size = amx ? TILE : TILE_INPUTS;
   {
     std::vector<int64_t> next(start.begin(), start.end() - 1);
@@ -303,10 +302,10 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   return out;
 }
 
-}  // namespace dsv2_amx
+}  // namespace dsv2_cpu
 
-TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) {
+TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("routed_experts(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("routed_experts", &dsv2_amx::routed_experts); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("routed_experts", &dsv2_cpu::routed_experts); }

@@ -15,11 +15,11 @@
 
 #include <algorithm>
 
-#include "amx.h"
+#include "common.h"
 
 namespace {
 
-using namespace dsv2_amx;
+using namespace dsv2_cpu;
 
 constexpr int64_t ROWS = 4;  // weight rows per register tile
 constexpr int64_t COLS = TILE_INPUTS;  // input rows per register tile
@@ -99,7 +99,7 @@ void small_matmul_amx(const at::Tensor& x, const at::Tensor& weight, at::Tensor&
 
 }  // namespace
 
-namespace dsv2_amx {
+namespace dsv2_cpu {
 
 at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   // a linear layer's weight [N, K]: x [..., K] → [..., N], as one group of all its rows
@@ -121,7 +121,7 @@ at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto xs = x.stride(2) == 1 ? x : x.contiguous();
   const auto w = weight.contiguous();
   auto out = at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
-  if (dtype == at::kBFloat16 && x.size(1) >= AMX_MIN_ROWS && x.size(1) <= TILE && amx_permitted())
+  if (dtype == at::kBFloat16 && x.size(1) >= AMX_MIN_ROWS && x.size(1) <= TILE && amx_usable())
     small_matmul_amx(xs, w, out);
   else if (dtype == at::kBFloat16)
     small_matmul_impl<Bf16Step>(xs, w, out);
@@ -133,8 +133,18 @@ at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   return out.view(sizes);
 }
 
-}  // namespace dsv2_amx
+}  // namespace dsv2_cpu
 
-TORCH_LIBRARY_FRAGMENT(dsv2_amx, m) { m.def("small_matmul(Tensor x, Tensor weight) -> Tensor"); }
+// The library-wide switch of the AMX paths (common.h): use_amx(false) runs every bf16 product on AVX-512 registers.
+// → whether the AMX paths are in use after the call (never where the CPU or Linux does not grant AMX).
+bool use_amx(bool on) {
+  dsv2_cpu::amx_wanted().store(on);
+  return dsv2_cpu::amx_usable();
+}
 
-TORCH_LIBRARY_IMPL(dsv2_amx, CPU, m) { m.impl("small_matmul", &dsv2_amx::small_matmul); }
+TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
+  m.def("small_matmul(Tensor x, Tensor weight) -> Tensor");
+  m.def("use_amx(bool on) -> bool", &use_amx);
+}
+
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("small_matmul", &dsv2_cpu::small_matmul); }

@@ -94,7 +94,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.flatten(2))  # [B, T, n_h·v] → [B, T, H]
 
     def fused_step_applies(self, x: torch.Tensor, cache: LatentCache) -> bool:
-        """Whether `fused_step` can take this decoding step: inference on a CPU with AMX, x in the weights' dtype
+        """Whether `fused_step` can take this decoding step: inference on an AVX-512 CPU, x in the weights' dtype
         (bf16 or float32) for few enough rows (SMALL_MATMUL_MAX_ROWS), no biases, every product's inner size a
         multiple of 32, and a cache the attention kernel reads."""
         w = self.kv_a_proj_with_mqa.weight
@@ -118,7 +118,7 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk_t, w_uv = self.absorbed_weights()
         layer, write_slots, read_slots, lengths = cache.step_slots(self.layer_idx, positions)
         lora = self.q_lora_rank is not None
-        out = kernels.amx_ops().mla_decode(
+        out = kernels.cpu_ops().mla_decode(
             x[:, 0], None if lora else self.q_proj.weight, self.q_a_proj.weight if lora else None,
             self.q_a_layernorm.weight if lora else None, self.q_b_proj.weight if lora else None,
             self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, w_uk_t, w_uv, self.o_proj.weight,
@@ -212,7 +212,7 @@ def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     B, T, n_h, K = x.shape
     if small_matmul_applies(B * T, x, weight):
         rows = x.reshape(B * T, n_h, K).transpose(0, 1)  # [n_h, B·T, K], a view where x allows
-        out = kernels.amx_ops().small_matmul(rows, weight)  # [n_h, B·T, N]
+        out = kernels.cpu_ops().small_matmul(rows, weight)  # [n_h, B·T, N]
         return out.transpose(0, 1).view(B, T, n_h, -1)
     return torch.einsum("bthk,hnk->bthn", x, weight)
 

@@ -14,12 +14,12 @@ from dsv2.config import ModelConfig
 
 
 def fused_decode_applies(cache_data: torch.Tensor, dtype: torch.dtype, value_dim: int) -> bool:
-    """Whether `kernels.amx_ops().latent_attention` can attend over a cache holding ``cache_data`` for a step in
-    ``dtype``: inference in bf16 or float32 on a CPU with AMX, the cache in that dtype, entries of a multiple of 32
+    """Whether `kernels.cpu_ops().latent_attention` can attend over a cache holding ``cache_data`` for a step in
+    ``dtype``: inference in bf16 or float32 on an AVX-512 CPU, the cache in that dtype, entries of a multiple of 32
     values whose first ``value_dim`` (a multiple of 16) are the value."""
     return (not torch.is_grad_enabled() and cache_data.device.type == "cpu"
             and cache_data.dtype in (torch.bfloat16, torch.float32) and dtype == cache_data.dtype
-            and cache_data.shape[-1] % 32 == 0 and value_dim % 16 == 0 and kernels.amx_ops() is not None)
+            and cache_data.shape[-1] % 32 == 0 and value_dim % 16 == 0 and kernels.cpu_ops() is not None)
 
 
 class LatentCache:
@@ -99,12 +99,12 @@ class LatentCache:
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:
         """One token per row: store latent [B, 1, D] at positions [B, 1], then attend with the absorbed queries
-        q [B, n_h, D] over each row's entries up to its position → [B, n_h, value_dim] (the AMX kernel)."""
+        q [B, n_h, D] over each row's entries up to its position → [B, n_h, value_dim] (the CPU kernel)."""
         end = self.write(layer_idx, latent, positions)
         layer = self.data[layer_idx]  # [B, max_len, D]
         B = layer.shape[0]
         _, slots = self._step_indices(B, end)  # [B, end]
-        return kernels.amx_ops().latent_attention(q, layer.view(B * self.max_len, -1), slots, positions[:, 0] + 1,
+        return kernels.cpu_ops().latent_attention(q, layer.view(B * self.max_len, -1), slots, positions[:, 0] + 1,
                                                   value_dim, scale)
 
     def advance(self, num_tokens: int) -> None:

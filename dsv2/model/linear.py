@@ -1,14 +1,15 @@
 """nn.Linear with faster paths for inference on CPU.
 
-- A few rows without gradients (decoding) on a CPU with AMX: `small_matmul_applies` → the `small_matmul` kernel
+- A few rows without gradients (decoding) on a CPU with AVX-512: `small_matmul_applies` → the `small_matmul` kernel
   (dsv2/kernels/small_matmul.cpp), which streams the weight once at the memory's rate; up to 16 rows (bf16 from 5
-  rows on the AMX tiles: 1.1-1.7× oneDNN's prepacked path at 5-16 rows, 1.1-2.5× the register tiles). Where the
+  rows on the AMX tiles where the CPU has them: 1.1-1.7× oneDNN's prepacked path at 5-16 rows, 1.1-2.5× the register
+  tiles; without AMX, on an AMD EPYC, the register tiles: 1.2-2× oneDNN's at 2-8 rows, equal at 16). Where the
   kernels are missing:
 - One row (batch-1 decoding): torch's matmul path (oneDNN) reads a bf16 weight for a single input row at
   ~15-23 GB/s, while ``torch.mv``'s bf16 gemv kernel reads it at ~22-37 GB/s (measured on the project's 2-core
   machine, 352×1024 to 4096×1024 weights; fp32 and fp16 are not faster through mv, so they keep the ordinary path).
   The result is the same product, rounded to bf16 once.
-- Several rows without gradients: oneDNN's AMX kernels read the weight in a blocked layout, and ``F.linear``
+- Several rows without gradients: oneDNN (AMX where present) reads the weight in a blocked layout, and ``F.linear``
   re-lays out the whole [out, in] weight at every call. A layer's own weight is laid out once instead and kept
   (`prepacked_weight`, one extra copy of it), the way inference runtimes built on oneDNN prepack. Same kernel, same
   bits: the engine's batch-64 bf16 decoding step 9% faster (paired A/B), no change at thousands of rows.
@@ -31,11 +32,11 @@ SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}
 
 
 def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `kernels.amx_ops().small_matmul` takes `rows` rows of x times weight [..., N, K]ᵀ: inference (no
+    """Whether `kernels.cpu_ops().small_matmul` takes `rows` rows of x times weight [..., N, K]ᵀ: inference (no
     gradients, no autocast) on CPU, x and weight both bf16 or both float32 (≤ 16 rows), K a multiple of 32."""
     return (rows <= SMALL_MATMUL_MAX_ROWS.get(x.dtype, 0) and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.shape[-1] % 32 == 0 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and kernels.amx_ops() is not None)
+            and not torch.is_autocast_enabled("cpu") and kernels.cpu_ops() is not None)
 
 
 def single_row_cpu_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -52,7 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     read its `prepacked_weight`. Never for a weight made at the call (a slice): it would be packed at every call."""
     rows = x.numel() // x.shape[-1]
     if small_matmul_applies(rows, x, weight):
-        y = kernels.amx_ops().small_matmul(x, weight)  # [..., out]
+        y = kernels.cpu_ops().small_matmul(x, weight)  # [..., out]
         return y if bias is None else y + bias
     if single_row_cpu_bf16(x, weight):
         y = torch.mv(weight, x.reshape(-1))  # [out]

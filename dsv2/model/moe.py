@@ -102,7 +102,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat([*chunks, x.new_zeros(x.shape[0] - rows, weight.shape[1])])
 
 
-AMX_MAX_ROWS_PER_EXPERT = 32  # average assignments per expert up to which the AMX kernel runs a step's experts
+KERNEL_MAX_ROWS_PER_EXPERT = 32  # average assignments per expert up to which the CPU kernel runs a step's experts
 ROW_GRANULE = 32  # rows per expert are padded up to a multiple of this where oneDNN runs the matmuls (see below)
 
 
@@ -169,9 +169,9 @@ class RoutedExperts(nn.Module):
         N, k = expert_ids.shape
         E = self.num_experts
         x = autocast_input(x)  # before the gather: k rows per token are cast (and their gradients summed) in 16 bits
-        if self._amx_applies(x, N * k):
+        if self._kernel_applies(x, N * k):
             ids = expert_ids if owned is None else torch.where(owned, expert_ids, E)
-            return kernels.amx_ops().routed_experts(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+            return kernels.cpu_ops().routed_experts(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
         if N == 1 and owned is None and x.device.type == "cpu" and not torch.is_grad_enabled():
             return self._one_token(x, expert_ids[0], weights[0])
         flat_ids = expert_ids.flatten() if owned is None else torch.where(owned, expert_ids, E).flatten()  # [N·k]
@@ -202,18 +202,18 @@ class RoutedExperts(nn.Module):
             out = torch.where(owned[:, :, None], out, 0)  # rows of no expert here are undefined
         return sum_over_slots(out)  # [N, H] float32
 
-    def _amx_applies(self, x: torch.Tensor, assignments: int) -> bool:
-        """Whether the decoding kernel (`dsv2/kernels`: AMX tiles in bf16, AVX-512 in float32) computes these
-        experts: inference on a CPU with AMX, x in the weights' dtype, sizes that are multiples of 32, and
-        decode-sized steps (at most AMX_MAX_ROWS_PER_EXPERT assignments per expert on average, half that in float32),
+    def _kernel_applies(self, x: torch.Tensor, assignments: int) -> bool:
+        """Whether the decoding kernel (`dsv2/kernels`: AMX tiles or AVX-512 in bf16, AVX-512 in float32) computes these
+        experts: inference on an AVX-512 CPU, x in the weights' dtype, sizes that are multiples of 32, and
+        decode-sized steps (at most KERNEL_MAX_ROWS_PER_EXPERT assignments per expert on average, half that in float32),
         where it beats the torch paths by reading each expert's weights once. Measured on the project's machine, 32
         experts of 1024 → 352, 4 per token, bf16: 2.6× at 1 token, 2.2× at 8, 1.3-1.5× at 64-128, 1.07× at 256;
         float32: 1.7× at 1, 1.5× at 8, 1.3× at 64, 1.1× at 128. Prefills keep grouped_mm."""
         E, inter, H = self.gate_proj.shape
-        limit = AMX_MAX_ROWS_PER_EXPERT if x.dtype == torch.bfloat16 else AMX_MAX_ROWS_PER_EXPERT // 2
+        limit = KERNEL_MAX_ROWS_PER_EXPERT if x.dtype == torch.bfloat16 else KERNEL_MAX_ROWS_PER_EXPERT // 2
         return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
                 and self.gate_proj.dtype == x.dtype and H % 32 == 0 and inter % 32 == 0
-                and assignments <= limit * E and kernels.amx_ops() is not None)
+                and assignments <= limit * E and kernels.cpu_ops() is not None)
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token's k experts one after another (batch-1 decoding on CPU, where reading the ids costs no sync):
@@ -312,7 +312,7 @@ class MoE(nn.Module):
         return y, MoEStats(loss, load)
 
     def decode_kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether `decode_step` can take these tokens: inference on a CPU with AMX, a few tokens in the experts'
+        """Whether `decode_step` can take these tokens: inference on an AVX-512 CPU, a few tokens in the experts'
         dtype (what `small_matmul` and the routed experts' kernel take), this module's own gate, experts and shared
         experts (not an expert- or tensor-parallel replacement), sizes multiples of 32."""
         experts, shared = self.experts, self.shared_experts
@@ -322,14 +322,14 @@ class MoE(nn.Module):
                 and (shared is None or (type(shared) is MLP and shared.down_proj.in_features % 32 == 0
                                         and shared.gate_proj.weight.dtype == x.dtype))
                 and small_matmul_applies(rows, x, experts.gate_proj)
-                and experts._amx_applies(x, rows * self.top_k))
+                and experts._kernel_applies(x, rows * self.top_k))
 
     def decode_step(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """The whole layer for a few tokens in one kernel call (`moe_decode`: gate, routed and shared experts, with
         this module's roundings): x [B, T, H] → [B, T, H]. With the decoder layer's ``norm``, x is its residual
         stream h: → h + moe(norm(h))."""
         gate, experts, shared = self.gate, self.experts, self.shared_experts
-        out = kernels.amx_ops().moe_decode(
+        out = kernels.cpu_ops().moe_decode(
             x.reshape(-1, x.shape[-1]), gate.weight, gate.top_k, gate.topk_method == "group_limited_greedy",
             gate.n_group or 1, gate.topk_group or 1, gate.norm_topk_prob, gate.routed_scaling_factor,
             experts.gate_proj, experts.up_proj, experts.down_proj,

@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
                 with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
         """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer, or unless ``with_stats``).
 
-        Decoding a few sequences on a CPU with AMX, each half of the layer (norm, block, residual sum) is one kernel
+        Decoding a few sequences on an AVX-512 CPU, each half of the layer (norm, block, residual sum) is one kernel
         call where it applies (`MultiHeadLatentAttention.fused_step`, `MoE.decode_step`)."""
         attention, norm = self.self_attn, self.input_layernorm
         if (h.shape[1] == 1 and cache is not None and attn_impl != "expanded" and norm.weight.dtype == h.dtype

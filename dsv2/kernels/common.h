@@ -1,4 +1,4 @@
-// What the kernels share: the tile configuration, the permission Linux asks for, per-thread work buffers, bf16
+// What the kernels share: the AMX tile configuration, the permission Linux asks for, per-thread work buffers, bf16
 // rounding, DeepSeek-V2's RMSNorm and a decoder layer's residual step, register tiles of dot products, and the
 // kernels that other kernels call.
 #pragma once
@@ -8,11 +8,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <vector>
 
-namespace dsv2_amx {
+namespace dsv2_cpu {
 
 using bf16 = c10::BFloat16;
 constexpr int64_t TILE = 16;   // rows of a tile (weight rows, keys, heads), tokens of a group
@@ -32,11 +33,21 @@ inline void configure_tiles(int tiles) {
   _tile_loadconfig(&config);
 }
 
-inline bool amx_permitted() {  // Linux hands out the AMX register state per process, on request
+inline bool amx_permitted() {  // Linux hands out the AMX register state per process, on request (refused without AMX)
   constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
 }
+
+// Whether the bf16 paths may take the AMX tiles: on unless `use_amx(false)` switched them off (so that the AVX-512
+// paths are tested on AMX machines too). One flag for the library (an inline function's static is shared).
+inline std::atomic<bool>& amx_wanted() {
+  static std::atomic<bool> wanted{true};
+  return wanted;
+}
+
+// The bf16 paths run on the AMX tiles where this holds, on AVX-512 registers elsewhere.
+inline bool amx_usable() { return amx_wanted().load(std::memory_order_relaxed) && amx_permitted(); }
 
 // A buffer of at least n values for this thread, kept for its next calls: no allocation, page faults or zeroing per
 // call (its contents are whatever the last call left). Tag tells buffers of one type apart: each kernel uses its own
@@ -202,4 +213,4 @@ at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& cache, const 
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
                           const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
 
-}  // namespace dsv2_amx
+}  // namespace dsv2_cpu
