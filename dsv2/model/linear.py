@@ -26,9 +26,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv2 import kernels
 
-# beyond: oneDNN / MKL are as fast or faster. Also the most sequences of a step that the whole-step kernels
-# (mla_decode / moe_decode) take: their products run through small_matmul.
-SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 16}
+# The most rows that `small_matmul` takes; beyond, oneDNN / MKL are as fast or faster. Also the most sequences of a
+# step that the whole-step kernels (mla_decode / moe_decode) take: their products run through small_matmul. float32 on
+# AMD: up to 64, where MKL's float32 products of a few dozen rows ran at ~100 GFLOP/s on a 2-core EPYC (Zen 4) and
+# small_matmul's were 1.4× faster at 64 rows; decode steps of 20-64 sequences 1.16-1.44× faster than with 16 (A/B in
+# one process), 128 sequences no faster. Intel (the AMX machine): MKL is as fast from 17 rows on.
+SMALL_MATMUL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 64 if kernels.cpu_vendor() == "AuthenticAMD" else 16}
 
 
 def small_matmul_applies(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
