@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -74,6 +75,30 @@ inline void transpose16(__m512* r) {
   for (int i = 0; i < TILE; ++i) r[i] = t[i];
 }
 
+// The softmax numerators e^(scale·(score − maximum)) of a chunk's scores [key][16 heads] (keys from n to padded, a
+// multiple of 16: 0), 16 keys at a time turned to [head][key] and handed to store(j0, p), p[h] = head h's numerators of
+// keys j0 .. j0 + 15. → the heads' maxima and the sums of their numerators (float32, before any rounding).
+template <typename Store>
+inline std::pair<__m512, __m512> softmax_numerators(const float* scores, int64_t n, int64_t padded, float scale,
+                                                    Store store) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
+  const __m512 scale_v = _mm512_set1_ps(scale), top_scaled = _mm512_mul_ps(top, scale_v);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < padded; j0 += TILE) {
+    __m512 p[TILE];
+    for (int64_t i = 0; i < TILE; ++i) {
+      const int64_t j = j0 + i;
+      p[i] = j < n ? exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled))
+                   : _mm512_setzero_ps();
+      total = _mm512_add_ps(total, p[i]);
+    }
+    transpose16(p);
+    store(j0, p);
+  }
+  return {top, total};
+}
+
 struct Task {  // keys [start, start + count) of sequence b
   int64_t b, start, count;
 };
@@ -94,7 +119,6 @@ void attend_chunks_amx(Chunks& c, const bf16* rows, const bf16* queries) {
   const int64_t S = c.S, heads = c.heads, D = c.D, r = c.r, groups = c.groups, padded_heads = c.padded_heads;
   const int64_t row_stride = c.row_stride, T = c.tasks.size();
   const int64_t* slot = c.slot;
-  const double scale = c.scale;
   auto& tasks = c.tasks;
   float* maxima = c.maxima;
   float* sums = c.sums;
@@ -197,23 +221,11 @@ void attend_chunks_amx(Chunks& c, const bf16* rows, const bf16* queries) {
             _tile_stored(3, &scores[(j0 + 3 * TILE) * TILE], 64);
           }
         }
-        // softmax numerators per head (16 heads = one vector), rounded to bf16 for the value product
-        __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
-        const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale)), top_scaled = _mm512_mul_ps(top, scale_v);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j0 = 0; j0 < padded; j0 += TILE) {  // 16 keys at a time, turned from [key][head] to [head][key]
-          __m512 p[TILE];
-          for (int64_t i = 0; i < TILE; ++i) {
-            const int64_t j = j0 + i;
-            p[i] = j < n ? exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled))
-                         : _mm512_setzero_ps();
-            total = _mm512_add_ps(total, p[i]);
-          }
-          transpose16(p);
+        // softmax numerators per head, rounded to bf16 for the value product
+        const auto [top, total] = softmax_numerators(scores, n, padded, c.scale, [&](int64_t j0, __m512* p) {
           for (int64_t h = 0; h < TILE; ++h)
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[h * CHUNK + j0]), (__m256i)_mm512_cvtneps_pbh(p[h]));
-        }
+        });
         _mm512_storeu_ps(&maxima[t * padded_heads + h0], top);
         _mm512_storeu_ps(&sums[t * padded_heads + h0], total);
         // Σ_j probs[h][j] · values[j], DBLOCKS blocks of 16 values per pass over the chunk
@@ -293,22 +305,10 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
           }
           for (int64_t i = 0; i < KEYS; ++i) _mm512_store_ps(&scores[(j0 + i) * TILE], acc[i]);
         }
-        __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(&scores[j * TILE]));
-        const __m512 scale_v = _mm512_set1_ps(c.scale), top_scaled = _mm512_mul_ps(top, scale_v);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j0 = 0; j0 < padded; j0 += TILE) {  // 16 keys at a time, turned from [key][head] to [head][key]
-          __m512 p[TILE];
-          for (int64_t i = 0; i < TILE; ++i) {
-            const int64_t j = j0 + i;
-            p[i] = j < n ? exp_ps(_mm512_fmsub_ps(_mm512_load_ps(&scores[j * TILE]), scale_v, top_scaled))
-                         : _mm512_setzero_ps();
-            total = _mm512_add_ps(total, p[i]);
-            p[i] = widen_bf16(_mm512_cvtneps_pbh(p[i]));  // rounded for the value product
-          }
-          transpose16(p);
-          for (int64_t h = 0; h < TILE; ++h) _mm512_store_ps(&probs[h * CHUNK + j0], p[h]);
-        }
+        const auto [top, total] = softmax_numerators(scores, n, padded, c.scale, [&](int64_t j0, __m512* p) {
+          for (int64_t h = 0; h < TILE; ++h)  // rounded to bf16 for the value product
+            _mm512_store_ps(&probs[h * CHUNK + j0], widen_bf16(_mm512_cvtneps_pbh(p[h])));
+        });
         _mm512_storeu_ps(&c.maxima[t * padded_heads + h0], top);
         _mm512_storeu_ps(&c.sums[t * padded_heads + h0], total);
         float* out = &c.partial[(t * padded_heads + h0) * r];  // [16 heads][r]
