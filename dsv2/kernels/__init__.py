@@ -30,8 +30,7 @@ SOURCE_DIR = Path(__file__).parent
 SOURCES = [SOURCE_DIR / name for name in ("routed_experts.cpp", "latent_attention.cpp", "small_matmul.cpp",
                                               "mla_decode.cpp", "moe_decode.cpp")]
 HEADERS = [SOURCE_DIR / "common.h"]
-CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # what the library needs
-AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})  # what its AMX paths need besides (checked again at run time)
+CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # the library needs them; AMX: at run time
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 LIBRARY = "dsv2_cpu"
 
