@@ -15,6 +15,7 @@ import torch
 from dsv2 import kernels
 from dsv2.config import ModelConfig
 from dsv2.engine.scheduler import Batch
+from dsv2.malloc import zeros_on_huge_pages
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.model.cache import fused_decode_applies
 
@@ -25,8 +26,8 @@ class PagedLatentCache:
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.trash_slot = self.num_slots  # padding tokens write here; never read as a real entry
-        self.data = torch.zeros(config.num_hidden_layers, self.num_slots + 1, config.latent_dim, dtype=dtype,
-                                device=device)  # [L, slots + 1, D]
+        self.data = zeros_on_huge_pages((config.num_hidden_layers, self.num_slots + 1, config.latent_dim), dtype,
+                                        device)  # [L, slots + 1, D]
 
     @property
     def nbytes(self) -> int:

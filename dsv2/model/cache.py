@@ -11,6 +11,7 @@ import torch
 
 from dsv2 import kernels
 from dsv2.config import ModelConfig
+from dsv2.malloc import zeros_on_huge_pages
 
 
 def fused_decode_applies(cache_data: torch.Tensor, dtype: torch.dtype, value_dim: int) -> bool:
@@ -34,8 +35,8 @@ class LatentCache:
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
                              f"{config.max_position_embeddings}")
-        self.data = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.latent_dim, dtype=dtype,
-                                device=device)
+        self.data = zeros_on_huge_pages((config.num_hidden_layers, batch_size, max_len, config.latent_dim), dtype,
+                                        device)
         self.seq_len = 0  # slots in use
         self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
         self._step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (`step_slots`)

@@ -11,6 +11,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig, parse_dtype
 from dsv2.generation_config import GenerationConfig
+from dsv2.malloc import place_on_huge_pages
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
 from dsv2.model.linear import Linear
@@ -160,12 +161,15 @@ class DeepseekV2ForCausalLM(nn.Module):
     @classmethod
     def empty(cls, config: ModelConfig, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> DeepseekV2ForCausalLM:
-        """A model with uninitialized parameters in ``dtype`` on ``device``, to be filled by a loader."""
+        """A model with uninitialized parameters in ``dtype`` on ``device``, to be filled by a loader. On CPU they
+        share one region on huge pages (`dsv2.malloc.place_on_huge_pages`), which decoding streams faster."""
         with torch.device("meta"):
             model = cls(config)
         model.to(dtype or torch.float32)  # free on the meta device
-        model.to_empty(device=device or "cpu")
+        model.to_empty(device=device or "cpu")  # allocated, never touched: no memory used until written
         model.tie_weights()  # to_empty replaces parameters one module at a time, which unties them
+        if model.device.type == "cpu":
+            place_on_huge_pages(model, keep_values=False)
         return model
 
     @classmethod
