@@ -314,10 +314,10 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
 
     monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
     with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
-    # 11 decode steps of 3 layers (2 MoE); the MoE kernel also takes the prefill's 18 tokens where that few rows go
-    # through small_matmul (float32 on AMD)
+    # 11 decode steps, each in one call through the 3 layers; the MoE kernel also takes the prefill's 18 tokens where
+    # that few rows go through small_matmul (float32 on AMD)
     prefill = 2 if prompts.numel() <= SMALL_MATMUL_MAX_ROWS[torch.float32] else 0
-    assert calls["mla_decode"] == 11 * 3 and calls["moe_decode"] == 11 * 2 + prefill
+    assert calls["decode_layers"] == 11 and calls["moe_decode"] == prefill and calls["mla_decode"] == 0
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     assert generate(model, prompts, max_new_tokens=12, ignore_eos=True).equal(with_kernels)
 
@@ -410,3 +410,101 @@ def test_mla_decode_rejects_sizes_that_disagree():
         args[10], args[11] = cos[:, 0, :4].contiguous(), sin[:, 0, :4].contiguous()  # half the rotary pairs
         with pytest.raises(RuntimeError, match="sizes disagree"):
             kernels.cpu_ops().mla_decode(*args)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],
+                         ids=["lite", "v2"])
+def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monkeypatch, base, sizes, paged, rows,
+                                                                            dtype):
+    """`decode_layers` (the model's decoding step in one kernel call) against the same step layer by layer (the
+    attention and MoE kernels, the dense layer's MLP through torch): logits and every latent written."""
+    model = tiny_model(base, **FUSED_CONFIGS[sizes], moe_intermediate_size=32, intermediate_size=96).to(dtype)
+    config = model.config
+    positions = torch.randint(0, 40, (rows, 1)).index_fill_(0, torch.tensor([0]), 39)  # [B, 1], one at the end
+    tokens = torch.randint(0, config.vocab_size, (rows, 1))
+    calls = collections.Counter()
+    ops = kernels.cpu_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
+
+    def step(whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if paged:
+            cache = PagedLatentCache(config, num_blocks=40, block_size=16, dtype=dtype, device="cpu")  # ≥ 16 × 40 slots
+            cache.data.normal_(generator=torch.Generator().manual_seed(0))
+            read = torch.randperm(cache.num_slots, generator=torch.Generator().manual_seed(1))[: rows * 40]
+            read = read.view(rows, 40)  # [B, S] every sequence's slots, scattered
+            read = torch.where(torch.arange(40) <= positions, read, cache.trash_slot)
+            write = read.gather(1, positions)
+            step_cache, written = PagedStepCache(cache, write, read, mask=None), cache.data[:, write[:, 0]]
+        else:
+            step_cache = LatentCache(config, rows, 48, dtype=dtype)
+            step_cache.data.normal_(generator=torch.Generator().manual_seed(0))
+            step_cache.seq_len = 39
+            written = step_cache.data[:, torch.arange(rows), positions[:, 0]]
+        with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+            if not whole:
+                patch.setattr(type(model), "whole_step_applies", lambda self, h, cache: False)
+            logits = model(tokens, positions=positions, cache=step_cache)
+        return logits, step_cache.cache.data[:, write[:, 0]] if paged else written
+
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    got, got_latents = step(whole=True)
+    assert calls == {"decode_layers": 1, "small_matmul": 1}  # and the head's product
+    calls.clear()
+    want, want_latents = step(whole=False)
+    assert calls["mla_decode"] == 3 and calls["moe_decode"] == 2 and "decode_layers" not in calls
+    assert_close_for(dtype, got, want)  # the dense MLP's SiLU: std::exp here, torch's vectorized exp there
+    assert torch.equal(got_latents[0], want_latents[0])  # the first layer's, before any MLP: the same kernel
+    assert_close_for(dtype, got_latents, want_latents)
+
+
+@built
+def test_tensor_parallel_projections_keep_the_layers_out_of_the_kernels():
+    """A tensor-parallel o_proj or MLP down_proj (RowParallelLinear) sums its output over the ranks: the kernels,
+    which read the weight directly, must leave such a layer to its modules."""
+    from dsv2.parallel.tensor_parallel import RowParallelLinear
+
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    config = model.config
+    cache = LatentCache(config, 1, 8)
+    h = torch.randn(1, 1, config.hidden_size)
+    dense, moe = model.model.layers[0], model.model.layers[1]
+    with torch.no_grad():
+        assert model.whole_step_applies(h, cache) and moe.moe_kernel_applies(h)
+        attention = moe.self_attn
+        row_parallel = RowParallelLinear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False)
+        del attention.__dict__["_fused_shapes_ok"]  # computed once per module; the swap below is a new module
+        attention.o_proj = row_parallel
+        assert not moe.attention_kernel_applies(h, cache, "auto") and not model.whole_step_applies(h, cache)
+        mlp = dense.mlp
+        mlp.down_proj = RowParallelLinear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+        assert not dense.whole_step_applies(h, cache, "auto")
+        shared = moe.mlp.shared_experts
+        shared.down_proj = RowParallelLinear(shared.down_proj.in_features, shared.down_proj.out_features, bias=False)
+        assert not moe.moe_kernel_applies(h)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_balanced_tasks_compute_what_static_ranges_do(dtype):
+    """`parallel_tasks` hands a slow thread's remaining tasks to the others; each task computes the same either way."""
+    ops = kernels.cpu_ops()
+    x, weight = torch.randn(3, 256).to(dtype), torch.randn(4096, 256).to(dtype)
+    module = experts(8, 64, 96, dtype)
+    tokens = torch.randn(6, 64).to(dtype)
+    ids, weights = torch.randint(0, 8, (6, 2)), torch.rand(6, 2)
+    results = {}
+    try:
+        for balanced in (True, False):
+            assert ops.balance_tasks(balanced) == balanced
+            results[balanced] = (ops.small_matmul(x, weight), routed(module, tokens, ids, weights))
+    finally:
+        ops.balance_tasks(True)
+    for got, want in zip(results[True], results[False], strict=True):
+        assert torch.equal(got, want)

@@ -70,9 +70,14 @@ class PagedStepCache:
                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a kernel that writes one token per sequence and attends itself (`mla_decode`): the layer's cache
         [slots + 1, D], the write slots [B], the read slots [B, S] and the lengths [B]."""
+        layers, write, read, lengths = self.step_layers(positions)
+        return layers[layer_idx], write, read, lengths
+
+    def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step_slots` for every layer at once (`decode_layers`): the cache [layers, slots + 1, D]."""
         if self._lengths is None:  # every layer of the step passes the same positions
             self._lengths = positions[:, 0] + 1
-        return self.cache.data[layer_idx], self.write_slots, self.read_slots, self._lengths
+        return self.cache.data, self.write_slots, self.read_slots, self._lengths
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:

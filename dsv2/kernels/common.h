@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <vector>
 
 namespace dsv2_cpu {
@@ -48,6 +50,43 @@ inline std::atomic<bool>& amx_wanted() {
 
 // The bf16 paths run on the AMX tiles where this holds, on AVX-512 registers elsewhere.
 inline bool amx_usable() { return amx_wanted().load(std::memory_order_relaxed) && amx_permitted(); }
+
+// Whether parallel_tasks balances its ranges (`balance_tasks(false)`: static ranges, as at::parallel_for).
+inline std::atomic<bool>& tasks_balanced() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// fn(begin, end) over the tasks [0, n) on the intra-op threads: thread t takes the t-th of equal contiguous ranges,
+// `grain` tasks at a time, front to back (the stream the hardware prefetcher follows), then helps finish the ranges
+// after it. A thread slowed down (vCPUs share their cores with other guests) leaves the rest of its range to the
+// others instead of making them wait for it at the end. At most `grain` tasks run on the calling thread alone.
+template <typename F>
+void parallel_tasks(int64_t n, int64_t grain, const F& fn) {
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  if (!tasks_balanced().load(std::memory_order_relaxed)) {
+    at::parallel_for(0, n, (n + threads - 1) / threads, fn);
+    return;
+  }
+  struct alignas(64) Next {  // a range's next task, one cache line each
+    std::atomic<int64_t> task;
+  };
+  std::vector<Next> next(threads);
+  for (int64_t t = 0; t < threads; ++t) next[t].task.store(t * n / threads, std::memory_order_relaxed);
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t me = first; me < last; ++me)
+      for (int64_t k = 0; k < threads; ++k) {
+        const int64_t range = (me + k) % threads, end = (range + 1) * n / threads;
+        for (int64_t begin; (begin = next[range].task.fetch_add(grain, std::memory_order_relaxed)) < end;)
+          fn(begin, std::min(begin + grain, end));
+      }
+  });
+}
 
 // A buffer of at least n values for this thread, kept for its next calls: no allocation, page faults or zeroing per
 // call (its contents are whatever the last call left). Tag tells buffers of one type apart: each kernel uses its own
@@ -219,11 +258,27 @@ inline void tile_any(const typename Step::T* w, const typename Step::T* const* x
   }
 }
 
-// The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp).
+// The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp, mla_decode.cpp,
+// moe_decode.cpp).
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& slots,
                             const at::Tensor& lengths, int64_t value_dim, double scale);
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
                           const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
+at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_proj,
+                      const std::optional<at::Tensor>& q_a_proj, const std::optional<at::Tensor>& q_a_norm,
+                      const std::optional<at::Tensor>& q_b_proj, const at::Tensor& kv_a_proj,
+                      const at::Tensor& kv_a_norm, const at::Tensor& w_uk_t, const at::Tensor& w_uv,
+                      const at::Tensor& o_proj, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
+                      const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
+                      double eps, double scale, const std::optional<at::Tensor>& input_norm);
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& gate_weight, int64_t top_k, bool group_limited,
+                      int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scaling_factor,
+                      const at::Tensor& expert_gate, const at::Tensor& expert_up, const at::Tensor& expert_down,
+                      const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
+                      const std::optional<at::Tensor>& shared_down, const std::optional<at::Tensor>& input_norm,
+                      double eps);
+at::Tensor mlp_decode(const at::Tensor& h, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+                      const at::Tensor& input_norm, double eps);
 
 }  // namespace dsv2_cpu

@@ -76,6 +76,10 @@ at::Tensor mla_decode_impl(const at::Tensor& x, const at::Tensor& q, const at::T
   return small_matmul(out.permute({1, 0, 2}).reshape({B, -1}), o_proj);  // [B, H]
 }
 
+}  // namespace
+
+namespace dsv2_cpu {
+
 at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_proj,
                       const std::optional<at::Tensor>& q_a_proj, const std::optional<at::Tensor>& q_a_norm,
                       const std::optional<at::Tensor>& q_b_proj, const at::Tensor& kv_a_proj,
@@ -118,7 +122,7 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
                                 eps, scale);
 }
 
-}  // namespace
+}  // namespace dsv2_cpu
 
 TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def(
@@ -127,4 +131,4 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
       "Tensor write_slots, Tensor read_slots, Tensor lengths, float eps, float scale, Tensor? input_norm=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("mla_decode", &mla_decode); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("mla_decode", &dsv2_cpu::mla_decode); }

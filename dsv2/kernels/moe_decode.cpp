@@ -69,6 +69,10 @@ at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor&
   return small_matmul(g, down);
 }
 
+}  // namespace
+
+namespace dsv2_cpu {
+
 at::Tensor moe_decode(const at::Tensor& x_in, const at::Tensor& gate_weight, int64_t top_k, bool group_limited,
                       int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scaling_factor,
                       const at::Tensor& expert_gate, const at::Tensor& expert_up, const at::Tensor& expert_down,
@@ -102,7 +106,18 @@ at::Tensor moe_decode(const at::Tensor& x_in, const at::Tensor& gate_weight, int
   return out.add_(shared);
 }
 
-}  // namespace
+at::Tensor mlp_decode(const at::Tensor& h, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+                      const at::Tensor& input_norm, double eps) {
+  TORCH_CHECK(h.dim() == 2 && gate.dim() == 2 && up.sizes() == gate.sizes() && down.dim() == 2 &&
+                  gate.size(1) == h.size(1) && down.size(0) == h.size(1) && down.size(1) == gate.size(0),
+              "mlp_decode: h [N, H], gate and up [I, H], down [H, I]");
+  return residual_of(h, input_norm, eps, [&](const at::Tensor& normed) {
+    return normed.scalar_type() == at::kBFloat16 ? swiglu<bf16>(normed, gate, up, down)
+                                                 : swiglu<float>(normed, gate, up, down);
+  });
+}
+
+}  // namespace dsv2_cpu
 
 TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def(
@@ -111,4 +126,4 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
       "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, Tensor? input_norm=None, float eps=1e-6) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("moe_decode", &moe_decode); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("moe_decode", &dsv2_cpu::moe_decode); }

@@ -181,7 +181,7 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
   const auto& first_group = c.first_group;
   T* hs = scratch<T, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
   const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
-  at::parallel_for(0, gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
     T g[TILE_INPUTS][4], u[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / i_blocks, i0 = (task % i_blocks) * TILE;
@@ -201,7 +201,7 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
     }
   });
   const int64_t j_blocks = H / (2 * TILE), down_tasks = active.size() * j_blocks;
-  at::parallel_for(0, down_tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(down_tasks, 1, [&](int64_t begin, int64_t end) {
     T out[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ai = task / j_blocks, j0 = (task % j_blocks) * 2 * TILE;

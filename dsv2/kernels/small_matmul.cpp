@@ -36,7 +36,7 @@ void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   const int64_t x_g = x.stride(0), x_m = x.stride(1);
   // grain: ~64 KB of weight per task at least, so small products stay on one thread
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K * sizeof(T)));
-  at::parallel_for(0, G * blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_tasks(G * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / blocks, n0 = first_row + (task % blocks) * ROWS, rows = std::min(ROWS, N - n0);
       const T* w = ws + (g * N + n0) * K;
@@ -142,9 +142,15 @@ bool use_amx(bool on) {
   return dsv2_cpu::amx_usable();
 }
 
+bool balance_tasks(bool on) {
+  dsv2_cpu::tasks_balanced().store(on);
+  return on;
+}
+
 TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("small_matmul(Tensor x, Tensor weight) -> Tensor");
   m.def("use_amx(bool on) -> bool", &use_amx);
+  m.def("balance_tasks(bool on) -> bool", &balance_tasks);
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("small_matmul", &dsv2_cpu::small_matmul); }

@@ -108,7 +108,9 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is not None:
             inner.append(self.q_lora_rank)
             projections.append(self.q_a_proj)
-        return all(size % 32 == 0 for size in inner) and all(p.bias is None for p in projections)
+        # plain projections only: a tensor-parallel o_proj (RowParallelLinear) sums its output over the ranks
+        plain = all(type(p) is Linear for p in projections)
+        return plain and all(size % 32 == 0 for size in inner) and all(p.bias is None for p in projections)
 
     def fused_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    cache: LatentCache, norm: RMSNorm | None = None) -> torch.Tensor:

@@ -88,6 +88,11 @@ class LatentCache:
                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a kernel that writes one token per row and attends itself (`mla_decode`): the layer's cache as
         [B·max_len, D], each row's write slot [B], its slots up to the step's end [B, S] and lengths [B]."""
+        layers, write, read, lengths = self.step_layers(positions)
+        return layers[layer_idx], write, read, lengths
+
+    def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step_slots` for every layer at once (`decode_layers`): the cache as [layers, B·max_len, D]."""
         B, end = positions.shape[0], self.seq_len + 1
         if end > self.max_len:
             raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
@@ -95,7 +100,7 @@ class LatentCache:
             rows, slots = self._step_indices(B, end)
             self._step_slots = rows[:, 0] * self.max_len + positions[:, 0], slots, positions[:, 0] + 1
         write, read, lengths = self._step_slots
-        return self.data[layer_idx].view(B * self.max_len, -1), write, read, lengths
+        return self.data.view(self.data.shape[0], B * self.max_len, -1), write, read, lengths
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:

@@ -35,6 +35,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def mlp_kernel_applies(mlp: MLP, x: torch.Tensor) -> bool:
+    """Whether the decoding kernels compute this SwiGLU for x's rows (`moe_decode`'s shared experts, `decode_layers`'
+    dense layers): plain projections without biases (a tensor-parallel down_proj sums over the ranks), weights in
+    x's dtype, an intermediate size that is a multiple of 32, and rows small_matmul takes."""
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return (all(type(p) is Linear and p.bias is None and p.weight.dtype == x.dtype for p in projections)
+            and mlp.down_proj.in_features % 32 == 0
+            and small_matmul_applies(x.numel() // x.shape[-1], x, mlp.gate_proj.weight))
+
+
 @dataclass
 class Routing:
     scores: torch.Tensor  # [N, E] float32 softmax over all routed experts
@@ -319,8 +329,7 @@ class MoE(nn.Module):
         rows = x.numel() // x.shape[-1]
         return (type(self.gate) is MoEGate and type(experts) is RoutedExperts
                 and self.gate.topk_method in ("greedy", "group_limited_greedy")
-                and (shared is None or (type(shared) is MLP and shared.down_proj.in_features % 32 == 0
-                                        and shared.gate_proj.weight.dtype == x.dtype))
+                and (shared is None or (type(shared) is MLP and mlp_kernel_applies(shared, x)))
                 and small_matmul_applies(rows, x, experts.gate_proj)
                 and experts._kernel_applies(x, rows * self.top_k))
 
@@ -330,13 +339,19 @@ class MoE(nn.Module):
         stream h: → h + moe(norm(h))."""
         gate, experts, shared = self.gate, self.experts, self.shared_experts
         out = kernels.cpu_ops().moe_decode(
-            x.reshape(-1, x.shape[-1]), gate.weight, gate.top_k, gate.topk_method == "group_limited_greedy",
-            gate.n_group or 1, gate.topk_group or 1, gate.norm_topk_prob, gate.routed_scaling_factor,
+            x.reshape(-1, x.shape[-1]), gate.weight, *self.routing_args(),
             experts.gate_proj, experts.up_proj, experts.down_proj,
             *((None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
                                                   shared.down_proj.weight)),
             None if norm is None else norm.weight, 1e-6 if norm is None else norm.eps)
         return out.view(x.shape)
+
+    def routing_args(self) -> tuple[int, bool, int, int, bool, float]:
+        """The gate's routing as the decoding kernels take it: (top_k, group_limited, n_group, topk_group,
+        norm_topk_prob, routed_scaling_factor)."""
+        gate = self.gate
+        return (gate.top_k, gate.topk_method == "group_limited_greedy", gate.n_group or 1, gate.topk_group or 1,
+                gate.norm_topk_prob, gate.routed_scaling_factor)
 
     def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Expert-level balance loss α·Σ_e f_e·P_e, per sequence and averaged (seq_aux) or over the whole batch.

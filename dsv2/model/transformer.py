@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsv2 import kernels
 from dsv2.config import ModelConfig, parse_dtype
 from dsv2.generation_config import GenerationConfig
 from dsv2.malloc import place_on_huge_pages
@@ -16,9 +17,15 @@ from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
 from dsv2.model.linear import Linear
 from dsv2.model.loss import linear_cross_entropy
-from dsv2.model.moe import MLP, MoE, MoEStats
+from dsv2.model.moe import MLP, MoE, MoEStats, mlp_kernel_applies
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import RotaryEmbedding
+
+# The weights `decode_layers` takes per layer, in its order (dsv2/kernels/decode_layers.cpp, enum Slot): None where a
+# layer has no such weight; a dense layer's MLP takes the shared experts' slots.
+DECODE_LAYER_SLOTS = ("input_norm", "q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "w_uk_t",
+                      "w_uv", "o_proj", "post_norm", "gate", "expert_gate", "expert_up", "expert_down", "shared_gate",
+                      "shared_up", "shared_down")
 
 
 class DecoderLayer(nn.Module):
@@ -36,19 +43,61 @@ class DecoderLayer(nn.Module):
 
         Decoding a few sequences on an AVX-512 CPU, each half of the layer (norm, block, residual sum) is one kernel
         call where it applies (`MultiHeadLatentAttention.fused_step`, `MoE.decode_step`)."""
-        attention, norm = self.self_attn, self.input_layernorm
-        if (h.shape[1] == 1 and cache is not None and attn_impl != "expanded" and norm.weight.dtype == h.dtype
-                and norm.eps == attention.kv_a_layernorm.eps and attention.fused_step_applies(h, cache)):
-            h = attention.fused_step(h, cos, sin, positions, cache, norm)
+        if self.attention_kernel_applies(h, cache, attn_impl):
+            h = self.self_attn.fused_step(h, cos, sin, positions, cache, self.input_layernorm)
         else:
-            h = h + attention(norm(h), cos, sin, positions, cache, attn_impl)
-        if isinstance(self.mlp, MoE) and not with_stats and self.mlp.decode_kernel_applies(h) \
-                and self.post_attention_layernorm.weight.dtype == h.dtype:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, attn_impl)
+        if isinstance(self.mlp, MoE) and not with_stats and self.moe_kernel_applies(h):
             return self.mlp.decode_step(h, self.post_attention_layernorm), None
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(self.post_attention_layernorm(h), with_stats)
             return h + y, stats
         return h + self.mlp(self.post_attention_layernorm(h)), None
+
+    def attention_kernel_applies(self, h: torch.Tensor, cache: LatentCache | None, attn_impl: AttentionImpl) -> bool:
+        """Whether the attention half of this step (norm, attention, residual sum) is one `mla_decode` call: one
+        token per row, a cache, the absorbed path allowed, and what `fused_step_applies` asks."""
+        attention, norm = self.self_attn, self.input_layernorm
+        return (h.shape[1] == 1 and cache is not None and attn_impl != "expanded" and norm.weight.dtype == h.dtype
+                and norm.eps == attention.kv_a_layernorm.eps and attention.fused_step_applies(h, cache))
+
+    def moe_kernel_applies(self, h: torch.Tensor) -> bool:
+        """Whether the MoE half of this step (norm, MoE, residual sum) is one `moe_decode` call (no statistics)."""
+        return (isinstance(self.mlp, MoE) and self.mlp.decode_kernel_applies(h)
+                and self.post_attention_layernorm.weight.dtype == h.dtype)
+
+    def whole_step_applies(self, h: torch.Tensor, cache: LatentCache | None, attn_impl: AttentionImpl) -> bool:
+        """Whether `decode_layers` can take this layer (no statistics): both halves as kernels (a dense MLP too,
+        `mlp_kernel_applies`), with one eps for all of the layer's norms."""
+        post, eps = self.post_attention_layernorm, self.self_attn.kv_a_layernorm.eps
+        if not self.attention_kernel_applies(h, cache, attn_impl) or post.eps != eps:
+            return False
+        if isinstance(self.mlp, MoE):
+            return self.moe_kernel_applies(h)
+        return type(self.mlp) is MLP and post.weight.dtype == h.dtype and mlp_kernel_applies(self.mlp, h)
+
+    def decode_weights(self) -> list[torch.Tensor | None]:
+        """This layer's weights for `decode_layers`, in DECODE_LAYER_SLOTS order."""
+        attention, mlp = self.self_attn, self.mlp
+        lora = attention.q_lora_rank is not None
+        w_uk_t, w_uv = attention.absorbed_weights()
+        moe = mlp if isinstance(mlp, MoE) else None
+        shared = mlp if moe is None else moe.shared_experts
+        weights = [
+            self.input_layernorm.weight,
+            None if lora else attention.q_proj.weight,
+            attention.q_a_proj.weight if lora else None,
+            attention.q_a_layernorm.weight if lora else None,
+            attention.q_b_proj.weight if lora else None,
+            attention.kv_a_proj_with_mqa.weight, attention.kv_a_layernorm.weight, w_uk_t, w_uv, attention.o_proj.weight,
+            self.post_attention_layernorm.weight,
+            *((None,) * 4 if moe is None else (moe.gate.weight, moe.experts.gate_proj, moe.experts.up_proj,
+                                               moe.experts.down_proj)),
+            *((None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                                  shared.down_proj.weight)),
+        ]
+        assert len(weights) == len(DECODE_LAYER_SLOTS)
+        return weights
 
 
 class DeepseekV2Model(nn.Module):
@@ -123,10 +172,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)  # [B, T, H]
         with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         moe_stats = []
-        for layer in self.model.layers:
-            h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
-            if stats is not None:
-                moe_stats.append(stats)
+        if T == 1 and cache is not None and not with_aux and self.whole_step_applies(h, cache):
+            h = self.decode_layers(h, cos, sin, positions, cache)
+        else:
+            for layer in self.model.layers:
+                h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
+                if stats is not None:
+                    moe_stats.append(stats)
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:
@@ -223,6 +275,29 @@ class DeepseekV2ForCausalLM(nn.Module):
             raise ValueError("stream() needs a tokenizer: load the model from a folder with tokenizer.json, or pass "
                              "tokenizer=Tokenizer.from_pretrained(path)")
         return stream(self, tokenizer, prompt, **kwargs)
+
+    def whole_step_applies(self, h: torch.Tensor, cache: LatentCache) -> bool:
+        """Whether `decode_layers` takes this decoding step (h [B, 1, H]): every layer's `whole_step_applies`, one
+        routing for all MoE layers, and a cache that hands out every layer's slots at once."""
+        layers = self.model.layers
+        return (hasattr(cache, "step_layers") and all(layer.whole_step_applies(h, cache, self.attn_impl)
+                                                      for layer in layers)
+                and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
+
+    def decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      cache: LatentCache) -> torch.Tensor:
+        """A decoding step through every layer in one kernel call (`decode_layers`), what the layers' own kernel
+        calls compute: h [B, 1, H] → [B, 1, H]. The caller checks `whole_step_applies`."""
+        layers = self.model.layers
+        cache_layers, write_slots, read_slots, lengths = cache.step_layers(positions)
+        weights = [weight for layer in layers for weight in layer.decode_weights()]
+        routing = next((layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)),
+                       (1, False, 1, 1, False, 1.0))  # no MoE layer: unused
+        attention = layers[0].self_attn
+        out = kernels.cpu_ops().decode_layers(h[:, 0], cos[:, 0], sin[:, 0], cache_layers, write_slots, read_slots,
+                                              lengths, weights, attention.kv_a_layernorm.eps,
+                                              attention.softmax_scale, *routing)
+        return out[:, None]  # [B, 1, H]
 
     @property
     def device(self) -> torch.device:
