@@ -73,6 +73,24 @@ def test_two_ranks_generate_what_one_does(checkpoint, reference, expert_parallel
     assert torch.get_num_threads() == threads  # rank 0's share of the cores is given back
 
 
+def test_tensor_parallel_attention_of_kernel_sizes_generates_what_one_process_does(tmp_path):
+    """Sizes the CPU decoding kernels take (on AVX-512 machines): one process decodes through them (`decode_layers`);
+    the ranks' row-parallel o_proj must keep its all-reduce, so their attention stays on the modules."""
+    checkpoint = tiny_checkpoint(tmp_path, TINY_V2, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+                                 q_lora_rank=32)
+    prompts = PROMPTS[:4]
+    one = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32")
+    want = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=prompts, sampling_params=GREEDY,
+                                                         use_tqdm=False)]
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, dtype="float32", tensor_parallel_size=2)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY,
+                                                             use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert got == want
+
+
 def _parameter_bytes(checkpoint) -> dict[str, int]:
     with torch.device("meta"):
         full = DeepseekV2ForCausalLM(ModelConfig.from_pretrained(checkpoint))
