@@ -457,9 +457,19 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
     got, got_latents = step(whole=True)
     assert calls == {"decode_layers": 1, "small_matmul": 1}  # and the head's product
     calls.clear()
+    seen = []  # a hook on a layer keeps the layers' own calls, which run it
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    try:
+        hooked, _ = step(whole=True)
+    finally:
+        handle.remove()
+    assert seen == [(rows, 1, config.hidden_size)] and calls["mla_decode"] == 3 and "decode_layers" not in calls
+    calls.clear()
+    calls.clear()
     want, want_latents = step(whole=False)
     assert calls["mla_decode"] == 3 and calls["moe_decode"] == 2 and "decode_layers" not in calls
     assert_close_for(dtype, got, want)  # the dense MLP's SiLU: std::exp here, torch's vectorized exp there
+    assert torch.equal(hooked, want)
     assert torch.equal(got_latents[0], want_latents[0])  # the first layer's, before any MLP: the same kernel
     assert_close_for(dtype, got_latents, want_latents)
 

@@ -42,7 +42,8 @@ class DecoderLayer(nn.Module):
         """h [B, T, H] → h [B, T, H], and MoE statistics (None for a dense layer, or unless ``with_stats``).
 
         Decoding a few sequences on an AVX-512 CPU, each half of the layer (norm, block, residual sum) is one kernel
-        call where it applies (`MultiHeadLatentAttention.fused_step`, `MoE.decode_step`)."""
+        call where it applies (`MultiHeadLatentAttention.fused_step`, `MoE.decode_step`); where every layer's halves
+        are, the model runs all of them in one call instead (`DeepseekV2ForCausalLM.decode_layers`)."""
         if self.attention_kernel_applies(h, cache, attn_impl):
             h = self.self_attn.fused_step(h, cos, sin, positions, cache, self.input_layernorm)
         else:
@@ -278,10 +279,12 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def whole_step_applies(self, h: torch.Tensor, cache: LatentCache) -> bool:
         """Whether `decode_layers` takes this decoding step (h [B, 1, H]): every layer's `whole_step_applies`, one
-        routing for all MoE layers, and a cache that hands out every layer's slots at once."""
+        routing for all MoE layers, a cache that hands out every layer's slots at once, and no hooks on the layers
+        (the one call would pass them by)."""
         layers = self.model.layers
-        return (hasattr(cache, "step_layers") and all(layer.whole_step_applies(h, cache, self.attn_impl)
-                                                      for layer in layers)
+        hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+        return (not hooked and hasattr(cache, "step_layers")
+                and all(layer.whole_step_applies(h, cache, self.attn_impl) for layer in layers)
                 and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
 
     def decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
