@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv2.generate
-from dsv2 import kernels
+from dsv2 import LLM, DeepseekV2ForCausalLM, SamplingParams, kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
@@ -16,7 +16,7 @@ from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
 from dsv2.model.transformer import DecoderLayer
 
-from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config, tiny_model
+from helpers import TINY_LITE, TINY_V2, randomize_, tiny_checkpoint, tiny_config, tiny_model
 
 built = pytest.mark.skipif(kernels.cpu_ops() is None,
                            reason="needs an x86-64 Linux CPU with AVX-512 (BF16) and a C++ compiler")
@@ -518,3 +518,33 @@ def test_balanced_tasks_compute_what_static_ranges_do(dtype):
         ops.balance_tasks(True)
     for got, want in zip(results[True], results[False], strict=True):
         assert torch.equal(got, want)
+
+
+@built
+def test_the_engine_over_the_kernels_generates_what_generate_does(monkeypatch, tmp_path):
+    """The engine on a model of kernel sizes: continuous batching of 10 prompts (3 sharing a prefix: the prefix
+    cache serves them), decode steps through `decode_layers` over the paged cache, against `generate` one prompt at
+    a time. float32: in bf16 this random model has near-ties (top-2 logits one bf16 step apart) that the batched
+    prefill's other matmul blocking flips."""
+    dtype = "float32"
+    checkpoint = tiny_checkpoint(tmp_path, TINY_V2, **FUSED_CONFIGS["whole step, q_lora"], moe_intermediate_size=32)
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 400, (24,), generator=gen).tolist()
+    prompts = [(shared if i < 3 else []) + torch.randint(2, 400, (3 + 5 * i,), generator=gen).tolist()
+               for i in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    want = [dsv2.generate.generate(model, torch.tensor([p]), max_new_tokens=10, ignore_eos=True)[0, len(p):].tolist()
+            for p in prompts]
+    calls = collections.Counter()
+    ops = kernels.cpu_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
+
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    llm = LLM(model=checkpoint, dtype=dtype, kv_cache_memory=4_000_000, block_size=8)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == want
+    assert calls["decode_layers"] >= 9  # the batch's decode steps, each through every layer in one call
