@@ -47,6 +47,18 @@ def assert_close_for(dtype: torch.dtype, got: torch.Tensor, want: torch.Tensor) 
                                atol=tolerance * want.abs().max().item())
 
 
+def count_kernel_calls(monkeypatch) -> collections.Counter:
+    """From now on, count the calls of each kernel (by name) that the model makes through `kernels.cpu_ops()`."""
+    calls, ops = collections.Counter(), kernels.cpu_ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
+
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    return calls
+
+
 def routed(module: RoutedExperts, x, ids, weights, owned=None, *, torch_path: bool = False) -> torch.Tensor:
     """The module's inference output: through the CPU kernel, or with it switched off (its torch paths)."""
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
@@ -174,14 +186,7 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
     positions = (lengths - 1)[:, None]  # [B, 1]
     x = torch.randn(B, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)  # [B, 1, d_R/2] float32
-    calls = []
-    ops = kernels.cpu_ops()
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *args: calls.append(name) or getattr(ops, name)(*args)
-
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    calls = count_kernel_calls(monkeypatch)
     if paged:
         cache = PagedLatentCache(config, num_blocks=64, block_size=16, dtype=dtype, device="cpu")
         cache.data.normal_()
@@ -305,14 +310,7 @@ def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, 
     model = tiny_model(base, **FUSED_CONFIGS[sizes], moe_intermediate_size=32, intermediate_size=96)
     generate = dsv2.generate.generate
     prompts = torch.randint(0, 128, (2, 9))
-    calls = collections.Counter()
-    ops = kernels.cpu_ops()
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
-
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    calls = count_kernel_calls(monkeypatch)
     with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
     # 11 decode steps, each in one call through the 3 layers; the MoE kernel also takes the prefill's 18 tokens where
     # that few rows go through small_matmul (float32 on AMD)
@@ -368,13 +366,6 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, r
     positions = torch.randint(0, 41, (rows, 1)).index_fill_(0, torch.tensor([0]), 40)  # [B, 1], one at the end
     h = torch.randn(rows, 1, config.hidden_size).to(dtype)
     cos, sin = RotaryEmbedding(config)(positions)
-    calls = collections.Counter()
-    ops = kernels.cpu_ops()
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
-
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         cache = LatentCache(config, rows, 64, dtype=dtype)
         cache.data.normal_(generator=torch.Generator().manual_seed(0))
@@ -384,7 +375,7 @@ def test_decoder_layer_in_two_kernel_calls_equals_the_torch_paths(monkeypatch, r
         assert stats is None
         return out, cache.data[1, torch.arange(rows), positions[:, 0]]
 
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    calls = count_kernel_calls(monkeypatch)
     got, got_latent = step()
     assert calls == {"mla_decode": 1, "moe_decode": 1}
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
@@ -426,13 +417,6 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
     config = model.config
     positions = torch.randint(0, 40, (rows, 1)).index_fill_(0, torch.tensor([0]), 39)  # [B, 1], one at the end
     tokens = torch.randint(0, config.vocab_size, (rows, 1))
-    calls = collections.Counter()
-    ops = kernels.cpu_ops()
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
-
     def step(whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if paged:
             cache = PagedLatentCache(config, num_blocks=40, block_size=16, dtype=dtype, device="cpu")  # ≥ 16 × 40 slots
@@ -453,7 +437,7 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
             logits = model(tokens, positions=positions, cache=step_cache)
         return logits, step_cache.cache.data[:, write[:, 0]] if paged else written
 
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
+    calls = count_kernel_calls(monkeypatch)
     got, got_latents = step(whole=True)
     assert calls == {"decode_layers": 1, "small_matmul": 1}  # and the head's product
     calls.clear()
@@ -526,25 +510,17 @@ def test_the_engine_over_the_kernels_generates_what_generate_does(monkeypatch, t
     cache serves them), decode steps through `decode_layers` over the paged cache, against `generate` one prompt at
     a time. float32: in bf16 this random model has near-ties (top-2 logits one bf16 step apart) that the batched
     prefill's other matmul blocking flips."""
-    dtype = "float32"
     checkpoint = tiny_checkpoint(tmp_path, TINY_V2, **FUSED_CONFIGS["whole step, q_lora"], moe_intermediate_size=32)
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 400, (24,), generator=gen).tolist()
     prompts = [(shared if i < 3 else []) + torch.randint(2, 400, (3 + 5 * i,), generator=gen).tolist()
                for i in range(10)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype="float32")
     want = [dsv2.generate.generate(model, torch.tensor([p]), max_new_tokens=10, ignore_eos=True)[0, len(p):].tolist()
             for p in prompts]
-    calls = collections.Counter()
-    ops = kernels.cpu_ops()
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *args: calls.update([name]) or getattr(ops, name)(*args)
-
-    monkeypatch.setattr(kernels, "cpu_ops", lambda: Spy())
-    llm = LLM(model=checkpoint, dtype=dtype, kv_cache_memory=4_000_000, block_size=8)
+    calls = count_kernel_calls(monkeypatch)
+    llm = LLM(model=checkpoint, dtype="float32", kv_cache_memory=4_000_000, block_size=8)
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == want
     assert calls["decode_layers"] >= 9  # the batch's decode steps, each through every layer in one call
