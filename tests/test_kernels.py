@@ -433,7 +433,7 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
             written = step_cache.data[:, torch.arange(rows), positions[:, 0]]
         with pytest.MonkeyPatch.context() as patch, torch.no_grad():
             if not whole:
-                patch.setattr(type(model), "whole_step_applies", lambda self, h, cache: False)
+                patch.setattr(type(model), "decode_plan", lambda self, h, cache: None)
             logits = model(tokens, positions=positions, cache=step_cache)
         return logits, step_cache.cache.data[:, write[:, 0]] if paged else written
 
@@ -456,6 +456,50 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
     assert torch.equal(hooked, want)
     assert torch.equal(got_latents[0], want_latents[0])  # the first layer's, before any MLP: the same kernel
     assert_close_for(dtype, got_latents, want_latents)
+
+
+@built
+def test_a_decoding_steps_plan_is_kept_until_the_model_changes(monkeypatch):
+    """`decode_plan` checks the model once per kind of step; a replaced module, a weight changed in place and a new
+    dtype all show in the next step, which equals the layers' own calls."""
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    model = model.to(torch.bfloat16)
+    config = model.config
+    checks = collections.Counter()
+    whole_step_applies = type(model).whole_step_applies
+    monkeypatch.setattr(type(model), "whole_step_applies",
+                        lambda self, h, cache: checks.update(["model"]) or whole_step_applies(self, h, cache))
+    calls = count_kernel_calls(monkeypatch)
+    tokens, positions = torch.randint(0, config.vocab_size, (2, 1)), torch.tensor([[8], [5]])
+
+    def step(whole: bool = True) -> torch.Tensor:
+        cache = LatentCache(config, 2, 16, dtype=model.dtype)
+        cache.data.normal_(generator=torch.Generator().manual_seed(0))
+        cache.seq_len = 8
+        with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+            if not whole:
+                patch.setattr(type(model), "decode_plan", lambda self, h, cache: None)
+            return model(tokens, positions=positions, cache=cache)
+
+    def step_equals_the_layers_own_calls() -> None:
+        got = step()
+        assert_close_for(model.dtype, got, step(whole=False))
+
+    for _ in range(3):
+        step()
+    assert checks["model"] == 1 and calls["decode_layers"] == 3
+    attention = model.model.layers[1].self_attn
+    attention.o_proj = randomize_(Linear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False),
+                                  seed=1).to(model.dtype)
+    step_equals_the_layers_own_calls()
+    assert checks["model"] == 2
+    with torch.no_grad():
+        attention.kv_b_proj.weight.mul_(-1)  # W_UKᵀ and W_UV are rebuilt from it
+    step_equals_the_layers_own_calls()
+    assert checks["model"] == 2
+    model.float()
+    step_equals_the_layers_own_calls()
+    assert checks["model"] == 3 and calls["decode_layers"] == 6
 
 
 @built

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +15,12 @@ from dsv2.generation_config import GenerationConfig
 from dsv2.malloc import place_on_huge_pages
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
+from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan, DecodePlans
 from dsv2.model.linear import Linear
 from dsv2.model.loss import linear_cross_entropy
 from dsv2.model.moe import MLP, MoE, MoEStats, mlp_kernel_applies
 from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import RotaryEmbedding
-
-# The weights `decode_layers` takes per layer, in its order (dsv2/kernels/decode_layers.cpp, enum Slot): None where a
-# layer has no such weight; a dense layer's MLP takes the shared experts' slots.
-DECODE_LAYER_SLOTS = ("input_norm", "q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "w_uk_t",
-                      "w_uv", "o_proj", "post_norm", "gate", "expert_gate", "expert_up", "expert_down", "shared_gate",
-                      "shared_up", "shared_down")
 
 
 class DecoderLayer(nn.Module):
@@ -129,6 +124,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.attn_impl: AttentionImpl = "auto"
+        self._decode_plans = DecodePlans()
         self.tokenizer = None  # set by from_pretrained when the folder has a tokenizer.json
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id)
         if not any(p.is_meta for p in self.parameters()):
@@ -173,8 +169,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)  # [B, T, H]
         with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         moe_stats = []
-        if T == 1 and cache is not None and not with_aux and self.whole_step_applies(h, cache):
-            h = self.decode_layers(h, cos, sin, positions, cache)
+        plan = self.decode_plan(h, cache) if T == 1 and cache is not None and not with_aux else None
+        if plan is not None:
+            h = self.decode_layers(h, cos, sin, positions, cache, plan)
         else:
             for layer in self.model.layers:
                 h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
@@ -287,19 +284,22 @@ class DeepseekV2ForCausalLM(nn.Module):
                 and all(layer.whole_step_applies(h, cache, self.attn_impl) for layer in layers)
                 and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DeepseekV2ForCausalLM:
+        self._decode_plans = DecodePlans()  # a conversion may replace the parameters without registering them
+        return super()._apply(fn, recurse)
+
+    def decode_plan(self, h: torch.Tensor, cache: LatentCache) -> DecodePlan | None:
+        """`whole_step_applies` and the weights `decode_layers` takes, kept for the next steps of this kind
+        (`dsv2.model.decode_plan`): None where the step goes layer by layer."""
+        return self._decode_plans.get(self, h, cache)
+
     def decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                      cache: LatentCache) -> torch.Tensor:
+                      cache: LatentCache, plan: DecodePlan) -> torch.Tensor:
         """A decoding step through every layer in one kernel call (`decode_layers`), what the layers' own kernel
-        calls compute: h [B, 1, H] → [B, 1, H]. The caller checks `whole_step_applies`."""
-        layers = self.model.layers
+        calls compute: h [B, 1, H] → [B, 1, H], with the step's `decode_plan`."""
         cache_layers, write_slots, read_slots, lengths = cache.step_layers(positions)
-        weights = [weight for layer in layers for weight in layer.decode_weights()]
-        routing = next((layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)),
-                       (1, False, 1, 1, False, 1.0))  # no MoE layer: unused
-        attention = layers[0].self_attn
         out = kernels.cpu_ops().decode_layers(h[:, 0], cos[:, 0], sin[:, 0], cache_layers, write_slots, read_slots,
-                                              lengths, weights, attention.kv_a_layernorm.eps,
-                                              attention.softmax_scale, *routing)
+                                              lengths, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing)
         return out[:, None]  # [B, 1, H]
 
     @property
