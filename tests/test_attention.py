@@ -9,15 +9,16 @@ from dsv2.model.attention import causal_matmul_attention
 from helpers import TINY_LITE, randomize_, tiny_config
 
 
+@pytest.mark.parametrize("block", [None, 2, 3], ids=["one block", "blocks of 2", "blocks of 3"])
 @pytest.mark.parametrize("T, S", [(7, 7), (3, 10)], ids=["square", "bottom-right"])
-def test_matmul_attention_equals_sdpa_values_and_gradients(T, S):
+def test_matmul_attention_equals_sdpa_values_and_gradients(T, S, block):
     q = torch.randn(2, 4, T, 24, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, S, 24, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 4, S, 16, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 4, T, 16, dtype=torch.float64)
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # bottom-right causal
     grads = []
-    for attend in (lambda: causal_matmul_attention(q, k, v, scale=0.3),
+    for attend in (lambda: causal_matmul_attention(q, k, v, scale=0.3, block=block),
                    lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)):
         out = attend()
         grads.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
@@ -62,5 +63,6 @@ def test_matmul_path_only_where_it_pays():
     assert pays(q, 512)
     assert not pays(q, 513)  # long sequences: the fused kernel
     assert not pays(q.float(), 512)  # float32: the fused kernel
-    with torch.no_grad():
-        assert not pays(q, 512)  # inference: the fused kernel's forward is faster
+    with torch.no_grad():  # inference: in blocks where the CPU has no AMX, else the fused kernel's forward
+        blocks = attention_module.MATMUL_ATTENTION_BLOCK is not None
+        assert pays(q, 4096) == blocks and not pays(q, 4097) and not pays(q.float(), 512)
