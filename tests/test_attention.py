@@ -4,22 +4,26 @@ import torch.nn.functional as F
 
 import dsv2.model.attention as attention_module
 from dsv2 import DeepseekV2ForCausalLM
-from dsv2.model.attention import causal_matmul_attention
+from dsv2.model.attention import MultiHeadLatentAttention, causal_matmul_attention
 
 from helpers import TINY_LITE, randomize_, tiny_config
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
 @pytest.mark.parametrize("block", [None, 2, 3], ids=["one block", "blocks of 2", "blocks of 3"])
 @pytest.mark.parametrize("T, S", [(7, 7), (3, 10)], ids=["square", "bottom-right"])
-def test_matmul_attention_equals_sdpa_values_and_gradients(T, S, block):
+def test_matmul_attention_equals_sdpa_values_and_gradients(T, S, block, masked):
     q = torch.randn(2, 4, T, 24, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, S, 24, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 4, S, 16, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 4, T, 16, dtype=torch.float64)
-    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # bottom-right causal
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(2, T, S)  # bottom-right causal
+    if masked:  # each sequence its own keys, as the engine's prefills after a prefix-cache hit; every query sees one
+        mask = (torch.rand(2, T, S, generator=torch.Generator().manual_seed(0)) < 0.6).index_fill_(2, torch.tensor([0]),
+                                                                                                 True)
     grads = []
-    for attend in (lambda: causal_matmul_attention(q, k, v, scale=0.3, block=block),
-                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)):
+    for attend in (lambda: causal_matmul_attention(q, k, v, scale=0.3, block=block, mask=mask if masked else None),
+                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=0.3)):
         out = attend()
         grads.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
     for ours, sdpa in zip(*grads, strict=True):
@@ -44,10 +48,10 @@ def test_bf16_training_takes_the_matmul_path_and_matches_the_fused_one(monkeypat
     taken = []
     pays = attention_module._matmul_attention_pays
     monkeypatch.setattr(attention_module, "_matmul_attention_pays",
-                        lambda q, keys: taken.append(pays(q, keys)) or taken[-1])
+                        lambda q, keys, masked=False: taken.append(pays(q, keys, masked)) or taken[-1])
     loss_matmul, grads_matmul = loss_and_grads()
     assert len(taken) == model.config.num_hidden_layers and all(taken)  # CPU, bf16 autocast, gradients, few keys
-    monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys: False)
+    monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys, masked=False: False)
     loss_fused, grads_fused = loss_and_grads()
     torch.testing.assert_close(loss_matmul, loss_fused, atol=2e-2, rtol=2e-2)
     # bf16 products round differently in the two paths (and per CPU: AMX or AVX512-BF16), so single elements near
@@ -66,3 +70,34 @@ def test_matmul_path_only_where_it_pays():
     with torch.no_grad():  # inference: in blocks where the CPU has no AMX, else the fused kernel's forward
         blocks = attention_module.MATMUL_ATTENTION_BLOCK is not None
         assert pays(q, 4096) == blocks and not pays(q, 4097) and not pays(q.float(), 512)
+        assert pays(q, 640, masked=True) == blocks  # the engine's prefills after a prefix-cache hit
+    assert not pays(q, 512, masked=True)  # training never masks: the fused kernel if it ever did
+
+
+@torch.no_grad()
+def test_bf16_prefill_attention_matches_the_fused_kernel(monkeypatch):
+    """bf16 inference: a fresh prefill (causal) and one after cached positions (the engine's per-sequence mask) take
+    the blocked matmul attention where the CPU has no AMX, and agree with the flash kernel to bf16 rounding."""
+    config = tiny_config(TINY_LITE)
+    attention = randomize_(MultiHeadLatentAttention(config, 0)).to(torch.bfloat16)
+    n_h, d, d_R, r = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                      config.kv_lora_rank)
+    gen = torch.Generator().manual_seed(0)
+    B, T, S = 2, 130, 200  # more than one block of queries
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+    positions = torch.tensor([[S - T], [S - T - 10]]) + torch.arange(T)  # [B, T]: the second sequence is shorter
+    masked = (torch.arange(S) <= positions[:, :, None], draw(B, T, n_h, d), draw(B, T, n_h, d_R), draw(B, S, r + d_R))
+    fresh = (None, draw(B, T, n_h, d), draw(B, T, n_h, d_R), draw(B, T, r + d_R))
+    pays, taken = attention_module._matmul_attention_pays, []
+    for mask, q_nope, q_pe, latent in (fresh, masked):
+        taken.clear()
+        monkeypatch.setattr(attention_module, "_matmul_attention_pays",
+                            lambda q, keys, masked=False: taken.append(pays(q, keys, masked)) or taken[-1])
+        got = attention.expanded(q_nope, q_pe, latent, mask)
+        assert taken == [attention_module.MATMUL_ATTENTION_BLOCK is not None]
+        monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys, masked=False: False)
+        want = attention.expanded(q_nope, q_pe, latent, mask)
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2 * want.abs().max().item(), rtol=0.05)

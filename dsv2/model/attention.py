@@ -144,9 +144,10 @@ class MultiHeadLatentAttention(nn.Module):
                       dim=-1)  # [B, n_h, S, d + d_R]
         q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)  # [B, n_h, T, d + d_R]
         v = v.transpose(1, 2)  # [B, n_h, S, v]
-        if mask is None and _matmul_attention_pays(q, S):
+        if _matmul_attention_pays(q, S, masked=mask is not None):
             dropout = self.dropout if self.training else 0.0
-            return causal_matmul_attention(q, k, v, self.softmax_scale, dropout).transpose(1, 2)  # [B, T, n_h, v]
+            out = causal_matmul_attention(q, k, v, self.softmax_scale, dropout, mask=mask)  # [B, n_h, T, v]
+            return out.transpose(1, 2)  # [B, T, n_h, v]
         # The fused (flash) SDPA kernels want one head size for q, k and v: pad v with zeros, drop them after.
         pad = q.shape[-1] - self.v_dim
         v = F.pad(v, (0, pad)) if pad > 0 else v  # [B, n_h, S, max(v, d + d_R)]
@@ -229,25 +230,29 @@ MATMUL_ATTENTION_BLOCK = None if "amx_bf16" in kernels.cpu_flags() else 128
 MATMUL_ATTENTION_MAX_INFERENCE_KEYS = 4096  # inference, in blocks: beyond, the flash kernel (no [T, S] scores held)
 
 
-def _matmul_attention_pays(q: torch.Tensor, keys: int) -> bool:
+def _matmul_attention_pays(q: torch.Tensor, keys: int, masked: bool = False) -> bool:
     """Whether `causal_matmul_attention` is faster than the flash kernel here: on CPU, in 16-bit (bf16 autocast
     included), with gradients over at most MATMUL_ATTENTION_MAX_KEYS keys (there the flash kernel's backward runs at a
     fraction of the matmul rate: forward + backward over 16 heads of 96 took 65 ms this way vs 85 ms fused for 4 × 512
     tokens, 26 vs 67 ms for 8 × 256 on the AMX machine), and without them, in blocks (no AMX), over at most
-    MATMUL_ATTENTION_MAX_INFERENCE_KEYS. In float32 the fused kernel is as fast or faster (and never holds the
+    MATMUL_ATTENTION_MAX_INFERENCE_KEYS, ``masked`` (the engine's prefills after a prefix-cache hit or in chunks:
+    a bf16 attention core of 128 queries over 640 keys 2.2 vs 4.8 ms flash, 4 × 128 over 640 8.9 vs 16.3 ms, 512
+    over 1,024 18.4 vs 22.1 ms) or not. In float32 the fused kernel is as fast or faster (and never holds the
     scores)."""
     if q.device.type != "cpu" or matmul_dtype(q) not in (torch.bfloat16, torch.float16):
         return False
     if torch.is_grad_enabled():
-        return keys <= MATMUL_ATTENTION_MAX_KEYS
+        return not masked and keys <= MATMUL_ATTENTION_MAX_KEYS
     return MATMUL_ATTENTION_BLOCK is not None and keys <= MATMUL_ATTENTION_MAX_INFERENCE_KEYS
 
 
 def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            dropout: float = 0.0, block: int | None = MATMUL_ATTENTION_BLOCK) -> torch.Tensor:
+                            dropout: float = 0.0, block: int | None = MATMUL_ATTENTION_BLOCK,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bottom-right causal attention written as two batched matmuls around a softmax, as the reference's eager
     path computes it, ``block`` queries at a time (None: all at once), each block against only the keys up to its
-    last query: the keys after it are never scored. q [B, n_h, T, D], k [B, n_h, S, D], v [B, n_h, S, V] →
+    last query: the keys after it are never scored. ``mask`` [B, T, S] (True: attend; every query sees a key) replaces
+    the causal rule, each block then scoring every key. q [B, n_h, T, D], k [B, n_h, S, D], v [B, n_h, S, V] →
     [B, n_h, T, V]."""
     B, n_h, T, _ = q.shape
     S = k.shape[2]
@@ -255,11 +260,17 @@ def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     outs = []
     for start in range(0, T, block or T):
         end = min(start + (block or T), T)
-        rows, keys = end - start, S - T + end  # the block's queries see keys [0, keys), the last one all of them
-        future = torch.full((rows, keys), float("-inf"), dtype=q.dtype, device=q.device).triu(keys - rows + 1)
-        # [rows, keys]: -inf for the keys after each query. scores = future + scale · q kᵀ, one matmul: no masking
+        rows = end - start
+        # bias = -inf where a query must not see a key, else 0; scores = bias + scale · q kᵀ, one matmul: no masking
         # pass, nor one in backward
-        scores = torch.baddbmm(future[None], q[:, start:end], k[:, :keys].transpose(1, 2), alpha=scale)
+        if mask is None:
+            keys = S - T + end  # the block's queries see keys [0, keys), the last one all of them
+            bias = torch.full((1, rows, keys), float("-inf"), dtype=q.dtype, device=q.device).triu(keys - rows + 1)
+        else:
+            keys = S
+            bias = torch.zeros(B, 1, rows, S, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask[:, None, start:end], float("-inf")).expand(-1, n_h, -1, -1).reshape(B * n_h, rows, S)
+        scores = torch.baddbmm(bias, q[:, start:end], k[:, :keys].transpose(1, 2), alpha=scale)
         probs = scores.softmax(dim=-1)  # [B·n_h, rows, keys], float32 math inside
         if dropout > 0:
             probs = F.dropout(probs, dropout)
