@@ -69,8 +69,10 @@ def test_matmul_path_only_where_it_pays():
     assert not pays(q.float(), 512)  # float32: the fused kernel
     with torch.no_grad():  # inference: in blocks where the CPU has no AMX, else the fused kernel's forward
         blocks = attention_module.MATMUL_ATTENTION_BLOCK is not None
-        assert pays(q, 4096) == blocks and not pays(q, 4097) and not pays(q.float(), 512)
+        assert pays(q, 4096) == blocks and not pays(q, 4097)
         assert pays(q, 640, masked=True) == blocks  # the engine's prefills after a prefix-cache hit
+        assert pays(q.float(), 1024) == blocks and not pays(q.float(), 1025)  # float32: short prompts
+        assert not pays(q.float(), 512, masked=True) and not pays(q.double(), 512)
     assert not pays(q, 512, masked=True)  # training never masks: the fused kernel if it ever did
 
 

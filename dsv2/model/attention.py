@@ -228,6 +228,9 @@ MATMUL_ATTENTION_MAX_KEYS = 512  # training: where the matmul path's forward + b
 # there the blocks' smaller, strided products ran at half the rate (an attention core 156 vs 124 ms).
 MATMUL_ATTENTION_BLOCK = None if "amx_bf16" in kernels.cpu_flags() else 128
 MATMUL_ATTENTION_MAX_INFERENCE_KEYS = 4096  # inference, in blocks: beyond, the flash kernel (no [T, S] scores held)
+# float32 inference, in blocks, unmasked: prefill of the benchmark's model 1.07× at 512 tokens, 1.04× at 4 × 256, 1.01×
+# at 1,024, 1.00× at 8 × 128; the attention core alone at 2,048 tokens 99 vs 94 ms flash
+MATMUL_ATTENTION_MAX_FLOAT32_KEYS = 1024
 
 
 def _matmul_attention_pays(q: torch.Tensor, keys: int, masked: bool = False) -> bool:
@@ -237,13 +240,19 @@ def _matmul_attention_pays(q: torch.Tensor, keys: int, masked: bool = False) -> 
     tokens, 26 vs 67 ms for 8 × 256 on the AMX machine), and without them, in blocks (no AMX), over at most
     MATMUL_ATTENTION_MAX_INFERENCE_KEYS, ``masked`` (the engine's prefills after a prefix-cache hit or in chunks:
     a bf16 attention core of 128 queries over 640 keys 2.2 vs 4.8 ms flash, 4 × 128 over 640 8.9 vs 16.3 ms, 512
-    over 1,024 18.4 vs 22.1 ms) or not. In float32 the fused kernel is as fast or faster (and never holds the
-    scores)."""
-    if q.device.type != "cpu" or matmul_dtype(q) not in (torch.bfloat16, torch.float16):
+    over 1,024 18.4 vs 22.1 ms) or not. In float32 only inference without a mask over at most
+    MATMUL_ATTENTION_MAX_FLOAT32_KEYS, in blocks; elsewhere the fused kernel is as fast or faster (and never holds
+    the scores)."""
+    if q.device.type != "cpu":
         return False
+    sixteen_bit = matmul_dtype(q) in (torch.bfloat16, torch.float16)
     if torch.is_grad_enabled():
-        return not masked and keys <= MATMUL_ATTENTION_MAX_KEYS
-    return MATMUL_ATTENTION_BLOCK is not None and keys <= MATMUL_ATTENTION_MAX_INFERENCE_KEYS
+        return sixteen_bit and not masked and keys <= MATMUL_ATTENTION_MAX_KEYS
+    if MATMUL_ATTENTION_BLOCK is None:
+        return False
+    if sixteen_bit:
+        return keys <= MATMUL_ATTENTION_MAX_INFERENCE_KEYS
+    return q.dtype == torch.float32 and not masked and keys <= MATMUL_ATTENTION_MAX_FLOAT32_KEYS
 
 
 def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
