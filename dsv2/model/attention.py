@@ -266,9 +266,9 @@ def causal_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     B, n_h, T, _ = q.shape
     S = k.shape[2]
     q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # [B·n_h, ·, ·]
-    outs = []
-    for start in range(0, T, block or T):
-        end = min(start + (block or T), T)
+    outs, size = [], block or T  # size: queries per block
+    for start in range(0, T, size):
+        end = min(start + size, T)
         rows = end - start
         # bias = -inf where a query must not see a key, else 0; scores = bias + scale · q kᵀ, one matmul: no masking
         # pass, nor one in backward
