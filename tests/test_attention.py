@@ -64,11 +64,13 @@ def test_bf16_training_takes_the_matmul_path_and_matches_the_fused_one(monkeypat
 def test_matmul_path_only_where_it_pays():
     q = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
     pays = attention_module._matmul_attention_pays
-    assert pays(q, 512)
-    assert not pays(q, 513)  # long sequences: the fused kernel
+    blocks = attention_module.MATMUL_ATTENTION_BLOCK is not None
+    longest = attention_module.MATMUL_ATTENTION_MAX_KEYS
+    assert longest == (1024 if blocks else 512)  # training: longer sequences in blocks (no AMX)
+    assert pays(q, longest)
+    assert not pays(q, longest + 1)  # long sequences: the fused kernel
     assert not pays(q.float(), 512)  # float32: the fused kernel
     with torch.no_grad():  # inference: in blocks where the CPU has no AMX, else the fused kernel's forward
-        blocks = attention_module.MATMUL_ATTENTION_BLOCK is not None
         assert pays(q, 4096) == blocks and not pays(q, 4097)
         assert pays(q, 640, masked=True) == blocks  # the engine's prefills after a prefix-cache hit
         assert pays(q.float(), 1024) == blocks and not pays(q.float(), 1025)  # float32: short prompts

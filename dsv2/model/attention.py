@@ -220,13 +220,18 @@ def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthk,hnk->bthn", x, weight)
 
 
-MATMUL_ATTENTION_MAX_KEYS = 512  # training: where the matmul path's forward + backward beat the flash kernel's
 # Queries per block of `causal_matmul_attention`, each block scored against only the keys up to its last query. Without
 # AMX (AVX-512 bf16 dot products: a 2-core EPYC, Zen 4), 16 heads of 96, bf16: forward over 512 tokens 4.3 ms in
 # blocks of 128, 11.5 ms unblocked, 11.2 ms the flash kernel; 2,048 tokens 64 / 159 / 97 ms; 4,096 tokens 292 ms
 # blocked, 353 ms flash; forward + backward of 8 × 512 tokens 152 / 206 / 299 ms. With AMX (Intel Xeon) one block:
 # there the blocks' smaller, strided products ran at half the rate (an attention core 156 vs 124 ms).
 MATMUL_ATTENTION_BLOCK = None if "amx_bf16" in kernels.cpu_flags() else 128
+# Training (16-bit, with gradients): the keys up to which the matmul path's forward + backward beat the flash kernel's.
+# With AMX, unblocked: up to 512. In blocks (no AMX), forward + backward of the attention core over 16 heads of 96,
+# bf16: 4 × 1,024 tokens 279 vs 359 ms flash, 2 × 2,048 529 vs 579 ms, 1 × 4,096 1,060 vs 1,045 ms; a whole training
+# step of the benchmark's model 1.03× at 4 × 1,024 tokens, 1.01× at 2 × 2,048 (same-process A/B). Up to 1,024: the
+# probabilities it keeps for the backward (~n_h · T² / 2 bf16 values per sequence and layer) grow with T².
+MATMUL_ATTENTION_MAX_KEYS = 512 if MATMUL_ATTENTION_BLOCK is None else 1024
 MATMUL_ATTENTION_MAX_INFERENCE_KEYS = 4096  # inference, in blocks: beyond, the flash kernel (no [T, S] scores held)
 # float32 inference, in blocks, unmasked: prefill of the benchmark's model 1.07× at 512 tokens, 1.04× at 4 × 256, 1.01×
 # at 1,024, 1.00× at 8 × 128; the attention core alone at 2,048 tokens 99 vs 94 ms flash
