@@ -16,6 +16,9 @@ from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.tokenizer import Tokenizer
 
 HELP = "Type a message. /reset clears the conversation, /exit leaves. Ctrl-C stops an answer."
+# An answer's length when neither --max-new-tokens nor generation_config.json sets one: each answer's cache is sized
+# for it (the model's whole context would be 163,840 positions on V2-Lite, ~5 GB of cache per turn).
+MAX_ANSWER_TOKENS = 4096
 
 
 class ChatSession:
@@ -41,7 +44,8 @@ class ChatSession:
             self.messages.pop()
             raise ValueError(f"the conversation is {len(ids)} tokens, over the model's {limit}: /reset to start over")
         kwargs = dict(self.generate_kwargs)
-        kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or limit, limit - len(ids))
+        wanted = kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens or MAX_ANSWER_TOKENS
+        kwargs["max_new_tokens"] = min(wanted, limit - len(ids))  # the cache is sized for this many
         answer, refused = [], False
         try:
             for delta in stream(self.model, self.tokenizer, ids, **kwargs):

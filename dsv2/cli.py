@@ -40,7 +40,10 @@ def load_model(args: argparse.Namespace):
 def generate_kwargs(args: argparse.Namespace) -> dict:
     """Sampling flags that were given; the rest comes from the checkpoint's generation_config.json."""
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "ignore_eos")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if kwargs.get("temperature"):  # a temperature given on the command line samples, whatever the config's do_sample
+        kwargs["do_sample"] = True
+    return kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

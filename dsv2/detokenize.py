@@ -13,12 +13,15 @@ from dsv2.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
-    """Feed token ids one at a time; get back the text they complete, minus any stop string and what follows it."""
+    """Feed token ids one at a time; get back the text they complete, minus any stop string (kept with
+    ``include_stop``) and what follows it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop
         self.ids: list[int] = []
         self.prefix_offset = 0  # decoding restarts here, for context
         self.read_offset = 0  # text up to this token has been appended to self.text
@@ -27,8 +30,9 @@ class IncrementalDetokenizer:
         self.stopped = False  # a stop string was found
         self.stop_string: str | None = None  # which one
 
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text now safe to hand out (possibly "")."""
+    def add(self, token_id: int, look_for_stop: bool = True) -> str:
+        """Append one token; return the text now safe to hand out (possibly ""). ``look_for_stop`` False: the text
+        so far may hold a stop string that does not count yet (vLLM's min_tokens); a later call finds it."""
         if self.stopped:
             return ""
         self.ids.append(token_id)
@@ -38,7 +42,8 @@ class IncrementalDetokenizer:
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self.text += new_text[len(prefix_text):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self._check_stop()
+            if look_for_stop:
+                self._check_stop()
         return self._release(final=self.stopped)
 
     def finish(self) -> str:
@@ -53,12 +58,12 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _check_stop(self) -> None:
-        """Cut self.text at the first stop string. Text already handed out cannot hold the start of one (see
-        _release), so the search starts there."""
+        """Cut self.text at the first stop string (after it with ``include_stop``). Text already handed out cannot
+        hold the start of one (see _release), so the search starts there."""
         hits = [(i, s) for i, s in ((self.text.find(s, self.emitted), s) for s in self.stop) if i >= 0]
         if hits:
             index, self.stop_string = min(hits)
-            self.text = self.text[:index]
+            self.text = self.text[:index + (len(self.stop_string) if self.include_stop else 0)]
             self.stopped = True
 
     def _release(self, final: bool) -> str:

@@ -142,12 +142,21 @@ def stream(model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, prompt: str | Seq
 
     Deltas never split a UTF-8 character; a stop string ends the stream and is not part of it.
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).flatten().tolist()
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids_tensor = torch.as_tensor(prompt)
+        if ids_tensor.dim() > 1 and ids_tensor.shape[0] != 1:
+            raise ValueError(f"stream() takes one prompt; got a batch of {ids_tensor.shape[0]} (use generate)")
+        ids = ids_tensor.flatten().tolist()
     params, eos_ids, _ = _settings(model, kwargs.pop("eos_token_id", None), None, kwargs)
     if not eos_ids and tokenizer.eos_token_id is not None:
         eos_ids = [tokenizer.eos_token_id]
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     detokenizer = IncrementalDetokenizer(tokenizer, params.stop, skip_special_tokens)
     for step in decode_steps(model, [ids], params, eos_ids):
+        if step.tokens[0] in stop_ids:  # the token that ends the answer adds no text (as in vLLM and OpenAI)
+            break
         delta = detokenizer.add(step.tokens[0])
         if delta:
             yield delta

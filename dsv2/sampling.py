@@ -7,7 +7,7 @@ generator, so its tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +32,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # report the log-probability of prompt tokens (and this many top ones)
     prompt_logprobs_start: int = 1  # dsv2: the first prompt position to report; the prefix cache may skip before it
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, repr=False)  # accepted vLLM arguments that do not apply here
+    min_tokens: int = 0  # until this many tokens: EOS and stop_token_ids are barred, stop strings not looked for
+    include_stop_str_in_output: bool = False  # keep the stop string, or the stop token's text, in the text
+    detokenize: bool = True  # False: token ids only, the text stays ""
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
+    best_of: int | None = None  # vLLM's candidates per prompt: only n (no ranking of extra candidates)
+    spaces_between_special_tokens: bool = True  # vLLM's; accepted: the tokenizer's decoder places the spaces
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +79,20 @@ class SamplingParams:
             fail("stop", "must be a non-empty string or a list of them")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of token ids")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            fail("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if self.truncate_prompt_tokens is not None and (not isinstance(self.truncate_prompt_tokens, int)
+                                                        or self.truncate_prompt_tokens < 1):
+            fail("truncate_prompt_tokens", "must be an integer >= 1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of != self.n):
+            fail("best_of", f"only best_of = n ({self.n}) is supported: candidates are not ranked")
+
+    def prompt_tail(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The prompt as it is served: its last ``truncate_prompt_tokens`` tokens when that is set."""
+        k = self.truncate_prompt_tokens
+        return list(prompt_token_ids if k is None else prompt_token_ids[-k:])
 
     @property
     def greedy(self) -> bool:
@@ -88,25 +107,35 @@ class SamplingParams:
 class SamplingRow:
     """What sampling needs of one sequence: its parameters, its own generator (when seeded) and its tokens so far.
 
-    The caller appends each sampled token to ``output_ids``; penalties are computed from these lists.
+    The caller appends each sampled token to ``output_ids``; penalties are computed from these lists. ``barred``:
+    the ids that cannot be drawn before ``params.min_tokens`` tokens (the stop token ids, and EOS unless ignored).
     """
 
     params: SamplingParams
     prompt_ids: Sequence[int]
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    barred: tuple[int, ...] = ()
 
     @classmethod
-    def start(cls, params: SamplingParams, prompt_ids: Sequence[int],
-              device: torch.device | str = "cpu") -> SamplingRow:
+    def start(cls, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu",
+              eos_token_ids: Collection[int] = ()) -> SamplingRow:
         generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        return cls(params, prompt_ids, [], generator)
+        barred = tuple({*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)})
+        return cls(params, prompt_ids, [], generator, barred if params.min_tokens else ())
+
+    @property
+    def stops_barred(self) -> bool:
+        """Whether the row has yet to reach ``min_tokens``: no stop token may be drawn, no stop string counts."""
+        return len(self.output_ids) < self.params.min_tokens
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """logits [B, V] → one token id per row [B], each row with its own parameters."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] → one token id per row [B], each row with its own parameters. Rows without a seed draw from
+    ``generator`` (default: torch's global one)."""
     assert logits.shape[0] == len(rows)
-    logits = penalized(logits.to(torch.float32), rows)
+    logits = penalized(without_barred(logits.to(torch.float32), rows), rows)
     greedy_tokens = logits.max(dim=-1).indices  # [B]; argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
     if all(row.params.greedy for row in rows):
         return greedy_tokens
@@ -118,12 +147,22 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     race = torch.empty_like(probs)
     unseeded = [i for i, row in enumerate(rows) if row.generator is None]
     if unseeded:
-        race[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
+        race[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(generator=generator)
     for i, row in enumerate(rows):
         if row.generator is not None:
             race[i].exponential_(generator=row.generator)
     sampled = (probs / race).max(dim=-1).indices  # [B]
     return torch.where(greedy, greedy_tokens, sampled)
+
+
+def without_barred(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits [B, V] with each row's barred ids at -inf while it is short of ``min_tokens`` (a copy if any)."""
+    cells = [(i, t) for i, row in enumerate(rows) if row.barred and row.stops_barred for t in row.barred
+             if t < logits.shape[1]]
+    if not cells:
+        return logits
+    index = torch.tensor(cells, device=logits.device).T  # [2, cells]: rows, ids
+    return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
 
 
 def penalized(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -176,3 +215,8 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
     values, ids = logprobs.topk(k, dim=-1)  # [B, k] each
     return chosen, ids, values
+
+
+def token_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's rank of its token [B] among logits [B, V]: 1 for the most likely (ties share the better rank)."""
+    return (logits > logits.gather(1, tokens[:, None])).sum(dim=1).add(1)

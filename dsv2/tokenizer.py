@@ -118,6 +118,9 @@ class Tokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template_file = folder / "chat_template.jinja"  # where transformers 5 saves it; it wins, as there
+        if template_file.exists():
+            template = template_file.read_text(encoding="utf-8")
         return cls(
             backend,
             bos_token=_token_text(config.get("bos_token", BOS_TOKEN)),
@@ -148,6 +151,12 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         ids = [i for i in ids if 0 <= i < self.vocab_size and not (skip_special_tokens and i in self.special_ids)]
         return self.backend.decode(ids, skip_special_tokens=False)
+
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """A tokenizer like this one that renders conversations with ``chat_template`` (Jinja2 source)."""
+        return Tokenizer(self.backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
+                         add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token,
+                         chat_template=chat_template, model_max_length=self.model_max_length)
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
                     **kwargs: Any) -> str:

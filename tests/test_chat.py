@@ -52,6 +52,19 @@ def test_refused_settings_leave_no_trace_in_the_history(model):
     assert session.messages == [{"role": "system", "content": "Be brief."}]
 
 
+def test_an_answers_length_defaults_to_a_cap_not_the_whole_context(model, monkeypatch):
+    """Without --max-new-tokens or a generation_config max, an answer (and its cache) is capped at
+    MAX_ANSWER_TOKENS, not sized for the model's whole context."""
+    import dsv2.chat as chat_module
+
+    seen = []
+    monkeypatch.setattr(chat_module, "stream", lambda model, tok, ids, **kwargs: seen.append(kwargs) or iter(["ok"]))
+    monkeypatch.setattr(model.config, "max_position_embeddings", 10**6)
+    "".join(ChatSession(model, model.tokenizer).respond("hello"))
+    "".join(ChatSession(model, model.tokenizer, max_new_tokens=7).respond("hello"))
+    assert [kw["max_new_tokens"] for kw in seen] == [chat_module.MAX_ANSWER_TOKENS, 7]
+
+
 def test_repl_commands(model):
     lines = iter(["hello", "/reset", "", "/exit"])
     out = io.StringIO()

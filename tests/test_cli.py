@@ -70,3 +70,12 @@ def test_bench_command(tmp_path, capsys):
           "--kv-cache-memory", "2000000"])
     out = capsys.readouterr().out
     assert "4 requests × (8 prompt + 4 generated tokens)" in out and "generated tokens/s" in out
+
+
+def test_a_temperature_flag_samples_whatever_the_configs_do_sample():
+    from dsv2.cli import build_parser, generate_kwargs
+
+    args = build_parser().parse_args(["chat", "--temperature", "0.8"])
+    assert generate_kwargs(args) == {"temperature": 0.8, "do_sample": True}
+    assert generate_kwargs(build_parser().parse_args(["chat", "--temperature", "0"])) == {"temperature": 0.0}
+    assert generate_kwargs(build_parser().parse_args(["chat"])) == {}

@@ -76,6 +76,18 @@ def test_stop_strings_and_stream(model):
     assert stop in tok.decode(ids[0, len(prompt):]) and ids.shape[1] < len(prompt) + 30
 
 
+def test_stream_leaves_out_the_stop_tokens_text_and_takes_one_prompt(model):
+    tok = model.tokenizer
+    prompt = [0, 5, 6, 7]
+    free = model.generate(torch.tensor([prompt]), max_new_tokens=12, ignore_eos=True)[0, 4:].tolist()
+    # a token with text of its own, first seen at position i >= 2
+    i = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i] and tok.decode([t]))
+    streamed = "".join(model.stream(prompt, max_new_tokens=12, ignore_eos=True, stop_token_ids=[free[i]]))
+    assert streamed == tok.decode(free[:i], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="one prompt; got a batch of 2"):
+        next(model.stream(torch.tensor([prompt, prompt]), max_new_tokens=2))
+
+
 def test_seeded_sampling_repeats(model):
     prompt = torch.tensor([[0, 11, 12]])
     runs = [model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True) for _ in range(2)]

@@ -132,6 +132,19 @@ def test_chat_options_n_seed_logprobs_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_vllm_sampling_extras(client, offline):
+    """vLLM's extra fields (stop_token_ids, include_stop_str_in_output, min_tokens) give the offline engine's result."""
+    prompt, params = "An attention function", {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    free = offline.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    stop_id = free.token_ids[3]
+    for extra in ({"stop_token_ids": [stop_id]}, {"stop_token_ids": [stop_id], "include_stop_str_in_output": True},
+                  {"stop_token_ids": [stop_id], "min_tokens": 6}):
+        want = offline.generate(prompt, SamplingParams(**params, **extra), use_tqdm=False)[0].outputs[0]
+        got = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, **extra})
+        assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids), extra
+
+
 def test_langchain_chat_openai(server, offline):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(model=NAME, openai_api_key="KEY", openai_api_base=f"{server.url}/v1",
@@ -196,6 +209,8 @@ BAD = [
      "response_format"),
     ("image", {"model": NAME, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages[0].content"),
+    ("min_tokens past max_tokens", {"model": NAME, "messages": chat("x"), "min_tokens": 5, "max_tokens": 2}, 400,
+     None),
 ]
 
 

@@ -57,6 +57,17 @@ def test_builtin_template_when_the_folder_has_none(tmp_path, tok):
         MULTI, add_generation_prompt=True)
 
 
+def test_a_chat_template_jinja_file_wins(tmp_path, tok):
+    """transformers 5 saves the template as chat_template.jinja; that file is the folder's template."""
+    make_tokenizer_files(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(MULTI, tokenize=False) == "".join(
+        f"[{m['content']}]" for m in MULTI)
+    other = tok.with_chat_template("{{ messages[0].content }}!")
+    assert other.apply_chat_template(MULTI, tokenize=False) == MULTI[0]["content"] + "!"
+    assert tok.apply_chat_template(MULTI, tokenize=False) != other.apply_chat_template(MULTI, tokenize=False)
+
+
 def test_special_tokens_bos_and_padded_ids(tok):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 1)
     ids = tok.encode("hello")

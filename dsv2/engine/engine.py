@@ -19,7 +19,7 @@ from dsv2.engine.scheduler import Batch, Scheduler
 from dsv2.engine.sequence import Logprob, Sequence
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
-from dsv2.sampling import SamplingParams, SamplingRow, sample, top_logprobs
+from dsv2.sampling import SamplingParams, SamplingRow, sample, token_ranks, top_logprobs
 from dsv2.tokenizer import Tokenizer
 
 
@@ -60,6 +60,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    max_logprobs: int = 20  # the most (prompt) log-probabilities a request may ask for per token, as in vLLM
+    seed: int | None = None  # the draws of requests without a seed of their own repeat from run to run
 
     def validate(self, config: ModelConfig) -> None:
         if self.max_model_len > config.max_position_embeddings:
@@ -73,7 +75,7 @@ class EngineConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
                              f"{self.max_model_len}: without chunked prefill a whole prompt must fit one step")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -88,6 +90,10 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+
+def _copy(entries: list | None) -> list | None:
+    return None if entries is None else list(entries)
 
 
 class LLMEngine:
@@ -107,6 +113,7 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.runner = (runner_factory or functools.partial(ModelRunner, model))(self.cache)
         self.requests: dict[str, Request] = {}
+        self.generator = None if config.seed is None else torch.Generator(model.device).manual_seed(config.seed)
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos
         self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -124,6 +131,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
+        prompt_token_ids = params.prompt_tail(prompt_token_ids)
         limit = self.config.max_model_len
         max_tokens = min(params.max_tokens or limit, limit - len(prompt_token_ids))
         seqs = []
@@ -132,9 +140,10 @@ class LLMEngine:
             seq = Sequence(
                 request_id=request_id, index=index, token_ids=list(prompt_token_ids),
                 num_prompt_tokens=len(prompt_token_ids), params=seq_params, max_tokens=max_tokens,
-                sampling=SamplingRow.start(seq_params, prompt_token_ids, self.model.device),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
-                if self.tokenizer is not None else None,
+                sampling=SamplingRow.start(seq_params, prompt_token_ids, self.model.device, self.eos_token_ids),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                                   params.include_stop_str_in_output)
+                if self.tokenizer is not None and params.detokenize else None,
                 logprobs=[] if params.logprobs is not None else None,
                 prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
             )
@@ -144,7 +153,9 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request cannot be served: an empty or too long prompt, token ids outside the
-        vocabulary, stop strings without a tokenizer. Reads only settings fixed at construction (thread-safe)."""
+        vocabulary, more log-probabilities than ``max_logprobs``, stop strings without a tokenizer (or with
+        ``detokenize=False``). Reads only settings fixed at construction (thread-safe)."""
+        prompt_token_ids = params.prompt_tail(prompt_token_ids)
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it needs at least one token")
         vocab = self.model.config.vocab_size
@@ -157,6 +168,13 @@ class LLMEngine:
                              "output together)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
+        if params.stop and not params.detokenize:
+            raise ValueError("stop strings need the text: detokenize=False leaves none")
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(params, name)
+            if wanted is not None and wanted > self.config.max_logprobs:
+                raise ValueError(f"{name}={wanted} is more than max_logprobs={self.config.max_logprobs} (an "
+                                 "engine setting: LLM(max_logprobs=...))")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its cache blocks."""
@@ -212,10 +230,11 @@ class LLMEngine:
             return []
         seqs = [batch.items[i].seq for i in rows]
         logits = logits if len(rows) == len(batch.items) else logits[rows]  # [N, vocab]
-        tokens = sample(logits, [seq.sampling for seq in seqs])  # [N]
+        tokens = sample(logits, [seq.sampling for seq in seqs], self.generator)  # [N]
         want_logprobs = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
         if want_logprobs:
             chosen, top_ids, top_values = (t.tolist() for t in top_logprobs(logits, tokens, max(want_logprobs)))
+            ranks = token_ranks(logits, tokens).tolist()
         now = time.monotonic()
         for n, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             seq.token_ids.append(token)
@@ -223,16 +242,14 @@ class LLMEngine:
             seq.first_token_time = seq.first_token_time or now
             if seq.logprobs is not None:
                 k = seq.params.logprobs
-                entry = {token: Logprob(chosen[n], rank=None, decoded_token=self._decode_one(token))}
+                entry = {token: Logprob(chosen[n], ranks[n], self._decode_one(token))}
                 for rank, (tid, value) in enumerate(zip(top_ids[n][:k], top_values[n][:k], strict=True), start=1):
-                    if tid == token:
-                        entry[token].rank = rank
-                    else:
-                        entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
+                    entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += chosen[n]
-            if seq.detokenizer is not None:
-                seq.text += seq.detokenizer.add(token)
+            if seq.detokenizer is not None and not (self._is_stop_token(seq, token)
+                                                    and not seq.params.include_stop_str_in_output):
+                seq.text += seq.detokenizer.add(token, look_for_stop=not seq.sampling.stops_barred)
             self._check_finished(seq, token)
         return seqs
 
@@ -241,7 +258,7 @@ class LLMEngine:
         targets = torch.tensor([seq.token_ids[p + 1] for p in positions], device=logits.device)
         k = seq.params.prompt_logprobs
         chosen, top_ids, top_values = (t.tolist() for t in top_logprobs(logits, targets, k))
-        ranks = (logits > logits.gather(1, targets[:, None])).sum(dim=1).add(1).tolist()  # 1 = the most likely
+        ranks = token_ranks(logits, targets).tolist()
         for n, p in enumerate(positions):
             token = seq.token_ids[p + 1]
             entry = {token: Logprob(chosen[n], ranks[n], self._decode_one(token))}
@@ -251,6 +268,11 @@ class LLMEngine:
 
     def _decode_one(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        """Whether ``token`` ends the sequence as a stop token id or EOS (its text is then left out, as vLLM does,
+        unless ``include_stop_str_in_output``)."""
+        return token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -269,14 +291,16 @@ class LLMEngine:
         self.scheduler.finish(seq)
 
     def _output(self, request: Request) -> RequestOutput:
+        """A snapshot: the lists it holds are copies, which later steps do not change."""
         outputs = [
             CompletionOutput(seq.index, seq.text, seq.output_ids, seq.cumulative_logprob if seq.logprobs is not None
-                             else None, seq.logprobs, seq.finish_reason, seq.stop_reason)
+                             else None, _copy(seq.logprobs), seq.finish_reason, seq.stop_reason)
             for seq in request.seqs
         ]
         first = request.seqs[0]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, request.finished,
-                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+        return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), outputs,
+                             request.finished, prompt_logprobs=_copy(first.prompt_logprobs),
+                             num_cached_tokens=first.num_cached_tokens,
                              metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
 
     @property

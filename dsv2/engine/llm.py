@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,12 @@ CPU_CACHE_CAP = 4 * 2**30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_S
 # vLLM arguments that have no meaning here; accepted so that vLLM programs run unchanged.
 IGNORED = {"trust_remote_code", "enforce_eager", "tokenizer_mode", "swap_space", "cpu_offload_gb", "quantization",
            "revision", "tokenizer_revision", "download_dir", "load_format", "disable_custom_all_reduce",
-           "distributed_executor_backend",
-           "max_seq_len_to_capture", "disable_log_stats", "compilation_config", "hf_overrides", "seed"}
+           "distributed_executor_backend", "max_seq_len_to_capture", "disable_log_stats", "compilation_config",
+           "hf_overrides", "served_model_name", "skip_tokenizer_init", "task", "generation_config",
+           "disable_async_output_proc", "tokenizer_pool_size"}
+# vLLM arguments accepted with only the value that means what dsv2 does; another value raises.
+ONLY = {"pipeline_parallel_size": (1,), "kv_cache_dtype": ("auto",), "enable_lora": (False,),
+        "speculative_config": (None,)}
 
 
 def _available_cpu_memory() -> int:
@@ -62,6 +67,18 @@ def _token_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _one_prompt(ids: Any) -> bool:
+    """Whether ``prompt_token_ids`` is one prompt's ids (a flat list, a 1-d tensor or array), not a list of them."""
+    if getattr(ids, "ndim", None) is not None:  # a tensor or an array: [T] is one prompt, [B, T] several
+        return ids.ndim == 1
+    return len(ids) > 0 and isinstance(ids[0], numbers.Integral)
+
+
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request: dsv2 serves no LoRA adapters (pass None)")
+
+
 class LLM:
     """Offline batched generation: ``LLM(model=path).generate(prompts, SamplingParams(...))``.
 
@@ -75,10 +92,14 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  device: str | torch.device | None = None, enable_expert_parallel: bool = False,
-                 data_parallel_size: int = 1, **kwargs: Any) -> None:
-        unknown = set(kwargs) - IGNORED
+                 data_parallel_size: int = 1, seed: int | None = None, max_logprobs: int = 20,
+                 **kwargs: Any) -> None:
+        unknown = set(kwargs) - IGNORED - set(ONLY)
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
+        for name, allowed in ONLY.items():
+            if name in kwargs and kwargs[name] not in allowed:
+                raise ValueError(f"LLM({name}={kwargs[name]!r}) is not supported: only {allowed[0]!r}")
         from dsv2.bundled import resolve_model
 
         path = resolve_model(model)  # the bundled model when none is given
@@ -120,7 +141,7 @@ class LLM:
         engine_config = EngineConfig(
             num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill,
+            enable_chunked_prefill=enable_chunked_prefill, max_logprobs=max_logprobs, seed=seed,
         )
         self.engine: LLMEngine | DataParallelEngine
         if data_parallel_size > 1:
@@ -150,20 +171,31 @@ class LLM:
     # ------------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | Sequence[int] | None = None, use_tqdm: bool = True,
-                 desc: str = "Processed prompts", **ignored: Any) -> list[RequestOutput]:
+                 lora_request: None = None, priority: Sequence[int] | None = None,
+                 desc: str = "Processed prompts") -> list[RequestOutput]:
         """Generate for every prompt (strings, {"prompt_token_ids": [...]} / {"prompt": ...} dicts, or the
-        ``prompt_token_ids`` argument); the results come back in input order. ``desc`` labels the progress bar."""
+        ``prompt_token_ids`` argument); the results come back in input order. ``desc`` labels the progress bar.
+        vLLM's ``lora_request`` (no adapters here: None only) and ``priority`` (all are served) are accepted."""
+        _no_lora(lora_request)
         requests = self._normalize_prompts(prompts, prompt_token_ids)
         params = self._normalize_params(sampling_params, len(requests))
         return self._run(requests, params, use_tqdm, desc)
 
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, **ignored: Any) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several, rendered with the model's chat template."""
+             lora_request: None = None, chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, rendered with the model's chat template (or
+        ``chat_template``, given ``chat_template_kwargs`` as extra template variables). Messages hold strings, so
+        ``chat_template_content_format`` has nothing to choose."""
+        _no_lora(lora_request)
         tokenizer = self._require_tokenizer("chat()")
+        if chat_template is not None:
+            tokenizer = tokenizer.with_chat_template(chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        requests = [(None, tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt))
+        requests = [(None, tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt,
+                                                         **(chat_template_kwargs or {})))
                     for c in conversations]
         return self._run(requests, self._normalize_params(sampling_params, len(requests)), use_tqdm)
 
@@ -174,8 +206,7 @@ class LLM:
 
     def _normalize_prompts(self, prompts: Any, prompt_token_ids: Any) -> list[tuple[str | None, list[int]]]:
         if prompt_token_ids is not None:
-            token_lists = [prompt_token_ids] if prompt_token_ids and isinstance(prompt_token_ids[0], int) \
-                else prompt_token_ids
+            token_lists = [prompt_token_ids] if _one_prompt(prompt_token_ids) else prompt_token_ids
             return [(None, _token_list(ids)) for ids in token_lists]
         if prompts is None:
             raise ValueError("generate() needs prompts or prompt_token_ids")

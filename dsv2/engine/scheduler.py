@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
 Each step is either a prefill step (new or preempted sequences, and chunks of long prompts, up to
-``max_num_batched_tokens`` tokens) or a decode step (one token for every running sequence). Prefill goes first, so
+``max_num_batched_tokens`` tokens counted as the runner computes them: every sequence padded to the longest chunk)
+or a decode step (one token for every running sequence). Prefill goes first, so
 new requests join the running batch as soon as there is room. When a decode step cannot get a cache block, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later (its tokens so far are kept, so nothing is lost).
@@ -63,20 +64,26 @@ class Scheduler:
             batch = self._schedule_prefill() or self._schedule_decode()
         return batch
 
+    def _room(self, items: list[ScheduledSequence]) -> int:
+        """The longest chunk one more sequence may bring: the runner pads every chunk of a step to the longest, so
+        the step computes (sequences × longest chunk) tokens, which must stay within the budget. 0: none fits."""
+        widest = max((item.end - item.start for item in items), default=0)
+        if (len(items) + 1) * widest > self.max_num_batched_tokens:
+            return 0
+        return max(widest, self.max_num_batched_tokens // (len(items) + 1))
+
     def _schedule_prefill(self) -> Batch | None:
-        budget = self.max_num_batched_tokens
-        items = []
+        items: list[ScheduledSequence] = []
         for seq in self.running:  # sequences in the middle of a chunked prefill continue first
-            if budget and seq.num_tokens - seq.num_computed_tokens > 1:
-                item = self._chunk(seq, budget)
+            if self._room(items) and seq.num_tokens - seq.num_computed_tokens > 1:
+                item = self._chunk(seq, self._room(items))
                 if item is None:  # no room to continue it: admitting newcomers would take what it waits for
                     return Batch(items, is_prefill=True) if items else None
                 items.append(item)
-                budget -= item.end - item.start
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+        while self.waiting and self._room(items) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.attach_prefix(seq)
-            item = self._chunk(seq, budget)
+            item = self._chunk(seq, self._room(items))
             if item is None:  # no room in the cache (or the budget) yet: hand shared prefix blocks back
                 self.blocks.release(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
@@ -86,7 +93,6 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             items.append(item)
-            budget -= item.end - item.start
         return Batch(items, is_prefill=True) if items else None
 
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledSequence | None:

@@ -181,11 +181,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         head = {"id": response_id, "created": now, "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(_chat_chunks(outputs, head, req.n, include_usage, len(prompt_ids))),
+            return StreamingResponse(sse(_chat_chunks(outputs, head, req.n, include_usage, len(prompt_ids),
+                                                    req.logprob_count())),
                                      media_type="text/event-stream")
         [final] = await _finals([outputs], request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c.logprobs) if req.logprobs else None,
+                    "logprobs": _chat_logprobs(c.logprobs, req.logprob_count()) if req.logprobs else None,
                     "finish_reason": _finish(c)} for c in final.outputs]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), final)}
 
@@ -214,7 +215,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         for p, (final, (text, _)) in enumerate(zip(finals, prompts, strict=True)):
             for c in final.outputs:
                 choices.append({"index": p * req.n + c.index, "text": (text if req.echo else "") + c.text,
-                                "logprobs": _completion_logprobs(c.logprobs) if req.logprobs is not None else None,
+                                "logprobs": _completion_logprobs(c.logprobs, req.logprobs) if req.logprobs is not None
+                                else None,
                                 "finish_reason": _finish(c)})
         usage = {"prompt_tokens": sum(len(ids) for _, ids in prompts),
                  "completion_tokens": sum(len(c.token_ids) for f in finals for c in f.outputs)}
@@ -264,19 +266,24 @@ def _token_entry(text: str | None, logprob: float) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def _chat_logprobs(logprobs: list[dict] | None, start: int = 0) -> dict[str, Any] | None:
+def _top(entry: dict, k: int) -> list:
+    """The k most likely of an engine's logprob entry (the sampled token first, with its rank, then the top k)."""
+    return sorted((lp for lp in entry.values() if lp.rank <= k), key=lambda lp: lp.rank)
+
+
+def _chat_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[str, Any] | None:
     if logprobs is None:
         return None
     content = []
     for token_id, entry in ((next(iter(e)), e) for e in logprobs[start:]):
         chosen = entry[token_id]
-        top = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+        top = _top(entry, k)
         content.append({**_token_entry(chosen.decoded_token, chosen.logprob),
                         "top_logprobs": [_token_entry(lp.decoded_token, lp.logprob) for lp in top]})
     return {"content": content}
 
 
-def _completion_logprobs(logprobs: list[dict] | None, start: int = 0) -> dict[str, Any] | None:
+def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[str, Any] | None:
     if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
@@ -284,14 +291,14 @@ def _completion_logprobs(logprobs: list[dict] | None, start: int = 0) -> dict[st
         chosen = entry[next(iter(entry))]
         tokens.append(chosen.decoded_token or "")
         token_logprobs.append(chosen.logprob)
-        top.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank is not None})
+        top.append({(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)})
         offsets.append(offset)
         offset += len(chosen.decoded_token or "")
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int, include_usage: bool,
-                       prompt_tokens: int) -> AsyncIterator[dict]:
+                       prompt_tokens: int, top_logprobs: int | None) -> AsyncIterator[dict]:
     chunk = {**head, "object": "chat.completion.chunk"}
     for index in range(n):
         yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -303,7 +310,7 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int
             if done[c.index]:
                 continue
             delta = c.text[sent_text[c.index]:]
-            new_logprobs = _chat_logprobs(c.logprobs, sent_tokens[c.index])
+            new_logprobs = _chat_logprobs(c.logprobs, top_logprobs, sent_tokens[c.index])
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
             finished = c.finish_reason is not None
             if delta or finished:
@@ -331,8 +338,8 @@ async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompt
             if sent_text.get(index) == -1:
                 continue
             delta = c.text[sent_text.get(index, 0):]
-            logprobs = _completion_logprobs(c.logprobs, sent_tokens.get(index, 0)) if req.logprobs is not None \
-                else None
+            logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0)) \
+                if req.logprobs is not None else None
             sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
             if delta or c.finish_reason is not None:
                 yield {**chunk, "choices": [{"index": index, "text": delta, "logprobs": logprobs,

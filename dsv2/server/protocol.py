@@ -2,7 +2,7 @@
 
 Fields that OpenAI defines but dsv2 cannot honour (tools, response formats, images, logit bias) are rejected with a
 400 that names them, rather than silently ignored. vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
-ignore_eos) are accepted.
+ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output, skip_special_tokens) are accepted.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     user: str | None = None
     logit_bias: dict[str, float] | None = None
 
@@ -83,7 +87,9 @@ class _Sampling(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, max_tokens=max_tokens,
-            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 

@@ -1,0 +1,168 @@
+"""vLLM's sampling and engine arguments beyond the basics: stop tokens' text, min_tokens, logprob ranks, limits,
+prompt truncation, the engine seed, the keyword arguments of generate / chat, and the padded prefill budget."""
+
+import pytest
+import torch
+
+from dsv2 import LLM, SamplingParams
+
+from helpers import TINY_LITE, tiny_checkpoint
+
+PROMPT = [5, 17, 33, 60, 2, 9]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(model=tiny_checkpoint(tmp_path_factory.mktemp("lite"), TINY_LITE), kv_cache_memory=4_000_000,
+               max_model_len=128)
+
+
+def one(llm: LLM, params: SamplingParams, prompt: list[int] = PROMPT):
+    return llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0].outputs[0]
+
+
+def free_run(llm: LLM, n: int = 16):
+    return one(llm, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+
+def test_a_stop_tokens_text_is_left_out_unless_asked(llm):
+    tok = llm.get_tokenizer()
+    free = free_run(llm)
+    # the first token whose text is not empty and does not occur before it
+    i = next(i for i, t in enumerate(free.token_ids) if i >= 2 and t not in free.token_ids[:i] and tok.decode([t]))
+    stop_id = free.token_ids[i]
+    cut = one(llm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))
+    assert cut.token_ids == free.token_ids[: i + 1]  # the stop token is the last id, as in vLLM
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_id)
+    assert cut.text == tok.decode(free.token_ids[:i], skip_special_tokens=True)
+    kept = one(llm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_id],
+                                   include_stop_str_in_output=True))
+    assert kept.text == tok.decode(free.token_ids[: i + 1], skip_special_tokens=True)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(llm):
+    text = free_run(llm).text
+    stop = text[4:6]
+    at = text.index(stop)
+    params = dict(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+    assert one(llm, SamplingParams(**params)).text == text[:at]
+    assert one(llm, SamplingParams(**params, include_stop_str_in_output=True)).text == text[: at + len(stop)]
+
+
+def test_min_tokens_bars_stop_tokens_and_stop_strings_until_reached(llm):
+    free = free_run(llm)
+    stop_id = free.token_ids[2]
+    barred = one(llm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_id],
+                                     min_tokens=8))
+    assert len(barred.token_ids) >= 8 and stop_id not in barred.token_ids[:8]
+    assert barred.token_ids[-1] == stop_id or barred.finish_reason == "length"
+    stop = free.text[2:4]
+    late = one(llm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop], min_tokens=16))
+    assert late.token_ids == free.token_ids and late.finish_reason == "length"  # the early stop string did not count
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_a_sampled_tokens_logprob_has_its_true_rank(llm):
+    greedy = one(llm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0))
+    assert all(entry[t].rank == 1 and len(entry) == 1 for t, entry in zip(greedy.token_ids, greedy.logprobs,
+                                                                          strict=True))
+    hot = one(llm, SamplingParams(temperature=5.0, seed=3, max_tokens=24, ignore_eos=True, logprobs=3))
+    outside = 0
+    for t, entry in zip(hot.token_ids, hot.logprobs, strict=True):
+        top = sorted((e for tid, e in entry.items() if e.rank <= 3), key=lambda e: e.rank)
+        assert [e.rank for e in top] == list(range(1, len(top) + 1))
+        if entry[t].rank > 3:  # not among the top 3: ranked after them, below their probability
+            outside += 1
+            assert len(entry) == 4 and entry[t].logprob <= min(e.logprob for e in top)
+    assert outside  # at temperature 5 most draws fall outside the top 3
+
+
+def test_limits_and_unsupported_values_are_named(llm):
+    with pytest.raises(ValueError, match="logprobs=21 is more than max_logprobs=20"):
+        one(llm, SamplingParams(max_tokens=2, logprobs=21))
+    with pytest.raises(ValueError, match="prompt_logprobs=50 is more than max_logprobs=20"):
+        one(llm, SamplingParams(max_tokens=2, prompt_logprobs=50))
+    assert one(llm, SamplingParams(max_tokens=2, logprobs=20)).logprobs  # the engine still serves
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingParams(n=2, best_of=3)
+    assert SamplingParams(n=2, best_of=2, spaces_between_special_tokens=False).best_of == 2
+    with pytest.raises(TypeError):
+        SamplingParams(temprature=0.5)  # a misspelled name is not swallowed
+    with pytest.raises(ValueError, match=r"LLM\(kv_cache_dtype='fp8'\) is not supported"):
+        LLM(model="unused", kv_cache_dtype="fp8")
+    with pytest.raises(TypeError):
+        llm.generate(prompt_token_ids=[PROMPT], sampling_param=SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_request"):
+        llm.generate(prompt_token_ids=[PROMPT], lora_request=object(), use_tqdm=False)
+
+
+def test_detokenize_off_and_prompt_truncation(llm):
+    free = free_run(llm, 6)
+    ids_only = one(llm, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False))
+    assert ids_only.token_ids == free.token_ids and ids_only.text == ""
+    long_prompt = [7, 8, 9, 10, *PROMPT]
+    cut = llm.generate(prompt_token_ids=[long_prompt], use_tqdm=False,
+                       sampling_params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                      truncate_prompt_tokens=len(PROMPT)))[0]
+    assert cut.prompt_token_ids == PROMPT and cut.outputs[0].token_ids == free.token_ids
+
+
+def test_the_engine_seed_repeats_unseeded_sampling(llm, tmp_path):
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+
+    def draws(seed: int) -> list[list[int]]:
+        engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128, seed=seed)
+        out = engine.generate(prompt_token_ids=[PROMPT, PROMPT[:3]], sampling_params=params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in out]
+
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)
+
+
+def test_prompt_token_ids_as_a_tensor_and_the_chat_keywords(llm):
+    want = one(llm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)).token_ids
+    got = llm.generate(prompt_token_ids=torch.tensor(PROMPT), use_tqdm=False,
+                       sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(got) == 1 and got[0].outputs[0].token_ids == want  # one prompt, not one per token
+    messages = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}<{{ m.role }}|{{ m.content }}|{{ mood }}>{% endfor %}"
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, chat_template=template,
+                   chat_template_kwargs={"mood": "calm"})[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("<user|hi|calm>", add_special_tokens=False)
+
+
+def test_outputs_are_snapshots(llm):
+    engine = llm.engine
+    engine.add_request("snap", PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1))
+    first = next(o for o in engine.step() if o.request_id == "snap")
+    seen = (list(first.outputs[0].token_ids), len(first.outputs[0].logprobs))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert (first.outputs[0].token_ids, len(first.outputs[0].logprobs)) == seen
+
+
+def test_a_prefill_step_counts_its_padded_tokens(tmp_path):
+    """The runner pads every chunk of a step to the longest: a long prompt among short ones may not make the step
+    (sequences × longest chunk) exceed max_num_batched_tokens, and the outputs stay those of one at a time."""
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=256, max_num_batched_tokens=256)
+    scheduler, steps = engine.engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        if batch is not None and batch.is_prefill:
+            steps.append((len(batch.items), max(item.end - item.start for item in batch.items)))
+        return batch
+
+    scheduler.schedule = recording
+    prompts = [[5 + i, 6, 7] for i in range(6)] + [list(range(2, 202))] + [[9, 10 + i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in engine.generate(prompt_token_ids=prompts, sampling_params=params,
+                                                                 use_tqdm=False)]
+    assert steps and all(n * widest <= 256 for n, widest in steps), steps
+    assert max(widest for _, widest in steps) > 100  # the long prompt ran in big chunks, not just crumbs
+    alone = [one(engine, params, p).token_ids for p in prompts]
+    assert together == alone
