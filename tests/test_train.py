@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from dsv2.train.config import TrainConfig
 from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
 from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
-from dsv2.train.sft import encode_conversation
+from dsv2.train.sft import ChatDataset, encode_conversation
 from dsv2.train.trainer import Trainer, TrainingStopped
 
 from helpers import CORPUS, make_tokenizer_files
@@ -77,7 +78,10 @@ def test_weight_decay_skips_norms_and_biases():
     decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all("norm" in names[id(p)] or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    norms_and_biases = {n for n in names.values() if n.endswith("norm.weight") or n.endswith(".bias")}
+    assert any(n.endswith(".bias") for n in norms_and_biases)  # the config has biases to skip
+    assert skipped == norms_and_biases  # every norm and bias, and nothing else, goes without weight decay
     assert any(names[id(p)].endswith("mlp.gate.weight") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -112,13 +116,29 @@ def test_data_packing_order_and_split(corpus):
     assert 0 < ds.unigram_entropy() < 7
 
 
+def test_a_single_text_file_still_gets_a_validation_split(tmp_path):
+    """One document (a .txt file): the last val_fraction of its tokens is held out, at least one sequence."""
+    tokens = np.arange(1000, dtype=np.uint32)
+    one_document = TokenFile(tokens, [0], eos_token_id=1)
+    ds = PackedDataset(one_document, seq_len=16, val_fraction=0.05)
+    assert len(ds.val_tokens) == 50 and ds.num_val == 3 and np.array_equal(ds.val_tokens, tokens[-50:])
+    assert len(ds.train_tokens) + len(ds.val_tokens) == 1000
+    tiny_share = PackedDataset(one_document, seq_len=100, val_fraction=0.01)  # 10 tokens: one sequence instead
+    assert len(tiny_share.val_tokens) == 101 and tiny_share.num_val == 1
+    short_docs = TokenFile(tokens, [0, 990, 995], eos_token_id=1)  # the held-out documents are too short
+    assert PackedDataset(short_docs, seq_len=16, val_fraction=0.34).num_val >= 1
+    assert PackedDataset(one_document, seq_len=16, val_fraction=0).num_val == 0
+    assert PackedDataset(TokenFile(tokens[:20], [0], 1), seq_len=16).num_val == 0  # too small for both: all trains
+
+
 # ------------------------------------------------------------------------------------------ runs and checkpoints
 def test_training_learns_and_writes_everything(corpus, tmp_path):
-    summary = Trainer(config(corpus, tmp_path, steps=30, save_every=10, eval_every=10, warmup_steps=3)).train()
+    summary = Trainer(config(corpus, tmp_path, steps=30, save_every=10, eval_every=10, warmup_steps=3,
+                             keep_last=2)).train()
     assert summary["val_loss"] < summary["unigram_entropy"]
     names = {p.name for p in (tmp_path / "plots").iterdir()}
     assert {"loss.png", "lr.png", "grad_norm.png", "balance_loss.png", "tokens_per_s.png", "expert_load.png"} <= names
-    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000010", "step-00000020", "step-00000030"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000020", "step-00000030"]  # the last 2 kept
     final = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "model")  # bf16 export, with the tokenizer
     assert final.dtype == torch.bfloat16 and final.tokenizer is not None
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -130,6 +150,22 @@ def test_training_learns_and_writes_everything(corpus, tmp_path):
     ids = torch.randint(0, 400, (1, 20))
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+def test_the_default_precision_trains_in_bf16_autocast_over_float32_weights(corpus, tmp_path):
+    trainer = Trainer(config(corpus, tmp_path, steps=2, precision="bfloat16"))
+    autocast_dtypes = []
+    hook = trainer.model.model.layers[0].self_attn.register_forward_hook(
+        lambda *_: autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                          else None))
+    records = [trainer.train_step(step) for step in range(2)]
+    hook.remove()
+    assert autocast_dtypes and set(autocast_dtypes) == {torch.bfloat16}
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # master weights
+    states = [v for state in trainer.optimizer.state.values() for v in state.values() if v.dim() > 0]
+    assert states and {v.dtype for v in states} == {torch.float32}  # AdamW moments
+    assert TrainConfig.load(None, data="x", steps=1).precision == "bfloat16"  # the default
 
 
 class Crash(Exception):
@@ -212,6 +248,11 @@ def test_non_finite_losses_skip_steps_then_stop(corpus, tmp_path, caplog):
         trainer.train()
     assert calls == [0, 1, 2, 3, 4, 5, 6]  # one bad step was skipped and training went on
     assert "non-finite loss" in caplog.text
+    strict = lambda token: pytest.fail(f"metrics.jsonl holds {token}, which is not JSON")  # noqa: E731
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    # steps count from 1 in the log: the poisoned calls 1, 4 and 5 (the run stopped at call 6, before its record)
+    assert [r["step"] for r in records if "loss" in r and r["loss"] is None] == [2, 5, 6]
 
 
 def test_poisoned_gradients_do_not_touch_the_weights(corpus, tmp_path):
@@ -252,6 +293,15 @@ def test_sft_runs(corpus, tmp_path):
                                        out=str(tmp_path / "sft"), eval_every=5, save_every=5, precision="float32",
                                        val_fraction=0.1)).train()
     assert "val_loss" in summary and (tmp_path / "sft" / "model" / "tokenizer.json").exists()
+    long_question = [{"role": "user", "content": " ".join(["word"] * 200)}, {"role": "assistant", "content": "ok"}]
+    tok = Tokenizer.from_pretrained(base / "model")
+    too_long = encode_conversation(tok, long_question)
+    assert len(too_long[0]) > 49 and not any(too_long[1][:49])
+    dataset = ChatDataset([too_long, ([1, 2, 3, 4], [False, False, True, True])], seq_len=48, pad_id=0,
+                          val_fraction=0)
+    assert dataset.num_train == 1  # the answer past seq_len + 1 tokens left nothing to train on: left out
+    with pytest.raises(ValueError, match="no conversations to train on"):
+        ChatDataset([encode_conversation(tok, long_question)], seq_len=48, pad_id=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*'robot'"):

@@ -4,8 +4,9 @@
 token offset where each document starts, the tokenizer and the counts). Tokenization runs in worker processes.
 
 `PackedDataset` cuts the token stream into sequences of ``seq_len + 1`` tokens (inputs and shifted targets), the last
-``val_fraction`` of the documents held out for validation, and orders the training sequences by a seeded
-permutation per epoch, so a position (epoch, index) says exactly which sequences come next — what a resumed run needs.
+``val_fraction`` of the documents (of the tokens, for a single text file) held out for validation, and orders the
+training sequences by a seeded permutation per epoch, so a position (epoch, index) says exactly which sequences come
+next — what a resumed run needs.
 """
 
 from __future__ import annotations
@@ -152,15 +153,29 @@ class TokenFile:
         return cls(tokens, index["document_offsets"], index["eos_token_id"])
 
 
+def validation_split(data: TokenFile, seq_len: int, val_fraction: float) -> int:
+    """Where the held-out tokens begin: at the last ``val_fraction`` of the documents; where those cannot fill one
+    sequence of ``seq_len + 1`` (a single text file, a few short documents), at the last ``val_fraction`` of the
+    tokens, at least one sequence's worth; the end (nothing held out) when ``val_fraction`` is 0 or the corpus is
+    too small for both splits."""
+    total, offsets = len(data.tokens), data.document_offsets
+    if val_fraction <= 0:
+        return total
+    if len(offsets) > 1:
+        split = offsets[len(offsets) - max(1, round(len(offsets) * val_fraction))]
+        if total - split > seq_len:
+            return split
+    split = total - max(seq_len + 1, round(total * val_fraction))
+    return split if split > seq_len else total
+
+
 class PackedDataset:
     """Fixed-length training sequences packed from the document stream, with a held-out validation split."""
 
     def __init__(self, data: TokenFile, seq_len: int, val_fraction: float = 0.01, seed: int = 0) -> None:
         self.seq_len, self.seed = seq_len, seed
         self.data = data
-        offsets = data.document_offsets
-        n_val_docs = max(1, round(len(offsets) * val_fraction)) if val_fraction > 0 and len(offsets) > 1 else 0
-        split = offsets[len(offsets) - n_val_docs] if n_val_docs else len(data.tokens)
+        split = validation_split(data, seq_len, val_fraction)
         self.train_tokens, self.val_tokens = data.tokens[:split], data.tokens[split:]
         self.num_train = (len(self.train_tokens) - 1) // seq_len
         self.num_val = max(0, (len(self.val_tokens) - 1) // seq_len)

@@ -53,8 +53,12 @@ class ChatDataset:
 
     def __init__(self, conversations: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
                  val_fraction: float = 0.01, seed: int = 0) -> None:
+        # a conversation whose first assistant token lies past seq_len + 1 would train on nothing (and a batch of
+        # such ones would divide by zero targets): left out
+        conversations = [c for c in conversations if any(c[1][1: seq_len + 1])]
         if not conversations:
-            raise ValueError("no conversations to train on")
+            raise ValueError(f"no conversations to train on (none has an assistant token within seq_len + 1 = "
+                             f"{seq_len + 1} tokens)")
         self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
         n_val = round(len(conversations) * val_fraction) if len(conversations) > 1 else 0
         n_val = min(n_val, len(conversations) - 1)
