@@ -50,8 +50,9 @@ def _rank(rank: int, world: int, port: int, config: dict) -> None:
 @pytest.mark.parametrize("layout", [{"data_parallel": "ddp"}, {"data_parallel": "fsdp"},
                                     {"data_parallel": "ddp", "expert_parallel": 2},
                                     {"data_parallel": "ddp", "expert_parallel": 2, "device_limit": 1,
-                                     "device_balance_alpha": 0.05, "comm_balance_alpha": 0.02}],
-                         ids=["ddp", "fsdp", "expert-parallel", "expert-parallel-device-limited"])
+                                     "device_balance_alpha": 0.05, "comm_balance_alpha": 0.02},
+                                    {"data_parallel": "fsdp", "expert_parallel": 2}],
+                         ids=["ddp", "fsdp", "expert-parallel", "expert-parallel-device-limited", "fsdp-expert-parallel"])
 def test_two_ranks_match_one(corpus, tmp_path, layout):  # noqa: F811
     single_layout = {k: v for k, v in layout.items() if k != "expert_parallel"}
     if "device_limit" in layout:  # the same routing and losses on one rank: 2 device groups of 4 experts
@@ -100,8 +101,9 @@ def _rank_crashing_after(rank: int, world: int, port: int, config: dict, crash_s
         trainer.dist.close()
 
 
-@pytest.mark.parametrize("layout", [{"data_parallel": "fsdp"}, {"data_parallel": "ddp", "expert_parallel": 2}],
-                         ids=["fsdp", "expert-parallel"])
+@pytest.mark.parametrize("layout", [{"data_parallel": "fsdp"}, {"data_parallel": "ddp", "expert_parallel": 2},
+                                    {"data_parallel": "fsdp", "expert_parallel": 2}],
+                         ids=["fsdp", "expert-parallel", "fsdp-expert-parallel"])
 def test_two_rank_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, layout):  # noqa: F811
     straight = settings(corpus, tmp_path / "straight", steps=6, save_every=3, **layout)
     mp.spawn(_rank, args=(2, free_port(), straight), nprocs=2, join=True)

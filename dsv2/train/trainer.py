@@ -131,13 +131,13 @@ class Trainer:
         if not self.dist.enabled:
             return self.model
         if self.config.data_parallel == "fsdp":
-            if self.expert_params:
-                raise ValueError("expert parallelism is implemented with data_parallel='ddp'; use it with ddp")
             from torch.distributed.fsdp import fully_shard
 
+            # expert parallel: each rank's routed experts are already its own; FSDP shards the rest
+            experts = {p for name, p in self.model.named_parameters() if name in set(self.expert_params)}
             for layer in self.model.model.layers:
-                fully_shard(layer)
-            fully_shard(self.model)
+                fully_shard(layer, ignored_params=experts & set(layer.parameters()) or None)
+            fully_shard(self.model, ignored_params=experts or None)
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -278,15 +278,24 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.expert_params and self.dist.enabled:  # the norm must cover every rank's experts
+            from torch.distributed.tensor import DTensor
+
+            # squares of what each rank holds alone (its experts, its FSDP shards: summed over ranks) and of what
+            # every rank holds alike (DDP's replicated gradients: counted once)
             expert = {id(p) for n, p in self.model.named_parameters() if n in self.expert_params}
-            local = torch.stack([p.grad.float().square().sum() for p in params if id(p) in expert]).sum()
-            dense = torch.stack([p.grad.float().square().sum() for p in params if id(p) not in expert]).sum()
-            torch.distributed.all_reduce(local)
-            total = (local + dense).sqrt()
-            scale = (self.config.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            squares = {True: [], False: []}  # split over ranks or not
+            for p in params:
+                split = id(p) in expert or isinstance(p.grad, DTensor)
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                squares[split].append(grad.float().square().sum())
+            split, replicated = (torch.stack(squares[k]).sum() if squares[k] else torch.zeros((), device=self.device)
+                                 for k in (True, False))
+            torch.distributed.all_reduce(split)
+            total = (split + replicated).sqrt().item()
+            scale = min(1.0, self.config.grad_clip / (total + 1e-6))
             for p in params:
                 p.grad.mul_(scale)
-            return total.item()
+            return total
         return nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
 
     @torch.no_grad()
@@ -316,6 +325,9 @@ class Trainer:
 
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
+            if self.expert_params:  # FSDP left the experts alone: gather every rank's slice
+                state = {k: v for k, v in state.items() if k not in self.expert_params}
+                state.update(gather_experts(self.model, self.dist.world_size))
         else:
             state = {k: v for k, v in self.model.state_dict().items() if k not in self.expert_params}
             state.update(gather_experts(self.model, self.dist.world_size))
