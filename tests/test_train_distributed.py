@@ -52,7 +52,8 @@ def _rank(rank: int, world: int, port: int, config: dict) -> None:
                                     {"data_parallel": "ddp", "expert_parallel": 2, "device_limit": 1,
                                      "device_balance_alpha": 0.05, "comm_balance_alpha": 0.02},
                                     {"data_parallel": "fsdp", "expert_parallel": 2}],
-                         ids=["ddp", "fsdp", "expert-parallel", "expert-parallel-device-limited", "fsdp-expert-parallel"])
+                         ids=["ddp", "fsdp", "expert-parallel", "expert-parallel-device-limited",
+                              "fsdp-expert-parallel"])
 def test_two_ranks_match_one(corpus, tmp_path, layout):  # noqa: F811
     single_layout = {k: v for k, v in layout.items() if k != "expert_parallel"}
     if "device_limit" in layout:  # the same routing and losses on one rank: 2 device groups of 4 experts

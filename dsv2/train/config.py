@@ -51,6 +51,11 @@ class TrainConfig:
     device_balance_alpha: float = 0.0
     comm_balance_alpha: float = 0.0
     device_limit: int | None = None
+    # device-level token dropping (expert parallel): each rank computes at most this factor × the average load of
+    # the assignments it receives, the lowest-affinity ones dropped (the paper: 1.0); None: off. The share
+    # token_drop_protected of the sequences (evenly spaced in the batch; the paper: ~10%) is never dropped.
+    token_drop_capacity: float | None = None
+    token_drop_protected: float = 0.1
     # precision: bfloat16 autocast over float32 master weights, or plain float32
     precision: str = "bfloat16"
     # output
@@ -91,6 +96,13 @@ class TrainConfig:
             fail("val_fraction", "must be in [0, 1)")
         if any(not 0 < f <= 1 for f in self.decay_at):
             fail("decay_at", "fractions of training in (0, 1]")
+        if self.token_drop_capacity is not None:
+            if not self.token_drop_capacity > 0:
+                fail("token_drop_capacity", "must be > 0 (the paper uses 1.0)")
+            if self.expert_parallel < 2:
+                fail("token_drop_capacity", "device-level token dropping needs expert_parallel >= 2")
+        if not 0 <= self.token_drop_protected <= 1:
+            fail("token_drop_protected", "a fraction of the sequences in [0, 1]")
 
     def total_steps(self, num_train_sequences: int) -> int:
         if self.steps is not None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dsv2.config import DTYPES, PRESETS, ModelConfig
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
-from dsv2.parallel.expert_parallel import shard_experts
+from dsv2.parallel.expert_parallel import dropped_counts, protected_tokens, set_token_dropping, shard_experts
 from dsv2.train.checkpoint import (
     STATE_FILE,
     commit,
@@ -104,6 +104,7 @@ class Trainer:
                 raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
                                  f"({self.dist.world_size})")
             self.expert_params = shard_experts(self.model, self.dist.rank, self.dist.world_size)
+            set_token_dropping(self.model, config.token_drop_capacity)
         self.dataset = self._dataset()
         self.position = Position()
         self.total_steps = config.total_steps(self.dataset.num_train)
@@ -232,6 +233,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ce_sum = balance = 0.0
         loads = None
+        drops = [0, 0]  # assignments dropped, received (device-level token dropping)
         micro = config.micro_batch_size
         for first in range(0, share, micro):
             x = tokens[first:first + micro].to(self.device)  # [b, L + 1]
@@ -239,14 +241,16 @@ class Trainer:
             if not bool(m[:, -1].any()):  # padded rows (SFT): drop the columns after the last target
                 width = int(m.any(dim=0).nonzero().max()) + 1 if bool(m.any()) else 1
                 x, m = x[:, : width + 1], m[:, :width]
+            protected = self._protected_rows(rank * share + first, x.shape[0])[:, None].expand(-1, m.shape[1])
             sync = first + micro >= share  # DDP all-reduces on the last micro-batch only
             context = contextlib.nullcontext() if sync or not isinstance(
                 self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
             with context:
                 # weighted so that the average over ranks of the summed micro-batch gradients is the global mean
-                with self._autocast():
+                with self._autocast(), protected_tokens(self.model, protected):
                     out = self.train_model(x[:, :-1], targets=x[:, 1:], target_weights=m * (ranks / targets_total),
                                            return_aux=True)
+                drops = [a + b for a, b in zip(drops, dropped_counts(self.model), strict=True)]
                 ce_sum_micro = (out.token_loss * m).sum()
                 (out.loss + out.aux_loss * (micro / config.batch_size * ranks)).backward()
             ce_sum += ce_sum_micro.item()
@@ -273,7 +277,18 @@ class Trainer:
             if self.dist.enabled:
                 torch.distributed.all_reduce(loads)
             record["expert_load"] = (loads / loads.sum(dim=-1, keepdim=True)).tolist()
+        if config.token_drop_capacity is not None:
+            counts = torch.tensor(drops, device=self.device, dtype=torch.float64)
+            torch.distributed.all_reduce(counts)
+            record["dropped_fraction"] = counts[0].item() / max(counts[1].item(), 1.0)
         return record
+
+    def _protected_rows(self, first: int, count: int) -> torch.Tensor:
+        """[count] bool: which of the global batch's rows first .. first + count - 1 device-level token dropping
+        never drops: an evenly spaced share ``token_drop_protected`` of them (row g when ⌊(g + 1)·f⌋ > ⌊g·f⌋)."""
+        f = self.config.token_drop_protected
+        rows = torch.arange(first, first + count, device=self.device, dtype=torch.float64)
+        return torch.floor((rows + 1) * f) > torch.floor(rows * f)
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
