@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from dsv2 import DeepseekV2ForCausalLM, ModelConfig, Tokenizer
+from dsv2.model.moe import Routing
 from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from dsv2.train.config import TrainConfig
 from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
+from dsv2.train.losses import device_balance_losses
 from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
 from dsv2.train.sft import ChatDataset, encode_conversation
 from dsv2.train.trainer import Trainer, TrainingStopped
@@ -84,6 +86,35 @@ def test_weight_decay_skips_norms_and_biases():
     assert skipped == norms_and_biases  # every norm and bias, and nothing else, goes without weight decay
     assert any(names[id(p)].endswith("mlp.gate.weight") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_device_and_communication_losses_follow_the_papers_formulas():
+    """α2 Σ_i f′_i P′_i and α3 Σ_i f″_i P″_i (reference section 5), written out with loops, per sequence and
+    averaged over the batch."""
+    B, T, E, k, D, M = 2, 5, 8, 3, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(B * T, E, generator=gen).softmax(dim=-1)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * T)])  # [B·T, k] distinct experts
+    routing = Routing(scores, ids, torch.ones(B * T, k))
+    per_device = E // D
+    want_device = want_comm = 0.0
+    for b in range(B):
+        rows = range(b * T, (b + 1) * T)
+        f = [E / (k * T) * sum(int(j in ids[t].tolist()) for t in rows) for j in range(E)]
+        P = [sum(float(scores[t, j]) for t in rows) / T for j in range(E)]
+        for i in range(D):
+            experts = range(i * per_device, (i + 1) * per_device)
+            f_dev = sum(f[j] for j in experts) / per_device
+            P_dev = sum(P[j] for j in experts)
+            sent = sum(any(int(j) // per_device == i for j in ids[t]) for t in rows)
+            want_device += f_dev * P_dev / B
+            want_comm += D / (M * T) * sent * P_dev / B
+    got = device_balance_losses(routing, B, T, D, M, device_alpha=0.05, comm_alpha=0.02)
+    assert got.item() == pytest.approx(0.05 * want_device + 0.02 * want_comm, rel=1e-5)
+    alone = device_balance_losses(routing, B, T, D, M, device_alpha=1.0, comm_alpha=0.0)
+    assert alone.item() == pytest.approx(want_device, rel=1e-5)
+    with pytest.raises(ValueError, match=r"device_limit = 2: .* need expert_parallel >= 2"):
+        TrainConfig.load(None, data="x", steps=1, device_limit=2)  # one rank: device-level settings do nothing
 
 
 def test_fused_optimizer_steps_like_the_plain_one():
@@ -174,6 +205,10 @@ class Crash(Exception):
 
 def test_resumed_run_reproduces_the_uninterrupted_one(corpus, tmp_path):
     Trainer(config(corpus, tmp_path / "straight")).train()
+    with pytest.raises(ValueError, match="written with seq_len=32, batch_size=4; this run has seq_len=16, batch_s"):
+        Trainer(config(corpus, tmp_path / "straight", seq_len=16, batch_size=8))  # not the run that wrote it
+    with pytest.raises(ValueError, match="written with model_overrides="):
+        Trainer(config(corpus, tmp_path / "straight", model_overrides={**TINY, "hidden_size": 128}))
     first = Trainer(config(corpus, tmp_path / "resumed"))
     save = first.save
 

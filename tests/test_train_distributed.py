@@ -55,11 +55,10 @@ def _rank(rank: int, world: int, port: int, config: dict) -> None:
                          ids=["ddp", "fsdp", "expert-parallel", "expert-parallel-device-limited",
                               "fsdp-expert-parallel"])
 def test_two_ranks_match_one(corpus, tmp_path, layout):  # noqa: F811
-    single_layout = {k: v for k, v in layout.items() if k != "expert_parallel"}
-    if "device_limit" in layout:  # the same routing and losses on one rank: 2 device groups of 4 experts
-        single_layout["expert_parallel"] = 1
+    device_level = ("expert_parallel", "device_limit", "device_balance_alpha", "comm_balance_alpha")
+    single_layout = {k: v for k, v in layout.items() if k not in device_level}  # one rank: none of these apply
     one = Trainer(TrainConfig.load(None, **settings(corpus, tmp_path / "one", **single_layout)))
-    if "device_limit" in layout:
+    if "device_limit" in layout:  # the same routing and losses on one rank: 2 device groups of 4 experts
         from dsv2.train.losses import add_device_balance_losses, limit_devices
 
         limit_devices(one.model, 2, 1)

@@ -54,9 +54,14 @@ def copy_tokenizer(source: Path | None, target: Path) -> None:
 def commit(out: Path, staging: Path, step: int, keep_last: int) -> Path:
     """Move a fully written staging folder into place, then drop older checkpoints and torn stagings."""
     final = out / "checkpoints" / f"step-{step:08d}"
-    if final.exists():  # a checkpoint of the same step from an earlier attempt
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: kept until the new one is in place
+        replaced = final.with_name(f".{final.name}.replaced.tmp")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(staging, final)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     for old in checkpoint_dirs(out)[:-keep_last]:
         shutil.rmtree(old)
     for torn in (out / "checkpoints").glob(".step-*.tmp"):  # left by runs killed mid-save

@@ -101,6 +101,9 @@ class TrainConfig:
                 fail("token_drop_capacity", "must be > 0 (the paper uses 1.0)")
             if self.expert_parallel < 2:
                 fail("token_drop_capacity", "device-level token dropping needs expert_parallel >= 2")
+        for name in ("device_limit", "device_balance_alpha", "comm_balance_alpha"):
+            if getattr(self, name) and self.expert_parallel < 2:
+                fail(name, "device-limited routing and the device-level losses need expert_parallel >= 2")
         if not 0 <= self.token_drop_protected <= 1:
             fail("token_drop_protected", "a fraction of the sequences in [0, 1]")
 

@@ -78,6 +78,11 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[DeepseekV2Fo
     return model, tokenizer_dir
 
 
+# Settings a resumed run must share with its checkpoint: they decide the model and the data's order. (The length of
+# training, the learning rate, logging and saving may change; the files may move; the model's tensors are compared.)
+RESUME_MUST_MATCH = ("model_overrides", "seq_len", "batch_size", "seed", "val_fraction")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, dist_ctx: Distributed | None = None) -> None:
         config.validate()
@@ -152,13 +157,23 @@ class Trainer:
         if state["world_size"] != self.dist.world_size or state["expert_parallel"] != self.config.expert_parallel:
             raise ValueError(f"{checkpoint} was written by {state['world_size']} rank(s) with expert_parallel="
                              f"{state['expert_parallel']}; resume it with the same layout")
+        saved, now = state.get("config", {}), self.config.to_dict()
+        changed = [name for name in RESUME_MUST_MATCH if name in saved and saved[name] != now.get(name)]
+        if changed:
+            raise ValueError(f"{checkpoint} was written with " + ", ".join(f"{n}={saved[n]!r}" for n in changed)
+                             + "; this run has " + ", ".join(f"{n}={now.get(n)!r}" for n in changed)
+                             + ": resume with the same settings, or give another --out for a new run")
         full = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=self.device).state_dict()
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
-                source = full[name]
-                if name in self.expert_params:  # this rank's slice of the stacked experts
+                source = full.get(name)
+                if source is not None and name in self.expert_params:  # this rank's slice of the stacked experts
                     n = tensor.shape[0]
                     source = source[self.dist.rank * n:(self.dist.rank + 1) * n]
+                if source is None or source.shape != tensor.shape:
+                    raise ValueError(f"{checkpoint} holds another model than this run's: {name} is "
+                                     f"{None if source is None else list(source.shape)} there, {list(tensor.shape)} "
+                                     "here; resume with the same model, or give another --out for a new run")
                 tensor.copy_(source)
         self.position = Position(**state["position"])
         torch.set_rng_state(load_state(checkpoint, self.dist.rank)["rng"])
