@@ -8,6 +8,7 @@ absorbed one. `generate` mirrors transformers' (ids in, ids out, greedy by defau
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -91,8 +92,24 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
 
 
 def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
-              kwargs: dict) -> tuple[SamplingParams, list[int], int | None]:
-    """The model's generation_config overridden by the call's arguments → (params, EOS ids, pad id)."""
+              kwargs: dict, prompt_length: int) -> tuple[SamplingParams, list[int], int | None]:
+    """The model's generation_config overridden by the call's arguments → (params, EOS ids, pad id).
+    transformers' ``max_length`` (prompt included) becomes max_new_tokens; ``use_cache`` (always on) and
+    ``num_beams=1`` are accepted; other names that `sampling_params` lacks get an error that lists the ones it has."""
+    kwargs = dict(kwargs)
+    kwargs.pop("use_cache", None)
+    if kwargs.pop("num_beams", 1) != 1:
+        raise ValueError("num_beams > 1: beam search is not supported (greedy or sampling only)")
+    max_length = kwargs.pop("max_length", None)
+    if max_length is not None and kwargs.get("max_new_tokens") is None:  # as in transformers, max_new_tokens wins
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt")
+        kwargs["max_new_tokens"] = max_length - prompt_length
+    names = list(inspect.signature(sampling_params).parameters)
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)} (supported: {', '.join(names)}, "
+                        "max_length, eos_token_id, pad_token_id, attention_mask, tokenizer, use_cache)")
     defaults = model.generation_config.generate_kwargs()
     default_eos, default_pad = defaults.pop("eos_token_id", None), defaults.pop("pad_token_id", None)
     if default_eos is None:  # a generation_config.json without one: the model's own EOS still ends a reply
@@ -114,7 +131,7 @@ def generate(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, attention_ma
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[keep].tolist() for row, keep in zip(input_ids, mask, strict=True)]
-    params, eos_ids, pad = _settings(model, eos_token_id, pad_token_id, kwargs)
+    params, eos_ids, pad = _settings(model, eos_token_id, pad_token_id, kwargs, input_ids.shape[1])
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
     if params.stop and tokenizer is None:
@@ -149,7 +166,8 @@ def stream(model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, prompt: str | Seq
         if ids_tensor.dim() > 1 and ids_tensor.shape[0] != 1:
             raise ValueError(f"stream() takes one prompt; got a batch of {ids_tensor.shape[0]} (use generate)")
         ids = ids_tensor.flatten().tolist()
-    params, eos_ids, _ = _settings(model, kwargs.pop("eos_token_id", None), None, kwargs)
+    kwargs.pop("pad_token_id", None)  # one prompt: nothing to pad
+    params, eos_ids, _ = _settings(model, kwargs.pop("eos_token_id", None), None, kwargs, len(ids))
     if not eos_ids and tokenizer.eos_token_id is not None:
         eos_ids = [tokenizer.eos_token_id]
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))

@@ -166,10 +166,11 @@ class Tokenizer:
                                      add_generation_prompt=add_generation_prompt, **kwargs)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, return_tensors: str | None = None,
-                            **kwargs: Any) -> list[int] | str | torch.Tensor:
+                            tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = False,
+                            **kwargs: Any) -> list[int] | str | torch.Tensor | Encoding:
         """Token ids (or, with ``tokenize=False``, the text) of a conversation in the model's chat format;
-        ``return_tensors="pt"`` gives a [1, T] tensor, as in transformers.
+        ``return_tensors="pt"`` gives a [1, T] tensor, ``return_dict=True`` an Encoding (input_ids and
+        attention_mask), as in transformers. Other keyword arguments are the template's variables.
 
         The template writes BOS itself, so the text is tokenized without adding special tokens (no double BOS).
         """
@@ -177,6 +178,9 @@ class Tokenizer:
         if not tokenize:
             return text
         ids = self.encode(text, add_special_tokens=False)
+        if return_dict:
+            return _as_tensors([ids], return_tensors) if return_tensors else Encoding(
+                input_ids=ids, attention_mask=[1] * len(ids))
         return _as_tensors([ids], return_tensors)["input_ids"] if return_tensors else ids
 
     def __call__(self, text: str | Sequence[str], return_tensors: str | None = None,

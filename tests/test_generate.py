@@ -153,6 +153,28 @@ def test_generate_rejects_bad_input(model):
         generate(model, torch.tensor([[1, 2]]), stop_strings=["x"])
     with pytest.raises(ValueError, match="needs a tokenizer"):
         tiny_model().stream([1, 2])
+    with pytest.raises(TypeError, match=r"unsupported arguments: output_scores \(supported: max_new_tokens"):
+        model.generate(torch.tensor([[1, 2]]), output_scores=True)
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        model.generate(torch.tensor([[1, 2]]), num_beams=4)
+
+
+def test_transformers_keywords_max_length_use_cache_and_return_dict(model):
+    prompt = torch.tensor([[0, 5, 6, 7]])
+    want = model.generate(prompt, max_new_tokens=3, ignore_eos=True)
+    assert torch.equal(model.generate(prompt, max_length=7, use_cache=True, num_beams=1, ignore_eos=True), want)
+    assert torch.equal(model.generate(prompt, max_length=50, max_new_tokens=3, ignore_eos=True), want)  # new wins
+    with pytest.raises(ValueError, match="max_length=4 leaves no room"):
+        model.generate(prompt, max_length=4)
+    tok = model.tokenizer
+    messages = [{"role": "user", "content": "hi"}]
+    encoded = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert encoded["input_ids"].tolist() == [ids] and encoded["attention_mask"].tolist() == [[1] * len(ids)]
+    out = model.generate(**encoded, max_new_tokens=2, ignore_eos=True)  # transformers 5's usual call
+    assert out.shape == (1, len(ids) + 2)
+    plain = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert plain["input_ids"] == ids and plain.attention_mask == [1] * len(ids)
 
 
 def test_model_card_snippets_run_with_only_the_import_and_path_changed(checkpoint, monkeypatch, capsys):
