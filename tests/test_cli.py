@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from dsv2.cli import main
 
 from helpers import tiny_checkpoint, tiny_model
+from test_train import TINY, corpus  # noqa: F401  (corpus: the fixture)
 
 
 def test_info_on_the_v2_lite_preset(capsys):
@@ -79,3 +82,31 @@ def test_a_temperature_flag_samples_whatever_the_configs_do_sample():
     assert generate_kwargs(args) == {"temperature": 0.8, "do_sample": True}
     assert generate_kwargs(build_parser().parse_args(["chat", "--temperature", "0"])) == {"temperature": 0.0}
     assert generate_kwargs(build_parser().parse_args(["chat"])) == {}
+
+
+def test_training_commands_tokenize_train_and_sft(corpus, tmp_path, capsys):  # noqa: F811
+    """`dsv2 tokenize`, `dsv2 train --config x.toml` with flags over it, and `dsv2 sft`, as a user types them."""
+    import json
+
+    docs = sorted(str(p) for p in corpus.glob("doc*.txt"))
+    main(["tokenize", "--tokenizer", str(corpus), "--input", *docs, "--output", str(tmp_path / "data.bin"),
+          "--workers", "1"])
+    assert f"{len(docs)} documents" in capsys.readouterr().out
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "nano"\ntokenizer = "{corpus}"\ndata = "{tmp_path / "data.bin"}"\nseq_len = 16\n'
+                    'batch_size = 4\nmicro_batch_size = 2\nsteps = 50\nwarmup_steps = 1\nlr = 1e-3\n'
+                    'precision = "float32"\nsave_every = 2\neval_every = 2\nlog_every = 1\n')
+    out = tmp_path / "pre"
+    main(["train", "--config", str(toml), "--steps", "4", "--decay-at", "0.5", "0.75", "--out", str(out),
+          "--model-overrides", json.dumps(TINY)])  # the flags win over the file
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3 * 0.316, 1e-3 * 0.316**2])  # 4 steps, decays at 50% and 75%
+    assert "validation loss" in capsys.readouterr().out
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"},
+                                                       {"role": "assistant", "content": f"{i} {i}"}]}) + "\n"
+                             for i in range(8)))
+    main(["sft", "--model", str(out / "model"), "--data", str(chats), "--out", str(tmp_path / "sft"), "--steps", "2",
+          "--seq-len", "32", "--batch-size", "2", "--micro-batch-size", "1", "--precision", "float32"])
+    assert (tmp_path / "sft" / "model" / "config.json").exists()
