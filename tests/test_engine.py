@@ -213,13 +213,21 @@ def test_a_chunked_prefill_waiting_for_blocks_is_not_overtaken():
         for item in batch.items:
             item.seq.num_computed_tokens = item.end
 
-    scheduler = Scheduler(BlockManager(num_blocks=5, block_size=4), max_num_seqs=4, max_num_batched_tokens=8)
+    scheduler = Scheduler(BlockManager(num_blocks=6, block_size=4), max_num_seqs=4, max_num_batched_tokens=8)
     decoding, long, late = seq(range(100, 107)), seq(range(200, 220)), seq([1, 2, 3])
     scheduler.add(decoding)
     run(scheduler.schedule())  # its 7 prompt tokens: 2 blocks
     decoding.token_ids.append(5)
     scheduler.add(long)
-    run(scheduler.schedule())  # its first chunk of 8: 2 more blocks, 1 left; the next chunk needs 2
+    batch = scheduler.schedule()  # after a prefill step the running answer decodes (position 7: still 2 blocks)
+    assert not batch.is_prefill and [item.seq for item in batch.items] == [decoding]
+    run(batch)
+    decoding.token_ids.append(6)
+    batch = scheduler.schedule()  # the long prompt's first chunk of 8: 2 more blocks
+    assert batch.is_prefill and [item.seq for item in batch.items] == [long]
+    run(batch)
+    run(scheduler.schedule())  # decoding position 8 takes a 3rd block: 1 left; the long prompt's next chunk needs 2
+    decoding.token_ids.append(7)
     scheduler.add(late)
     batch = scheduler.schedule()
     assert not batch.is_prefill and [item.seq for item in batch.items] == [decoding]

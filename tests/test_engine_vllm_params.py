@@ -166,3 +166,57 @@ def test_a_prefill_step_counts_its_padded_tokens(tmp_path):
     assert max(widest for _, widest in steps) > 100  # the long prompt ran in big chunks, not just crumbs
     alone = [one(engine, params, p).token_ids for p in prompts]
     assert together == alone
+
+
+def test_n_samples_compute_their_prompt_once(tmp_path):
+    """With n > 1 the other samples wait for sample 0's prefill, then take its blocks from the prefix cache: the
+    prompt's full blocks are computed once, and the samples are what they are without prefix caching."""
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    prompt = [(7 * i) % 400 + 2 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=4, ignore_eos=True)
+    results = {}
+    for caching in (True, False):
+        engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128, enable_prefix_caching=caching)
+        scheduler, computed = engine.engine.scheduler, []
+        schedule = scheduler.schedule
+
+        def counting(schedule=schedule, computed=computed):
+            batch = schedule()
+            if batch is not None and batch.is_prefill:
+                computed.append(sum(item.end - item.start for item in batch.items))
+            return batch
+
+        scheduler.schedule = counting
+        out = engine.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
+        results[caching] = ([c.token_ids for c in out.outputs], sum(computed))
+    assert results[True][0] == results[False][0]
+    assert results[False][1] == 3 * 70
+    assert results[True][1] == 70 + 2 * (70 - 64)  # the 64 tokens of 4 full blocks once
+
+
+def test_running_answers_decode_between_prefill_steps(tmp_path):
+    """A long prompt in chunks (or a stream of new prompts) takes every other step at most: the answers already
+    running decode in between, and the outputs are those of one request at a time."""
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=256, max_num_batched_tokens=32)
+    scheduler, kinds = engine.engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        if batch is not None:
+            kinds.append("prefill" if batch.is_prefill else "decode")
+        return batch
+
+    scheduler.schedule = recording
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    short, long = [5, 6, 7], [(3 * i) % 300 + 2 for i in range(150)]  # the long one: 5 chunks of 32 tokens
+    engine.engine.add_request("short", short, params)
+    engine.engine.step()  # the short prompt's prefill: it now decodes
+    engine.engine.add_request("long", long, params)
+    outputs = {}
+    while engine.engine.has_unfinished_requests():
+        outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.engine.step() if o.finished})
+    assert kinds.count("prefill") == 1 + 5 and "prefill,prefill" not in ",".join(kinds), kinds  # chunks between decodes
+    assert outputs["short"] == one(engine, params, short).token_ids
+    assert outputs["long"] == one(engine, params, long).token_ids

@@ -146,6 +146,7 @@ class LLMEngine:
                 if self.tokenizer is not None and params.detokenize else None,
                 logprobs=[] if params.logprobs is not None else None,
                 prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
+                first_sibling=seqs[0] if seqs else None,
             )
             seqs.append(seq)
             self.scheduler.add(seq)

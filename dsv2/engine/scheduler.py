@@ -2,10 +2,11 @@
 
 Each step is either a prefill step (new or preempted sequences, and chunks of long prompts, up to
 ``max_num_batched_tokens`` tokens counted as the runner computes them: every sequence padded to the longest chunk)
-or a decode step (one token for every running sequence). Prefill goes first, so
-new requests join the running batch as soon as there is room. When a decode step cannot get a cache block, the most
-recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed later (its tokens so far are kept, so nothing is lost).
+or a decode step (one token for every running sequence). Prefill goes first, so new requests join the running batch
+as soon as there is room, but never twice in a row while sequences wait to decode. When a decode step cannot get a
+cache block, the most recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
+the queue, to be recomputed later (its tokens so far are kept, so nothing is lost). Samples 2..n of a request wait for
+sample 1's prefill and then take its prompt from the prefix cache.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,12 +59,20 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch | None:
-        """The next step's batch; None when there is nothing to run."""
-        batch = self._schedule_prefill() or self._schedule_decode()
+        """The next step's batch; None when there is nothing to run. After a prefill step, sequences ready to
+        decode get the next step: prompts arriving one after another (or a long one in chunks) never stall the
+        running answers for more than a step."""
+        batch = self._next()
         while batch is None and self.running:  # every running sequence is stuck for cache space: make room
             self._preempt(self.running[-1])
-            batch = self._schedule_prefill() or self._schedule_decode()
+            batch = self._next()
+        self.last_was_prefill = batch is not None and batch.is_prefill
         return batch
+
+    def _next(self) -> Batch | None:
+        if self.last_was_prefill:
+            return self._schedule_decode() or self._schedule_prefill()
+        return self._schedule_prefill() or self._schedule_decode()
 
     def _room(self, items: list[ScheduledSequence]) -> int:
         """The longest chunk one more sequence may bring: the runner pads every chunk of a step to the longest, so
@@ -80,20 +90,31 @@ class Scheduler:
                 if item is None:  # no room to continue it: admitting newcomers would take what it waits for
                     return Batch(items, is_prefill=True) if items else None
                 items.append(item)
-        while self.waiting and self._room(items) and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if not self._room(items) or len(self.running) >= self.max_num_seqs:
+                break
+            if self._waits_for_its_sibling(seq):
+                continue
             self.blocks.attach_prefix(seq)
             item = self._chunk(seq, self._room(items))
             if item is None:  # no room in the cache (or the budget) yet: hand shared prefix blocks back
                 self.blocks.release(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.count_prefix_hit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             items.append(item)
         return Batch(items, is_prefill=True) if items else None
+
+    def _waits_for_its_sibling(self, seq: Sequence) -> bool:
+        """Whether sample i > 0 of a request (``n`` > 1) waits until sample 0 has computed the prompt: its blocks
+        are then in the prefix cache, and the prompt is computed once instead of n times."""
+        first = seq.first_sibling
+        return (first is not None and self.blocks.enable_prefix_caching and seq.num_computed_tokens == 0
+                and seq.cacheable_prefix >= self.blocks.block_size and first.status is not Status.FINISHED
+                and first.num_computed_tokens < first.num_prompt_tokens)
 
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
         """The next prefill chunk of ``seq`` within ``budget`` tokens, with its cache blocks; None if it cannot run
