@@ -145,6 +145,12 @@ def dropped_counts(model: nn.Module) -> tuple[int, int]:
     return sum(m.dropped for m in layers), sum(m.received for m in layers)
 
 
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """The names of the expert-parallel slices' parameters in ``model`` (none before `shard_experts`)."""
+    return [f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, ExpertParallelExperts)
+            for p in ("gate_proj", "up_proj", "down_proj")]
+
+
 def shard_experts(model: nn.Module, rank: int, world_size: int) -> list[str]:
     """Replace every MoE layer's experts with this rank's expert-parallel slice (on the meta device too); returns
     the sharded parameters' names (training: for DDP to ignore and for gradient scaling; inference: to load)."""

@@ -24,7 +24,13 @@ from tqdm import tqdm
 from dsv2.config import DTYPES, PRESETS, ModelConfig
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
-from dsv2.parallel.expert_parallel import dropped_counts, protected_tokens, set_token_dropping, shard_experts
+from dsv2.parallel.expert_parallel import (
+    dropped_counts,
+    expert_parameter_names,
+    protected_tokens,
+    set_token_dropping,
+    shard_experts,
+)
 from dsv2.train.checkpoint import (
     STATE_FILE,
     commit,
@@ -55,8 +61,11 @@ class Position:
     index: int = 0
 
 
-def build_model(config: TrainConfig, device: torch.device) -> tuple[DeepseekV2ForCausalLM, Path | None]:
-    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is."""
+def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
+                world_size: int = 1) -> tuple[DeepseekV2ForCausalLM, Path | None]:
+    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is. With
+    expert parallelism a checkpoint is read as this rank's model: only its own routed experts are loaded (V2-Lite's
+    experts are ~56 of its ~63 GB in float32)."""
     if config.model in PRESETS:
         model_config = ModelConfig.preset(config.model)
         if config.model_overrides:
@@ -69,13 +78,24 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[DeepseekV2Fo
             model = DeepseekV2ForCausalLM.from_config(model_config, dtype=torch.float32, device="cpu").to(device)
         tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
     else:
-        model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=torch.float32, device=device)
+        model = _load_for_training(config.model, config.expert_parallel, device, rank, world_size)
         if config.aux_loss_alpha is not None:
             for module in model.modules():
                 if hasattr(module, "aux_loss_alpha"):
                     module.aux_loss_alpha = config.aux_loss_alpha
         tokenizer_dir = Path(config.tokenizer or config.model)
-    return model, tokenizer_dir
+    return model.train(), tokenizer_dir
+
+
+def _load_for_training(path: str | Path, expert_parallel: int, device: torch.device, rank: int,
+                       world_size: int) -> DeepseekV2ForCausalLM:
+    """A checkpoint in float32: whole, or with expert parallelism this rank's expert-parallel model."""
+    if expert_parallel > 1:
+        from dsv2.parallel.group import load_sharded
+
+        return load_sharded(path, rank, world_size, expert_parallel=True, dtype=torch.float32, device=device,
+                            data_parallel=True)
+    return DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, device=device)
 
 
 # Settings a resumed run must share with its checkpoint: they decide the model and the data's order. (The length of
@@ -96,7 +116,10 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()  # steps reuse the last step's freed blocks instead of faulting in fresh pages
-        self.model, self.tokenizer_dir = build_model(config, self.device)
+        if config.expert_parallel > 1 and config.expert_parallel != self.dist.world_size:
+            raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
+                             f"({self.dist.world_size})")
+        self.model, self.tokenizer_dir = build_model(config, self.device, self.dist.rank, self.dist.world_size)
         self.model_config = self.model.config
         devices = config.expert_parallel
         if config.device_limit:
@@ -105,10 +128,8 @@ class Trainer:
                                   config.comm_balance_alpha)
         self.expert_params: list[str] = []
         if config.expert_parallel > 1:
-            if config.expert_parallel != self.dist.world_size:
-                raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
-                                 f"({self.dist.world_size})")
-            self.expert_params = shard_experts(self.model, self.dist.rank, self.dist.world_size)
+            self.expert_params = expert_parameter_names(self.model) or shard_experts(
+                self.model, self.dist.rank, self.dist.world_size)  # a checkpoint was loaded sharded already
             set_token_dropping(self.model, config.token_drop_capacity)
         self.dataset = self._dataset()
         self.position = Position()
@@ -163,13 +184,11 @@ class Trainer:
             raise ValueError(f"{checkpoint} was written with " + ", ".join(f"{n}={saved[n]!r}" for n in changed)
                              + "; this run has " + ", ".join(f"{n}={now.get(n)!r}" for n in changed)
                              + ": resume with the same settings, or give another --out for a new run")
-        full = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=self.device).state_dict()
+        full = _load_for_training(checkpoint, self.config.expert_parallel, self.device, self.dist.rank,
+                                  self.dist.world_size).state_dict()  # with expert parallelism: this rank's experts
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
                 source = full.get(name)
-                if source is not None and name in self.expert_params:  # this rank's slice of the stacked experts
-                    n = tensor.shape[0]
-                    source = source[self.dist.rank * n:(self.dist.rank + 1) * n]
                 if source is None or source.shape != tensor.shape:
                     raise ValueError(f"{checkpoint} holds another model than this run's: {name} is "
                                      f"{None if source is None else list(source.shape)} there, {list(tensor.shape)} "
