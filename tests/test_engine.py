@@ -48,9 +48,11 @@ def run(checkpoint, prompts, **engine_args):
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_engine_equals_reference_generate(checkpoint, prompts, reference, prefix_caching):
-    llm, got = run(checkpoint, prompts, kv_cache_memory=4_000_000, enable_prefix_caching=prefix_caching)
+    llm, got = run(checkpoint, prompts, kv_cache_memory=4_000_000, enable_prefix_caching=prefix_caching,
+                   max_num_batched_tokens=512)  # several prefill steps: later prompts find earlier prefixes
     assert got == reference
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks  # everything given back
+    assert (llm.engine.blocks.prefix_hits > 0) == prefix_caching
 
 
 def test_preemption_under_a_tiny_cache(checkpoint, prompts, reference):
@@ -62,9 +64,21 @@ def test_preemption_under_a_tiny_cache(checkpoint, prompts, reference):
 
 
 def test_chunked_prefill_forced(checkpoint, prompts, reference):
-    llm, got = run(checkpoint, prompts, kv_cache_memory=4_000_000, max_num_batched_tokens=16)
-    assert llm.engine.num_steps > len(prompts)  # prompts up to 110 tokens went through in chunks of ≤ 16
-    assert got == reference
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, max_num_batched_tokens=16)
+    scheduler, continued = llm.engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        if batch is not None and batch.is_prefill:
+            continued.extend(item.seq for item in batch.items if item.start > item.seq.num_cached_tokens)
+        return batch
+
+    scheduler.schedule = recording
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    split = {id(seq) for seq in continued}  # prompts whose later chunks ran in later steps
+    assert len(split) > len(prompts) // 2  # most of the prompts (1-110 tokens) were split into chunks of ≤ 16
 
 
 def test_prefix_cache_serves_shared_prompts(checkpoint, prompts, reference):
