@@ -60,6 +60,8 @@ class SamplingParams:
             fail("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 or -1 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= 2**63 - self.n):
+            fail("seed", f"must be an integer in [0, 2**63 - n] (n = {self.n}: sample i draws from seed + i)")
         if not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1]")
         if not self.repetition_penalty > 0:
@@ -192,7 +194,7 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     if not any(0 < r.params.top_k < V or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
         return logits.softmax(dim=-1)  # nothing to filter: no need to sort the vocabulary
     device = logits.device
-    top_k = torch.tensor([r.params.top_k or V for r in rows], device=device)[:, None]  # [B, 1]
+    top_k = torch.tensor([min(r.params.top_k, V) or V for r in rows], device=device)[:, None]  # [B, 1]
     top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]  # [B, 1]
     min_p = torch.tensor([r.params.min_p for r in rows], device=device)[:, None]  # [B, 1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]

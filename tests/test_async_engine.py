@@ -35,7 +35,10 @@ def test_concurrent_requests_share_the_batch_and_match_offline(llm):
 
         results = asyncio.run(main())
         assert [r[-1].outputs[0].token_ids for r in results] == expected
-        assert len(results[0]) == 16  # streamed token by token
+        # streamed as it goes: several cumulative outputs (one per step while the consumer keeps up; a slower one
+        # gets the newest), each a prefix of the last
+        first = [o.outputs[0].token_ids for o in results[0]]
+        assert len(first) > 4 and all(first[-1][: len(ids)] == ids for ids in first)
         assert llm.engine.num_steps - steps_before < 2 * 16  # one batch, not 12 sequential generations
     finally:
         engine.shutdown()
@@ -118,3 +121,40 @@ def test_a_request_racing_the_engine_stopping_fails_instead_of_hanging(llm, monk
 
     with pytest.raises(EngineDeadError, match="shut down"):
         asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+def test_a_stalled_consumer_holds_one_output_not_one_per_step():
+    from dsv2.engine.async_engine import _put_latest
+
+    async def main():
+        queue = asyncio.Queue()
+        for item in ("step 1", "step 2", "step 3"):
+            _put_latest(queue, item)
+        return queue.qsize(), await queue.get()
+
+    assert asyncio.run(main()) == (1, "step 3")
+
+
+def test_a_request_that_cannot_be_queued_fails_alone(llm, monkeypatch):
+    engine = AsyncEngine(llm.engine)
+    try:
+        add = llm.engine.add_request
+        calls = []
+
+        def add_once_broken(*args, **kwargs):
+            calls.append(args[0])
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return add(*args, **kwargs)
+
+        monkeypatch.setattr(llm.engine, "add_request", add_once_broken)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+        async def main():
+            with pytest.raises(ValueError, match="could not be queued: RuntimeError"):
+                await collect(engine, [0, 1, 2], params)
+            return await collect(engine, [0, 1, 2], params)
+
+        assert len(asyncio.run(main())[-1].outputs[0].token_ids) == 3 and engine.is_alive
+    finally:
+        engine.shutdown()

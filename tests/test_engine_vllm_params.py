@@ -220,3 +220,25 @@ def test_running_answers_decode_between_prefill_steps(tmp_path):
     assert kinds.count("prefill") == 1 + 5 and "prefill,prefill" not in ",".join(kinds), kinds  # chunks between decodes
     assert outputs["short"] == one(engine, params, short).token_ids
     assert outputs["long"] == one(engine, params, long).token_ids
+
+
+def test_extreme_values_fail_alone_or_are_served(llm, monkeypatch):
+    """A huge top_k is served (capped at the vocabulary); a seed past 2**63 - n is refused up front; a request whose
+    samples cannot all be made leaves none of them queued."""
+    assert len(one(llm, SamplingParams(top_k=10**20, top_p=0.5, max_tokens=2, seed=1)).token_ids) == 2
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**63 - 1, n=2)
+    assert SamplingParams(seed=2**63 - 2, n=2).seed == 2**63 - 2
+    from dsv2.engine import engine as engine_module
+
+    start = engine_module.SamplingRow.start
+
+    def second_sample_fails(params, *args, **kwargs):
+        if params.seed == 8:
+            raise ValueError("no generator for you")
+        return start(params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.SamplingRow, "start", second_sample_fails)
+    with pytest.raises(ValueError, match="no generator"):
+        llm.engine.add_request("half", PROMPT, SamplingParams(n=2, seed=7, max_tokens=2))
+    assert not llm.engine.scheduler.waiting and not llm.engine.has_unfinished_requests()

@@ -104,6 +104,12 @@ def test_hostile_programs_fail_alone(tmp_path):
         "leaving the directory": ("import os\nos.chdir('..')", "os.chdir is not allowed"),
         "linking out": (f"import os\nos.symlink({str(precious)!r}, 'link')", "os.symlink is not allowed"),
         "flooding stderr": ("import sys\nwhile True:\n    sys.stderr.write('x' * 65536)", "xxxxxxxx"),
+        # leaving before the tests run is no pass
+        "exit(0) first": ("import sys\nsys.exit(0)\nassert False", "exited (0) before it finished"),
+        "exit() first": ("exit()\nassert False", "exited (None) before it finished"),
+        "os._exit(0) first": ("import os\nos._exit(0)\nassert False", "ended before its tests finished"),
+        "reading the guard's state": ("import gc\ngc.get_objects()", "gc.get_objects is not allowed"),
+        "sqlite outside": (f"import sqlite3\nsqlite3.connect({str(tmp_path / 'x.db')!r})", "sqlite3.connect is not"),
     }
     for name, (program, expected) in hostile.items():
         outcome = run_program(program, timeout=3)

@@ -132,6 +132,20 @@ def test_chat_options_n_seed_logprobs_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_streamed_logprobs_cover_every_token(client):
+    """Tokens whose text is held back (a partial character, a possible stop string) still get their logprobs, in
+    the next chunk with text: as many entries as completion tokens, chat and completions."""
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=chat("你好 🚀"), temperature=1.0, seed=2, max_tokens=16, logprobs=True, top_logprobs=1,
+        stream=True, stream_options={"include_usage": True}, stop=["zz"], extra_body={"ignore_eos": True}))
+    entries = sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs)
+    assert entries == chunks[-1].usage.completion_tokens == 16
+    pieces = list(client.completions.create(model=NAME, prompt="An attention", max_tokens=16, temperature=1.0,
+                                            seed=2, logprobs=1, stream=True, stop=["zz"],
+                                            extra_body={"ignore_eos": True}))
+    assert sum(len(p.choices[0].logprobs.tokens) for p in pieces if p.choices[0].logprobs) == 16
+
+
 def test_vllm_sampling_extras(client, offline):
     """vLLM's extra fields (stop_token_ids, include_stop_str_in_output, min_tokens) give the offline engine's result."""
     prompt, params = "An attention function", {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
@@ -211,6 +225,10 @@ BAD = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages[0].content"),
     ("min_tokens past max_tokens", {"model": NAME, "messages": chat("x"), "min_tokens": 5, "max_tokens": 2}, 400,
      None),
+    ("seed past 2**63 with n", {"model": NAME, "messages": chat("x"), "seed": 2**64 - 1, "n": 2}, 400, None),
+    ("text part without text", {"model": NAME, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     400, "messages[0].content"),
+    ("too many stop strings", {"model": NAME, "messages": chat("x"), "stop": ["a"] * 17}, 400, "stop"),
 ]
 
 

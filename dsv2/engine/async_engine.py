@@ -48,7 +48,8 @@ class AsyncEngine:
     # ---------------------------------------------------------------------------------------------- public API
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's (cumulative) output after every step that advances it; the last one is finished.
+        """Yield the request's (cumulative) output as steps advance it — the newest one when the consumer reads
+        slower than the engine steps; the last one is finished.
 
         Validation errors (`LLMEngine.check_request`, a ``request_id`` already in flight) raise ValueError before
         anything is queued; a stopped engine raises EngineDeadError.
@@ -123,8 +124,11 @@ class AsyncEngine:
                         request_id, ids, params, prompt = args
                         try:
                             self.engine.add_request(request_id, ids, params, prompt)
-                        except ValueError as e:
-                            self._deliver(request_id, e)
+                        except Exception as e:  # this request's problem: refuse it, keep serving the others
+                            if not isinstance(e, ValueError):
+                                log.exception("request %s could not be added", request_id)
+                            self._deliver(request_id, e if isinstance(e, ValueError) else ValueError(
+                                f"the request could not be queued: {e!r}"))
                     elif kind == "abort":
                         self.engine.abort_request(args[0])
                     else:
@@ -150,4 +154,12 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
         if stream is not None:
             with contextlib.suppress(RuntimeError):  # the consumer's event loop is already closed
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                stream.loop.call_soon_threadsafe(_put_latest, stream.queue, item)
+
+
+def _put_latest(queue: asyncio.Queue, item: RequestOutput | BaseException) -> None:
+    """Queue ``item`` in place of what its consumer has not taken yet: outputs are cumulative, so the newest holds
+    every older one, and a consumer that stops reading (a stalled client) holds one output, not one per step."""
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(item)

@@ -149,6 +149,7 @@ class LLMEngine:
                 first_sibling=seqs[0] if seqs else None,
             )
             seqs.append(seq)
+        for seq in seqs:  # all built first: a sample that cannot be made leaves none behind
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
 

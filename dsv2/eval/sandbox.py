@@ -9,7 +9,9 @@ Each program runs in its own Python process (``python -I -B``), in a fresh tempo
   making links, raw ``os.open``, and touching files outside the temporary directory (reading is allowed only there
   and in the Python installation; writing, deleting, renaming only there);
 - its output discarded, and its error output written to a file in that directory (so capped at the file-size
-  limit).
+  limit);
+- a pass only when the program runs to its end: the guard then writes a marker (a nonce from the parent, out of
+  the environment before the program starts), so exit(), sys.exit(0) or os._exit(0) before the tests run fail.
 A program that loops, forks, allocates, floods its output or deletes files fails (or times out) on its own; it
 cannot take the evaluation, or the user's files, with it. Audit hooks are a guard, not an operating-system
 boundary: to run code from an untrusted source, run the whole evaluation in a container or VM as well.
@@ -18,6 +20,7 @@ boundary: to run code from an untrusted source, run the whole evaluation in a co
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,7 +47,10 @@ def install():
     denied = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
               "os.forkpty", "pty.", "ctypes.", "os.kill", "os.killpg", "os.putenv", "os.unsetenv", "os.setuid",
               "os.setgid", "os.chroot", "os.chdir", "os.symlink", "os.link", "resource.setrlimit",
-              "signal.pthread_kill", "sys.remote_exec", "os.startfile", "webbrowser.")
+              "signal.pthread_kill", "sys.remote_exec", "os.startfile", "webbrowser.",
+              "sqlite3.", "dbm.",  # they open files from C, past the open event
+              "gc.get_objects", "gc.get_referrers", "gc.get_referents",  # reaching the guard's state
+              "sys._current_frames", "sys.setprofile", "sys.settrace")
     one_path = frozenset({"os.remove", "os.rmdir", "os.chmod", "os.chown", "os.truncate", "os.mkdir",
                           "shutil.rmtree", "os.utime", "os.listdir", "os.scandir", "glob.glob"})
     two_paths = frozenset({"os.rename", "os.replace", "shutil.move", "shutil.copyfile"})
@@ -94,10 +100,24 @@ def install():
     sys.addaudithook(guard)
 
 
-install()
-del install
-source = open("program.py", encoding="utf-8").read()
-exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
+def run(marker):
+    # The program passes only if it runs to its end: then this function writes the marker (a nonce the parent
+    # made, not in the environment any more) to fd 2. exit(), sys.exit() or os._exit() before the end leave it out.
+    source = open("program.py", encoding="utf-8").read()
+    try:
+        exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
+    except SystemExit as e:
+        raise SystemExit(f"the program exited ({e.code!r}) before it finished") from None
+    os.write(2, marker)
+
+
+def main():
+    marker = ("\n" + os.environ.pop("DSV2_SANDBOX_MARKER")).encode()  # out of the environment before the program
+    install()
+    run(marker)
+
+
+main()
 '''
 
 
@@ -112,8 +132,9 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> O
     """Run ``program`` (Python source) in the sandbox; it passes if it exits normally."""
     with tempfile.TemporaryDirectory(prefix="dsv2-sandbox-") as workdir:
         Path(workdir, "program.py").write_text(program, encoding="utf-8")
+        marker = f"dsv2-sandbox-finished-{secrets.token_hex(16)}"
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "no_proxy": "*"}
+               "PYTHONHASHSEED": "0", "no_proxy": "*", "DSV2_SANDBOX_MARKER": marker}
         stderr_path = Path(workdir, "stderr.txt")  # a file, not a pipe: capped by the program's file-size limit
         with stderr_path.open("wb") as stderr:
             proc = subprocess.Popen(
@@ -130,12 +151,14 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> O
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
-        if proc.returncode == 0:
-            return Outcome(True, "passed")
         with stderr_path.open("rb") as f:  # its last lines only
             f.seek(max(stderr_path.stat().st_size - 4096, 0))
             tail = f.read().decode("utf-8", "replace").strip()
+        if proc.returncode == 0 and tail.endswith(marker):  # it ran to its end
+            return Outcome(True, "passed")
         last = tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"
+        if proc.returncode == 0:
+            last = "the program ended before its tests finished (os._exit or a closed stderr)"
         return Outcome(False, "failed", last[-300:])
 
 

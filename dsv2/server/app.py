@@ -310,10 +310,11 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int
             if done[c.index]:
                 continue
             delta = c.text[sent_text[c.index]:]
-            new_logprobs = _chat_logprobs(c.logprobs, top_logprobs, sent_tokens[c.index])
-            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
             finished = c.finish_reason is not None
-            if delta or finished:
+            if delta or finished:  # tokens whose text is held back (a partial character, a possible stop string)
+                # send their logprobs with the next chunk that has text
+                new_logprobs = _chat_logprobs(c.logprobs, top_logprobs, sent_tokens[c.index])
+                sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
                 yield {**chunk, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
                                              "logprobs": new_logprobs, "finish_reason": _finish(c)}]}
             done[c.index] = finished
@@ -338,10 +339,10 @@ async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompt
             if sent_text.get(index) == -1:
                 continue
             delta = c.text[sent_text.get(index, 0):]
-            logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0)) \
-                if req.logprobs is not None else None
-            sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
-            if delta or c.finish_reason is not None:
+            if delta or c.finish_reason is not None:  # held-back tokens' logprobs come with the next text
+                logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0)) \
+                    if req.logprobs is not None else None
+                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                 yield {**chunk, "choices": [{"index": index, "text": delta, "logprobs": logprobs,
                                              "finish_reason": _finish(c)}]}
             if c.finish_reason is not None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dsv2.sampling import SamplingParams
 
 MAX_N = 16  # completions of one prompt
 MAX_SEQUENCES = 256  # prompts × n of one /v1/completions request
+MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 1000, 256
 
 
 class APIError(Exception):
@@ -66,6 +67,22 @@ class _Sampling(BaseModel):
             raise ValueError(f"n={n} is more than this server allows ({MAX_N})")
         return n
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # every stop string is looked for after every token: a bounded number of bounded strings
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in strings):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters")
+        return stop
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids_limit(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        return ids
+
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "functions", "function_call", "response_format",
                                     "parallel_tool_calls", "audio", "modalities", "prediction")
 
@@ -116,7 +133,11 @@ class ChatMessage(BaseModel):
                 kind = part.get("type")
                 raise APIError(400, f"messages[{index}] has a content part of type {kind!r}: only text is supported "
                                "(no images or audio)", param=f"messages[{index}].content", code="unsupported_content")
-            texts.append(TextPart(**part).text)
+            try:
+                texts.append(TextPart(**part).text)
+            except ValidationError:
+                raise APIError(400, f"messages[{index}] has a text part without a string 'text'",
+                               param=f"messages[{index}].content") from None
         return "".join(texts)
 
 
