@@ -195,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dsv2.eval.runner import evaluate
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = evaluate(args.model, tasks, args.data_dir, args.out, limit=args.limit, chat=args.chat,
+    results = evaluate(args.model, tasks, args.data_dir, args.out, limit=args.limit, chat=args.chat, shots=args.shots,
                        batch_size=args.batch_size, dtype=args.dtype,
                        device=None if args.device == "auto" else args.device, **engine_arguments(args))
     print(Path(args.out, "results.md").read_text(encoding="utf-8"))
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated: mmlu, bbh, ceval, cmmlu, humaneval, mbpp, gsm8k, math")
     evaluate.add_argument("--data-dir", required=True, help="folder with the benchmarks' published files")
     evaluate.add_argument("--limit", type=int, default=None, help="questions per task at most")
+    evaluate.add_argument("--shots", type=int, default=None,
+                          help="few-shot examples per question (default: each benchmark's protocol: MMLU, C-Eval, "
+                               "CMMLU 5, BBH 3, GSM8K 8, MATH 4, HumanEval 0, MBPP 3)")
     evaluate.add_argument("--chat", action="store_true", help="prompt through the chat template (chat models)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="sequences the engine runs together")
     evaluate.add_argument("--out", default="results", help="folder for results.md and results.json")

@@ -2,6 +2,7 @@
 the lm-evaluation-harness adapter."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from dsv2 import LLM, DeepseekV2ForCausalLM, Tokenizer
 from dsv2.eval import scoring
 from dsv2.eval.runner import EngineBackend, Evaluator, evaluate, write_results
 from dsv2.eval.sandbox import run_program
-from dsv2.eval.tasks import BENCHMARKS, MissingData
+from dsv2.eval.tasks import BENCHMARKS, MalformedData, MissingData
 
 from helpers import make_tokenizer_files, tiny_checkpoint
 
@@ -41,6 +42,40 @@ def test_missing_files_name_the_layout(tmp_path):
         BENCHMARKS["gsm8k"].load(tmp_path, None)
 
 
+def test_shots_change_the_prompts_and_bad_counts_are_named():
+    five = BENCHMARKS["mmlu"].load(DATA, 1, None)[0].prompt
+    assert BENCHMARKS["mmlu"].load(DATA, 1, 5)[0].prompt == five and five.count("Answer: ") == 5
+    assert BENCHMARKS["mmlu"].load(DATA, 1, 2)[0].prompt.count("Answer: ") == 2
+    assert BENCHMARKS["mmlu"].load(DATA, 1, 0)[0].prompt.count("Answer: ") == 0
+    assert BENCHMARKS["gsm8k"].load(DATA, 1, 1)[0].prompt.count("Question: ") == 2  # one example + the question
+    assert BENCHMARKS["mbpp"].load(DATA, 1, 0)[0].prompt.count("[BEGIN]") == 1  # the task alone
+    with pytest.raises(ValueError, match="humaneval: --shots 2: between 0 and 0"):
+        BENCHMARKS["humaneval"].load(DATA, 1, 2)
+    with pytest.raises(ValueError, match="bbh: --shots 2"):
+        BENCHMARKS["bbh"].load(DATA, 1, 2)
+
+
+def test_malformed_files_name_the_file_and_the_format(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "q", "answer": "no final number"}\n')
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(MalformedData, match=r"gsm8k/train\.jsonl: not in the release's format"):
+        BENCHMARKS["gsm8k"].load(tmp_path, None, None)
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("{not json\n")
+    with pytest.raises(MalformedData, match="one JSON object per line"):
+        BENCHMARKS["gsm8k"].load(tmp_path, None, None)
+    for split in ("dev", "test"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n" * 5)
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b\n")
+    with pytest.raises(MalformedData, match=r"x_test\.csv: a row with fewer than 6 cells"):
+        BENCHMARKS["mmlu"].load(tmp_path, None, None)
+    (tmp_path / "humaneval").mkdir()
+    (tmp_path / "humaneval" / "HumanEval.jsonl").write_text('{"task_id": "t", "prompt": "p", "test": "x"}\n')
+    with pytest.raises(MalformedData, match="lacks entry_point"):
+        BENCHMARKS["humaneval"].load(tmp_path, None, None)
+
+
 @pytest.mark.parametrize(("completion", "expected"), [
     ("He has 3 + 4 = 7 apples. The answer is 7.", "7"), ("So 1,200 * 2 = 2,400. The answer is $2,400.", "2400"),
     ("First 5, then 12 and finally 13", "13"), ("no digits here", None), ("The final answer is -3.5", "-3.5"),
@@ -54,6 +89,9 @@ def test_gsm8k_extraction(completion, expected):
     ("0.5", "\\frac{1}{2}", True), ("x = 5", "5", True), ("5^\\circ", "5", True),
     ("\\left( 1, 2 \\right)", "(1,2)", True), ("10\\%", "10", True), ("\\sqrt2", "\\sqrt{2}", True),
     ("4", "5", False), ("\\frac{1}{3}", "\\frac{1}{2}", False),
+    # words are answers too, not units to strip; an empty answer matches nothing; commas group digits or list
+    ("\\text{even}", "\\text{odd}", False), ("\\text{odd}", "\\text{odd}", True), ("", "\\text{Monday}", False),
+    ("5 \\text{ cm}", "5", True), ("10,\\!000", "10000", True), ("1,2", "12", False), ("1,000", "1000", True),
 ])
 def test_math_equivalence(predicted, reference, equal):
     assert scoring.math_equal(predicted, reference) is equal
@@ -168,6 +206,35 @@ def test_a_scripted_model_that_is_always_right_scores_100(tokenizer):
         assert result.score == 100.0, (name, [s for s in result.samples if not s["correct"]])
 
 
+class ScriptedChat(Scripted):
+    """A chat model: its prompts are user turns of the chat template, its answers prose around a code block; it
+    honors stop strings as the engine does (the text is cut at the first one)."""
+
+    def _answer(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.answers[text.removeprefix("User: ").removesuffix("\n\nAssistant:")]
+
+    def generate(self, prompts, params):
+        outputs = []
+        for ids, p in zip(prompts, params, strict=True):
+            text = self._answer(ids)
+            cuts = [text.index(s) for s in p.stop if s in text]
+            outputs.append(text[: min(cuts)] if cuts else text)
+        return outputs
+
+
+def test_a_chat_model_answering_in_code_blocks_passes_humaneval_and_mbpp(tokenizer):
+    for name in ("humaneval", "mbpp"):
+        items = BENCHMARKS[name].load(DATA, None)
+        answers = {}
+        for item in items:
+            body = correct_answer(name, item)
+            code = item.prompt + body if name == "humaneval" else body  # the whole function
+            answers[item.prompt] = f"Here it is:\n```py\n{code}\n```\nIt returns what the docstring asks for."
+        result = Evaluator(ScriptedChat(tokenizer, answers), chat=True).run(name, DATA)
+        assert result.score == 100.0, (name, [s["detail"] for s in result.samples if not s["correct"]])
+
+
 def test_a_model_that_always_answers_a_scores_the_share_of_a(tokenizer):
     for name in ("mmlu", "ceval", "cmmlu"):
         items = BENCHMARKS[name].load(DATA, None)
@@ -180,6 +247,17 @@ def test_a_model_that_always_answers_a_scores_the_share_of_a(tokenizer):
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     return tiny_checkpoint(path, max_position_embeddings=4096)
+
+
+def test_a_failing_task_leaves_the_finished_ones_on_disk(checkpoint, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    (data / "math" / "test").rename(data / "math" / "gone")  # the second task's files are missing
+    with pytest.raises(MissingData, match="math/test"):
+        evaluate(checkpoint, ["gsm8k", "math"], data, tmp_path / "out", kv_cache_memory=32_000_000, use_tqdm=False,
+                 dtype="float32", limit=2)
+    audit = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(audit["scores"]) == ["gsm8k"] and audit["settings"]["shots"] is None
 
 
 def test_every_task_end_to_end_through_the_engine(checkpoint, tmp_path):
@@ -284,6 +362,30 @@ metric_list:
     assert results["dsv2_local_qa"]["acc,none"] == pytest.approx(sum(picks) / 3)
     assert "exact_match,none" in results["dsv2_local_gen"]  # generate_until ran through the engine
     assert results["dsv2_local_ppl"]["word_perplexity,none"] > 1
+
+
+def test_lm_eval_rolling_loglikelihood_of_a_document_many_windows_long(checkpoint):
+    """A document several times max_model_len: scored window by window, each window's total equal to the
+    model's own log-probabilities of its predicted tokens."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from dsv2.eval.lm_eval import DSV2LM
+
+    lm = DSV2LM(pretrained=str(checkpoint), max_model_len=32, kv_cache_memory=8_000_000)
+    text = "An attention function maps a query and a set of key-value pairs to an output. " * 8
+    [total] = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 3 * 32
+    want = 0.0
+    for context, predicted in map(make_disjoint_window, get_rolling_token_windows(ids, lm.bos, 30, 1)):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([context + predicted]))[0].log_softmax(-1)  # [T, V]
+        want += sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(predicted))
+    assert total == pytest.approx(want, rel=1e-4)
 
 
 def test_results_table_layout(tmp_path):

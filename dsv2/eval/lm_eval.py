@@ -64,7 +64,8 @@ class DSV2LM(LM):
         windows, owners = [], []
         for n, request in enumerate(requests):
             ids = self.tokenizer.encode(request.args[0], add_special_tokens=False)
-            for window in get_rolling_token_windows(ids, self.bos, self.max_length - 1, 1):
+            # windows of at most max_length - 1 tokens: the engine scores a prompt shorter than max_model_len
+            for window in get_rolling_token_windows(ids, self.bos, self.max_length - 2, 1):
                 windows.append(make_disjoint_window(window))
                 owners.append(n)
         scores = loglikelihoods(self.llm, windows, "loglikelihood_rolling", use_tqdm=not disable_tqdm)

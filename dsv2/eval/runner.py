@@ -78,11 +78,12 @@ class Evaluator:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         return self.tokenizer.encode(text)
 
-    def run(self, name: str, data_dir: Path, limit: int | None = None) -> TaskResult:
+    def run(self, name: str, data_dir: Path, limit: int | None = None, shots: int | None = None) -> TaskResult:
+        """One benchmark: at most ``limit`` questions, ``shots`` examples each (None: the protocol's count)."""
         if name not in BENCHMARKS:
             raise ValueError(f"unknown task {name!r}; choose from {', '.join(BENCHMARKS)}")
         benchmark = BENCHMARKS[name]
-        items = benchmark.load(Path(data_dir), limit)
+        items = benchmark.load(Path(data_dir), limit, shots)
         if not items:
             raise ValueError(f"{name}: no questions found under {data_dir}")
         start = time.monotonic()
@@ -105,8 +106,9 @@ class Evaluator:
                             "answer": answer, "reference": item.reference, "correct": answer == item.reference})
         return samples
 
-    def _generate(self, benchmark: Benchmark, items: list[Item]) -> list[str]:
-        params = [SamplingParams(temperature=0, max_tokens=item.max_tokens, stop=item.stop or None) for item in items]
+    def _generate(self, benchmark: Benchmark, items: list[Item], stops: bool = True) -> list[str]:
+        params = [SamplingParams(temperature=0, max_tokens=item.max_tokens, stop=(item.stop or None) if stops else None)
+                  for item in items]
         return self.backend.generate([self.prompt_ids(item.prompt) for item in items], params)
 
     def _run_generate(self, benchmark: Benchmark, items: list[Item]) -> list[dict]:
@@ -118,7 +120,9 @@ class Evaluator:
         return samples
 
     def _run_code(self, benchmark: Benchmark, items: list[Item]) -> list[dict]:
-        completions = [self._code_of(c) for c in self._generate(benchmark, items)]
+        # a base model continues the function until the next top-level statement (the stop strings); a chat model
+        # answers with a code block that holds such statements itself: it runs to its end of turn
+        completions = [self._code_of(c) for c in self._generate(benchmark, items, stops=not self.chat)]
         programs = [item.program(code) for item, code in zip(items, completions, strict=True)]
         outcomes = run_programs(programs)
         return [{"id": item.id, "prompt": item.prompt, "completion": code, "program": program,
@@ -129,7 +133,7 @@ class Evaluator:
     def _code_of(self, completion: str) -> str:
         """A chat model answers in prose around a code block: take the block."""
         if self.chat:
-            match = re.search(r"```(?:python)?\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
+            match = re.search(r"```(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
             if match:
                 return "\n" + match.group(1)
         return completion
@@ -154,14 +158,18 @@ def write_results(results: list[TaskResult], out: Path, model: str, settings: di
 
 def evaluate(model: str | Path | None, tasks: list[str], data_dir: str | Path, out: str | Path,
              limit: int | None = None, chat: bool = False, batch_size: int = 64, use_tqdm: bool = True,
-             **engine_args: Any) -> list[TaskResult]:
-    """`dsv2 eval`: every task in turn through one engine; writes OUT/results.md and OUT/results.json."""
+             shots: int | None = None, **engine_args: Any) -> list[TaskResult]:
+    """`dsv2 eval`: every task in turn through one engine; writes OUT/results.md and OUT/results.json after each
+    task, so that a task that fails (a malformed file, an interrupt) leaves the finished ones on disk."""
     unknown = [t for t in tasks if t not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     llm = LLM(model=model, max_num_seqs=batch_size, **engine_args)
     evaluator = Evaluator(EngineBackend(llm, use_tqdm), chat=chat)
-    results = [evaluator.run(task, Path(data_dir), limit) for task in tasks]
-    write_results(results, Path(out), str(model or "bundled"), {"tasks": tasks, "limit": limit, "chat": chat})
+    settings = {"tasks": tasks, "limit": limit, "chat": chat, "shots": shots}
+    results = []
+    for task in tasks:
+        results.append(evaluator.run(task, Path(data_dir), limit, shots))
+        write_results(results, Path(out), str(model or "bundled"), settings)
     return results
 

@@ -12,8 +12,14 @@ import re
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
+THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")  # 1,000 or 12,345.5: commas that group digits
+
+
 def _to_number(text: str) -> float | None:
-    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    """A plain number, with commas only as thousands separators ("1,2" is a list, not twelve)."""
+    text = text.replace("$", "").strip().rstrip(".")
+    if THOUSANDS.fullmatch(text):
+        text = text.replace(",", "")
     try:
         return float(text)
     except ValueError:
@@ -96,7 +102,8 @@ def normalize_math(s: str) -> str:
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}$", "", s).strip()  # trailing units
+    if "\\text{ " in s:  # units after a value, as the release removes them: "5 \text{ cm}" → "5"
+        s = s.split("\\text{ ")[0].strip() or s
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if s.startswith("."):
@@ -115,6 +122,8 @@ def math_equal(predicted: str | None, reference: str) -> bool:
     if predicted is None:
         return False
     a, b = normalize_math(predicted), normalize_math(reference)
+    if not a or not b:  # an empty answer (\boxed{}) matches nothing
+        return False
     if a == b:
         return True
     x, y = _to_number(a), _to_number(b)

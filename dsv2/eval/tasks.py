@@ -19,10 +19,11 @@ as examples, 11–510 tested), pass@1 with greedy decoding.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,12 +51,42 @@ class Benchmark:
     title: str
     domain: str
     kind: str  # "choice" | "generate" | "code"
-    load: Callable[[Path, int | None], list[Item]]
+    load: Callable[[Path, int | None, int | None], list[Item]]  # (data dir, limit, shots: None = the protocol's)
     check: Callable[[str, str], tuple[str | None, bool]] | None = None  # (completion, reference) → (answer, ok)
 
 
 class MissingData(FileNotFoundError):
     """A benchmark's files are not where the published layout puts them; the message says what to put where."""
+
+
+class MalformedData(ValueError):
+    """A benchmark's file does not hold what its release holds; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path, expected: str) -> Iterator[None]:
+    """Parsing errors inside the block become a MalformedData that names ``path`` and what it should hold."""
+    try:
+        yield
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, csv.Error) as e:
+        if isinstance(e, MalformedData):
+            raise
+        raise MalformedData(f"{path}: not in the release's format, expected {expected} "
+                            f"({type(e).__name__}: {e})") from None
+
+
+def _require(record: dict, *fields: str) -> None:
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise KeyError(f"a record lacks {', '.join(missing)}")
+
+
+def _shot_count(name: str, shots: int | None, default: int, most: int) -> int:
+    if shots is None:
+        return default
+    if not 0 <= shots <= most:
+        raise ValueError(f"{name}: --shots {shots}: between 0 and {most} examples (the protocol uses {default})")
+    return shots
 
 
 def _need(path: Path, layout: str) -> Path:
@@ -66,7 +97,7 @@ def _need(path: Path, layout: str) -> Path:
 
 def _read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _reading(path, "one JSON object per line"), opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -86,6 +117,9 @@ def _mc_items(name: str, subjects: list[tuple[str, list[list[str]], list[list[st
     items = []
     for subject, dev, test in subjects:
         examples = [(r[0], r[1:5], r[5].strip()) for r in dev[:shots]]
+        if len(examples) < shots:
+            raise MalformedData(f"{name}/{subject}: the dev split has {len(examples)} examples, {shots}-shot needs "
+                                f"{shots}")
         for n, row in enumerate(test):
             prompt = _choice_prompt(header(subject), examples, row[0], row[1:5], answer_word)
             items.append(Item(f"{name}/{subject}/{n}", prompt, row[5].strip(), choices=[f" {c}" for c in LETTERS]))
@@ -93,14 +127,18 @@ def _mc_items(name: str, subjects: list[tuple[str, list[list[str]], list[list[st
 
 
 def _csv_rows(path: Path, header: bool, columns: list[str] | None = None) -> list[list[str]]:
-    with path.open(encoding="utf-8") as f:
+    """Rows [question, A, B, C, D, answer]: the first six cells (no header) or the named ``columns``."""
+    expected = f"a header with {', '.join(columns)}" if header else "rows of question, A, B, C, D, answer"
+    with _reading(path, expected), path.open(encoding="utf-8") as f:
         if not header:
-            return [row for row in csv.reader(f) if row]
-        rows = list(csv.DictReader(f))
-    return [[row[c] for c in columns] for row in rows]
+            rows = [row for row in csv.reader(f) if row]
+            if any(len(row) < 6 for row in rows):
+                raise MalformedData(f"{path}: a row with fewer than 6 cells; expected {expected}")
+            return rows
+        return [[row[c] for c in columns] for row in csv.DictReader(f)]
 
 
-def load_mmlu(data: Path, limit: int | None) -> list[Item]:
+def load_mmlu(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     root = _need(data / "mmlu", "mmlu/dev/<subject>_dev.csv and mmlu/test/<subject>_test.csv")
     tests = sorted(_need(root / "test", "mmlu/test/<subject>_test.csv").glob("*_test.csv"))
     subjects = []
@@ -114,10 +152,10 @@ def load_mmlu(data: Path, limit: int | None) -> list[Item]:
     def header(subject: str) -> str:
         return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
-    return _mc_items("mmlu", subjects, header, "Answer:", limit)
+    return _mc_items("mmlu", subjects, header, "Answer:", limit, _shot_count("mmlu", shots, 5, 5))
 
 
-def load_ceval(data: Path, limit: int | None) -> list[Item]:
+def load_ceval(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     root = _need(data / "ceval", "ceval/dev/<subject>_dev.csv and ceval/val/<subject>_val.csv")
     columns = ["question", "A", "B", "C", "D", "answer"]
     subjects = []
@@ -128,10 +166,10 @@ def load_ceval(data: Path, limit: int | None) -> list[Item]:
     if not subjects:
         raise MissingData(f"{root / 'val'} holds no <subject>_val.csv files")
     return _mc_items("ceval", subjects, lambda s: f"以下是中国关于{s}考试的单项选择题，请选出其中的正确答案。\n\n",
-                     "答案：", limit)
+                     "答案：", limit, _shot_count("ceval", shots, 5, 5))
 
 
-def load_cmmlu(data: Path, limit: int | None) -> list[Item]:
+def load_cmmlu(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     root = _need(data / "cmmlu", "cmmlu/dev/<subject>.csv and cmmlu/test/<subject>.csv")
     columns = ["Question", "A", "B", "C", "D", "Answer"]
     subjects = []
@@ -141,46 +179,64 @@ def load_cmmlu(data: Path, limit: int | None) -> list[Item]:
     if not subjects:
         raise MissingData(f"{root / 'test'} holds no <subject>.csv files")
     return _mc_items("cmmlu", subjects, lambda s: f"以下是关于{s}的单项选择题，请直接给出正确答案的选项。\n\n",
-                     "答案：", limit)
+                     "答案：", limit, _shot_count("cmmlu", shots, 5, 5))
 
 
 # -------------------------------------------------------------------------------------------------- generation
-def load_bbh(data: Path, limit: int | None) -> list[Item]:
+def load_bbh(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
+    if shots not in (None, 0, 3):
+        raise ValueError(f"bbh: --shots {shots}: the release's chain-of-thought prompts hold 3 examples (0 or 3)")
     root = _need(data / "bbh", "bbh/bbh/<task>.json and bbh/cot-prompts/<task>.txt")
     items = []
     for path in sorted(_need(root / "bbh", "bbh/bbh/<task>.json").glob("*.json")):
         prompt_file = _need(root / "cot-prompts" / f"{path.stem}.txt", "bbh/cot-prompts/<task>.txt for every task")
-        cot = prompt_file.read_text(encoding="utf-8").split("-----", 1)[-1].strip()
-        for n, example in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
-            prompt = f"{cot}\n\nQ: {example['input']}\nA: Let's think step by step."
-            items.append(Item(f"bbh/{path.stem}/{n}", prompt, example["target"], stop=["\n\nQ:"], max_tokens=384))
+        cot = prompt_file.read_text(encoding="utf-8").split("-----", 1)[-1].strip() + "\n\n" if shots != 0 else ""
+        with _reading(path, '{"examples": [{"input": ..., "target": ...}, ...]}'):
+            for n, example in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
+                prompt = f"{cot}Q: {example['input']}\nA: Let's think step by step."
+                items.append(Item(f"bbh/{path.stem}/{n}", prompt, example["target"], stop=["\n\nQ:"],
+                                  max_tokens=384))
     return items[:limit] if limit else items
 
 
-def load_gsm8k(data: Path, limit: int | None) -> list[Item]:
+def load_gsm8k(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     root = _need(data / "gsm8k", "gsm8k/train.jsonl and gsm8k/test.jsonl")
-    train = _read_jsonl(_need(root / "train.jsonl", "gsm8k/train.jsonl (the 8 examples come from it)"))[:8]
-    test = _read_jsonl(_need(root / "test.jsonl", "gsm8k/test.jsonl"))
+    train_path, test_path = _need(root / "train.jsonl", "gsm8k/train.jsonl (the examples come from it)"), _need(
+        root / "test.jsonl", "gsm8k/test.jsonl")
+    train = _read_jsonl(train_path)[:_shot_count("gsm8k", shots, 8, 8)]
+    test = _read_jsonl(test_path)
 
     def solution(answer: str) -> str:
         reasoning, final = answer.split("####")
         return f"{reasoning.strip()} The answer is {final.strip()}."
 
-    shots = "".join(f"Question: {ex['question']}\nAnswer: {solution(ex['answer'])}\n\n" for ex in train)
-    items = [Item(f"gsm8k/{n}", f"{shots}Question: {ex['question']}\nAnswer:", scoring.gsm8k_reference(ex["answer"]),
-                  stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384) for n, ex in enumerate(test)]
+    expected = 'objects with "question" and "answer" (a solution ending "#### <number>")'
+    with _reading(train_path, expected):
+        examples = "".join(f"Question: {ex['question']}\nAnswer: {solution(ex['answer'])}\n\n" for ex in train)
+    with _reading(test_path, expected):
+        items = [Item(f"gsm8k/{n}", f"{examples}Question: {ex['question']}\nAnswer:",
+                      scoring.gsm8k_reference(ex["answer"]), stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384)
+                 for n, ex in enumerate(test)]
     return items[:limit] if limit else items
 
 
-def load_math(data: Path, limit: int | None) -> list[Item]:
+def load_math(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     root = _need(data / "math", "math/train/<subject>/<n>.json and math/test/<subject>/<n>.json")
 
     def problems(split: str) -> list[dict]:
         files = sorted(_need(root / split, f"math/{split}/<subject>/<n>.json").glob("*/*.json"),
-                       key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit() else p.stem))
-        return [json.loads(p.read_text(encoding="utf-8")) | {"id": f"{p.parent.name}/{p.stem}"} for p in files]
+                       key=lambda p: (p.parent.name, (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem)))
+        out = []
+        for p in files:
+            with _reading(p, 'an object with "problem" and "solution"'):
+                record = json.loads(p.read_text(encoding="utf-8"))
+                out.append({"problem": record["problem"], "solution": record["solution"],
+                            "id": f"{p.parent.name}/{p.stem}"})
+        return out
 
-    shots = "".join(f"Problem:\n{ex['problem']}\n\nSolution:\n{ex['solution']}\n\n" for ex in problems("train")[:4])
+    count = _shot_count("math", shots, 4, 8)
+    shots = "".join(f"Problem:\n{ex['problem']}\n\nSolution:\n{ex['solution']}\n\n"
+                    for ex in problems("train")[:count])
     items = []
     for ex in problems("test"):
         answer = scoring.last_boxed(ex["solution"])
@@ -195,16 +251,20 @@ def load_math(data: Path, limit: int | None) -> list[Item]:
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\n#", "\nprint(", "\nassert "]
 
 
-def load_humaneval(data: Path, limit: int | None) -> list[Item]:
+def load_humaneval(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
+    _shot_count("humaneval", shots, 0, 0)  # 0-shot only: the prompt is the function to complete
     root = _need(data / "humaneval", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
     path = root / "HumanEval.jsonl"
     path = path if path.exists() else _need(root / "HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
     items = []
-    for ex in _read_jsonl(path):
-        def program(completion: str, ex: dict = ex) -> str:
-            return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
+    with _reading(path, 'objects with "task_id", "prompt", "test" and "entry_point"'):
+        for ex in _read_jsonl(path):
+            def program(completion: str, ex: dict = ex) -> str:
+                return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
 
-        items.append(Item(ex["task_id"], ex["prompt"], ex["test"], stop=CODE_STOP, max_tokens=512, program=program))
+            _require(ex, "task_id", "prompt", "test", "entry_point")  # now, not when the first program is built
+            items.append(Item(ex["task_id"], ex["prompt"], ex["test"], stop=CODE_STOP, max_tokens=512,
+                              program=program))
     return items[:limit] if limit else items
 
 
@@ -215,12 +275,17 @@ def _mbpp_block(task: dict, with_code: bool) -> str:
     return text + (f"[BEGIN]\n{task['code']}\n[DONE]\n\n" if with_code else "[BEGIN]\n")
 
 
-def load_mbpp(data: Path, limit: int | None) -> list[Item]:
-    tasks = {t["task_id"]: t for t in _read_jsonl(_need(data / "mbpp" / "mbpp.jsonl", "mbpp/mbpp.jsonl"))}
-    missing = [i for i in (2, 3, 4) if i not in tasks]
-    if missing:
-        raise MissingData(f"mbpp/mbpp.jsonl lacks the example tasks {missing} (the 3-shot prompt uses tasks 2–4)")
-    shots = "".join(_mbpp_block(tasks[i], True) for i in (2, 3, 4))
+def load_mbpp(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
+    path = _need(data / "mbpp" / "mbpp.jsonl", "mbpp/mbpp.jsonl")
+    with _reading(path, 'objects with "task_id", "text", "code" and "test_list"'):
+        tasks = {t["task_id"]: t for t in _read_jsonl(path)}
+        examples = (2, 3, 4)[:_shot_count("mbpp", shots, 3, 3)]
+        missing = [i for i in examples if i not in tasks]
+        if missing:
+            raise MissingData(f"mbpp/mbpp.jsonl lacks the example tasks {missing} (the 3-shot prompt uses tasks 2–4)")
+        shots = "".join(_mbpp_block(tasks[i], True) for i in examples)
+        for task in tasks.values():
+            _require(task, "text", "code", "test_list")  # now, not when its prompt is built
     items = []
     for task_id in sorted(t for t in tasks if 11 <= t <= 510):
         task = tasks[task_id]
