@@ -229,6 +229,7 @@ BAD = [
     ("text part without text", {"model": NAME, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
      400, "messages[0].content"),
     ("too many stop strings", {"model": NAME, "messages": chat("x"), "stop": ["a"] * 17}, 400, "stop"),
+    ("guided_json", {"model": NAME, "messages": chat("x"), "guided_json": {"type": "object"}}, 400, "guided_json"),
 ]
 
 
@@ -244,6 +245,17 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
             assert error["param"] is not None and error["param"].startswith(param)
         assert http.get("/health").json() == {"status": "ok"}
     assert server.idle()
+
+
+def test_plain_text_requests_of_unsupported_fields_and_unknown_routes(server, client):
+    reply = client.chat.completions.create(model=NAME, messages=chat("hi"), max_tokens=2,
+                                           response_format={"type": "text"}, parallel_tool_calls=True,
+                                           modalities=["text"])
+    assert reply.choices[0].finish_reason in ("stop", "length")  # asking for plain text is no error
+    with httpx.Client(base_url=server.url) as http:
+        for method, path, status in (("GET", "/v1/nowhere", 404), ("GET", "/v1/chat/completions", 405)):
+            r = http.request(method, path)
+            assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_completions_bad_input(server):

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv2.engine.async_engine import AsyncEngine, EngineDeadError
 from dsv2.engine.engine import CompletionOutput, RequestOutput
@@ -91,6 +92,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(APIError(400, message, param=param, code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                     code=kind).body(), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, e: EngineDeadError):

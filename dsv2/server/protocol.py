@@ -83,14 +83,21 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         return ids
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "functions", "function_call", "response_format",
-                                    "parallel_tool_calls", "audio", "modalities", "prediction")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls", "audio",
+        "modalities", "prediction", "web_search_options",
+        # vLLM's constrained decoding: ignoring it would return unconstrained text
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "structured_outputs")
+    # values of those fields that ask for nothing beyond plain text
+    HARMLESS: ClassVar[dict[str, tuple]] = {"tool_choice": ("none",), "response_format": ({"type": "text"},),
+                                            "modalities": (["text"],), "parallel_tool_calls": (True,)}
 
     def unsupported(self) -> APIError | None:
         """A 400 for the first field whose meaning dsv2 cannot honour."""
         for name in self.UNSUPPORTED:
             value = (self.model_extra or {}).get(name)
-            if value not in (None, [], {}, False) and not (name == "tool_choice" and value == "none"):
+            if value not in (None, [], {}, False) and value not in self.HARMLESS.get(name, ()):
                 return APIError(400, f"'{name}' is not supported by this server", param=name,
                                 code="unsupported_parameter")
         if self.logit_bias:
