@@ -65,7 +65,7 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
                 world_size: int = 1) -> tuple[DeepseekV2ForCausalLM, Path | None]:
     """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is. With
     expert parallelism a checkpoint is read as this rank's model: only its own routed experts are loaded (V2-Lite's
-    experts are ~56 of its ~63 GB in float32)."""
+    experts are ~58 of its ~63 GB in float32)."""
     if config.model in PRESETS:
         model_config = ModelConfig.preset(config.model)
         if config.model_overrides:
