@@ -224,7 +224,8 @@ def ours_long_decode(llm: LLM, prompts: torch.Tensor, steps: int, warm_steps: in
     """The engine with one request per prompt; → (median seconds of the decode steps after `warm_steps`, seconds of
     the prefill steps)."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=warm_steps + steps + 2, ignore_eos=True)
+    # the answers admitted first decode between the later prompts' prefill steps: room for those tokens too
+    params = SamplingParams(temperature=0, max_tokens=warm_steps + steps + 2 + len(prompts), ignore_eos=True)
     for i, ids in enumerate(prompts.tolist()):
         engine.add_request(f"long-{i}", ids, params)
     with StepRecorder(engine) as recorder:
