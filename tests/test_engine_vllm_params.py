@@ -242,3 +242,40 @@ def test_extreme_values_fail_alone_or_are_served(llm, monkeypatch):
     with pytest.raises(ValueError, match="no generator"):
         llm.engine.add_request("half", PROMPT, SamplingParams(n=2, seed=7, max_tokens=2))
     assert not llm.engine.scheduler.waiting and not llm.engine.has_unfinished_requests()
+
+
+def test_prompts_of_one_step_share_their_common_blocks_and_a_failed_step_shares_nothing(tmp_path):
+    """Blocks enter the prefix cache as their step is scheduled: prompts with a common 64-token prefix, submitted
+    together, compute it once. A step that fails takes its blocks back out: the next call may not reuse blocks
+    that were never written."""
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128)
+    common = [(5 * i) % 300 + 2 for i in range(64)]  # 4 full blocks of 16
+    prompts = [[*common, 7 + i, 8, 9] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    alone = [one(engine, params, p).token_ids for p in prompts]
+    fresh = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128)
+    scheduler, computed = fresh.engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def counting():
+        batch = schedule()
+        if batch is not None and batch.is_prefill:
+            computed.append(sum(item.end - item.start for item in batch.items))
+        return batch
+
+    scheduler.schedule = counting
+    run = fresh.engine.runner.run
+
+    def failing(*args):
+        raise RuntimeError("out of memory, say")
+
+    fresh.engine.runner.run = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fresh.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert not fresh.engine.blocks.cached  # nothing of the failed step stays shareable
+    fresh.engine.runner.run = run
+    computed.clear()
+    together = fresh.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in together] == alone
+    assert computed[0] == 67 + 3 * 3  # the common 64 tokens once, then each prompt's own 3

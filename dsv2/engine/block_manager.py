@@ -38,6 +38,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # oldest first
         self.cached: dict[bytes, int] = {}  # digest → block id, for full blocks whose contents are computed
+        self.pending: list[int] = []  # blocks registered for the step being scheduled, before it runs
         self.prefix_hits = 0  # prompt tokens served from the prefix cache
         self.prefix_queries = 0  # prompt tokens looked up
 
@@ -101,9 +102,16 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's blocks that are now full and computed, so other requests can share them."""
+        self.register(seq, seq.num_computed_tokens)
+
+    def register(self, seq: Sequence, num_tokens: int, pending: bool = False) -> None:
+        """Register the blocks that the sequence's first ``num_tokens`` tokens fill. ``pending``: the step being
+        scheduled computes them (each layer writes a step's latents before any attention reads them, so later
+        sequences of the same step may share them); `confirm` keeps them once it ran, `forget_pending` drops them
+        if it failed."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = num_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is NO_HASH:
@@ -111,7 +119,22 @@ class BlockManager:
                 block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
                 block.hash = chained_hash(previous, block.token_ids)
                 self.cached.setdefault(block.hash, block.id)
+                if pending:
+                    self.pending.append(block.id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def confirm(self) -> None:
+        """The scheduled step ran: its pending blocks hold what their hashes say."""
+        self.pending.clear()
+
+    def forget_pending(self) -> None:
+        """The scheduled step failed: its pending blocks hold nothing yet, so no later request may take them."""
+        for block_id in self.pending:
+            block = self.blocks[block_id]
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = NO_HASH, ()
+        self.pending.clear()
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's hold on its blocks; unshared ones become free (cached contents kept)."""

@@ -61,7 +61,12 @@ class DataParallelEngine:
         scheduled = [engine.schedule() for engine in self.engines]
         if all(s is None for s in scheduled):
             return []
-        logits = self.runner.run_all(scheduled)
+        try:
+            logits = self.runner.run_all(scheduled)
+        except BaseException:
+            for engine in self.engines:  # the blocks the step was to fill hold nothing
+                engine.blocks.forget_pending()
+            raise
         self.num_steps += 1
         outputs = []
         for engine, batch, rank_logits in zip(self.engines, scheduled, logits, strict=True):

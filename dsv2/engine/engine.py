@@ -146,7 +146,6 @@ class LLMEngine:
                 if self.tokenizer is not None and params.detokenize else None,
                 logprobs=[] if params.logprobs is not None else None,
                 prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
-                first_sibling=seqs[0] if seqs else None,
             )
             seqs.append(seq)
         for seq in seqs:  # all built first: a sample that cannot be made leaves none behind
@@ -198,7 +197,12 @@ class LLMEngine:
         scheduled = self.schedule()
         if scheduled is None:
             return []
-        return self.finish_step(*scheduled, self.runner.run(*scheduled))
+        try:
+            logits = self.runner.run(*scheduled)
+        except BaseException:
+            self.blocks.forget_pending()  # the blocks it was to fill hold nothing: no later request may share them
+            raise
+        return self.finish_step(*scheduled, logits)
 
     def schedule(self) -> tuple[Batch, list[list[int]]] | None:
         """The next batch and, per sequence, the positions whose logits it needs besides the last (prompt
@@ -212,6 +216,7 @@ class LLMEngine:
         """Record a computed batch (logits [B, K, vocab]: the ``extra`` positions, then the last token), sample,
         and return the output of every request that got a token or finished."""
         self.num_steps += 1
+        self.blocks.confirm()
         for item, positions, row in zip(batch.items, extra, logits, strict=True):
             item.seq.num_computed_tokens = item.end
             self.blocks.commit(item.seq)

@@ -5,8 +5,9 @@ Each step is either a prefill step (new or preempted sequences, and chunks of lo
 or a decode step (one token for every running sequence). Prefill goes first, so new requests join the running batch
 as soon as there is room, but never twice in a row while sequences wait to decode. When a decode step cannot get a
 cache block, the most recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
-the queue, to be recomputed later (its tokens so far are kept, so nothing is lost). Samples 2..n of a request wait for
-sample 1's prefill and then take its prompt from the prefix cache.
+the queue, to be recomputed later (its tokens so far are kept, so nothing is lost). The blocks a prefill step fills
+enter the prefix cache as it is scheduled, so prompts of the same step that share them (a request's n samples, a
+common system prompt) compute them once.
 """
 
 from __future__ import annotations
@@ -90,31 +91,20 @@ class Scheduler:
                 if item is None:  # no room to continue it: admitting newcomers would take what it waits for
                     return Batch(items, is_prefill=True) if items else None
                 items.append(item)
-        for seq in list(self.waiting):
-            if not self._room(items) or len(self.running) >= self.max_num_seqs:
-                break
-            if self._waits_for_its_sibling(seq):
-                continue
+        while self.waiting and self._room(items) and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
             self.blocks.attach_prefix(seq)
             item = self._chunk(seq, self._room(items))
             if item is None:  # no room in the cache (or the budget) yet: hand shared prefix blocks back
                 self.blocks.release(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
-            self.waiting.remove(seq)
+            self.waiting.popleft()
             self.blocks.count_prefix_hit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             items.append(item)
         return Batch(items, is_prefill=True) if items else None
-
-    def _waits_for_its_sibling(self, seq: Sequence) -> bool:
-        """Whether sample i > 0 of a request (``n`` > 1) waits until sample 0 has computed the prompt: its blocks
-        are then in the prefix cache, and the prompt is computed once instead of n times."""
-        first = seq.first_sibling
-        return (first is not None and self.blocks.enable_prefix_caching and seq.num_computed_tokens == 0
-                and seq.cacheable_prefix >= self.blocks.block_size and first.status is not Status.FINISHED
-                and first.num_computed_tokens < first.num_prompt_tokens)
 
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
         """The next prefill chunk of ``seq`` within ``budget`` tokens, with its cache blocks; None if it cannot run
@@ -126,6 +116,7 @@ class Scheduler:
         if not self.blocks.can_grow(seq, end):
             return None
         self.blocks.grow(seq, end)
+        self.blocks.register(seq, end, pending=True)  # later sequences of this step may share these blocks
         return ScheduledSequence(seq, seq.num_computed_tokens, end)
 
     def _schedule_decode(self) -> Batch | None:
@@ -158,6 +149,6 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self.waiting.popleft()
         self.blocks.release(seq)
         seq.status = Status.FINISHED

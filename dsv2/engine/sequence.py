@@ -51,7 +51,6 @@ class Sequence:
     cumulative_logprob: float = 0.0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    first_sibling: Sequence | None = field(default=None, repr=False)  # sample 0 of the request (for samples 1..n-1)
 
     @property
     def num_tokens(self) -> int:
