@@ -22,6 +22,7 @@ CONFIGS = {
     "dense-0": {**TINY_V2, "first_k_dense_replace": 0},
     "dense-2": {**TINY_LITE, "first_k_dense_replace": 2},
     "attention-bias": {**TINY_V2, "attention_bias": True},
+    "rms-norm-eps": {**TINY_V2, "rms_norm_eps": 1e-2},  # the latent norms keep 1e-6, as the reference's
 }
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import dsv2.model.moe as moe_module
 from dsv2 import kernels
-from dsv2.model.moe import MoE
+from dsv2.model.moe import MoE, MoEGate
 
 from helpers import TINY_LITE, TINY_V2, randomize_, tiny_config
 
@@ -269,3 +269,14 @@ def test_slot_sum_without_grad_equals_the_float32_sum_bitwise(dtype, k):
     leaf = out.clone().requires_grad_()
     moe_module.sum_over_slots(leaf).sum().backward()  # with gradients: the differentiable sum
     assert leaf.grad.equal(torch.ones_like(leaf))
+
+
+def test_the_gate_routes_in_float32_under_bf16_autocast():
+    """Training's bf16 autocast does not round the router: the experts picked are inference's."""
+    gate = randomize_(MoEGate(tiny_config(TINY_V2)), std=0.5)
+    x = torch.randn(4096, TINY_V2["hidden_size"], generator=torch.Generator().manual_seed(0))
+    plain = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = gate(x)
+    assert autocast.scores.dtype == torch.float32
+    assert torch.equal(autocast.expert_ids, plain.expert_ids) and torch.equal(autocast.weights, plain.weights)

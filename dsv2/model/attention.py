@@ -34,6 +34,11 @@ from dsv2.model.rope import apply_rope
 AttentionImpl = Literal["auto", "expanded", "absorbed"]
 
 
+# The reference builds the compressed query's and latent's norms with RMSNorm's default eps, whatever the config's
+# rms_norm_eps (which the decoder layers' and the final norm use); so do DeepSeek's code and transformers.
+LATENT_NORM_EPS = 1e-6
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -49,10 +54,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = Linear(hidden, self.num_heads * qk_dim, bias=False)
         else:
             self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
 

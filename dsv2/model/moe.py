@@ -65,8 +65,9 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x [N, H] → routing of each token to top_k experts."""
-        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [N, E]
-        scores = logits.softmax(dim=-1)  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # float32 under bf16 autocast too, as at inference
+            logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [N, E]
+            scores = logits.softmax(dim=-1)  # [N, E]
         candidates = scores
         if self.topk_method == "group_limited_greedy":
             N = x.shape[0]
