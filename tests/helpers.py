@@ -129,3 +129,25 @@ def make_eos_prone_(model: DeepseekV2ForCausalLM, strength: float = 5.0) -> Deep
         mean = torch.cat(hidden).flatten(0, -2).float().mean(0)  # [H]
         model.lm_head.weight[eos] = (strength * mean / mean.square().sum()).to(model.lm_head.weight.dtype)
     return model
+
+
+def record_batches(llm) -> list:
+    """Every batch an `LLM`'s scheduler hands out from now on (its `schedule` wrapped); a batch's items keep the
+    token range they were scheduled for."""
+    batches = []
+    scheduler = llm.engine.scheduler
+    schedule = scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        if batch is not None:
+            batches.append(batch)
+        return batch
+
+    scheduler.schedule = recording
+    return batches
+
+
+def prefill_tokens(batches: list) -> list[int]:
+    """The tokens each recorded prefill batch computed (its chunks' lengths, without padding)."""
+    return [sum(item.end - item.start for item in b.items) for b in batches if b.is_prefill]

@@ -9,7 +9,7 @@ from dsv2.engine.sequence import Sequence
 from dsv2.generate import generate
 from dsv2.sampling import SamplingRow
 
-from helpers import TINY_LITE, TINY_V2, tiny_checkpoint
+from helpers import TINY_LITE, TINY_V2, record_batches, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -65,19 +65,11 @@ def test_preemption_under_a_tiny_cache(checkpoint, prompts, reference):
 
 def test_chunked_prefill_forced(checkpoint, prompts, reference):
     llm = LLM(model=checkpoint, kv_cache_memory=4_000_000, max_num_batched_tokens=16)
-    scheduler, continued = llm.engine.scheduler, []
-    schedule = scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        if batch is not None and batch.is_prefill:
-            continued.extend(item.seq for item in batch.items if item.start > item.seq.num_cached_tokens)
-        return batch
-
-    scheduler.schedule = recording
+    batches = record_batches(llm)
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == reference
-    split = {id(seq) for seq in continued}  # prompts whose later chunks ran in later steps
+    split = {id(item.seq) for batch in batches if batch.is_prefill for item in batch.items
+             if item.start > item.seq.num_cached_tokens}  # prompts whose later chunks ran in later steps
     assert len(split) > len(prompts) // 2  # most of the prompts (1-110 tokens) were split into chunks of ≤ 16
 
 

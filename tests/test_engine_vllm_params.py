@@ -6,7 +6,7 @@ import torch
 
 from dsv2 import LLM, SamplingParams
 
-from helpers import TINY_LITE, tiny_checkpoint
+from helpers import TINY_LITE, prefill_tokens, record_batches, tiny_checkpoint
 
 PROMPT = [5, 17, 33, 60, 2, 9]
 
@@ -148,20 +148,12 @@ def test_a_prefill_step_counts_its_padded_tokens(tmp_path):
     (sequences × longest chunk) exceed max_num_batched_tokens, and the outputs stay those of one at a time."""
     path = tiny_checkpoint(tmp_path, TINY_LITE)
     engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=256, max_num_batched_tokens=256)
-    scheduler, steps = engine.engine.scheduler, []
-    schedule = scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        if batch is not None and batch.is_prefill:
-            steps.append((len(batch.items), max(item.end - item.start for item in batch.items)))
-        return batch
-
-    scheduler.schedule = recording
+    batches = record_batches(engine)
     prompts = [[5 + i, 6, 7] for i in range(6)] + [list(range(2, 202))] + [[9, 10 + i] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     together = [o.outputs[0].token_ids for o in engine.generate(prompt_token_ids=prompts, sampling_params=params,
                                                                  use_tqdm=False)]
+    steps = [(len(b.items), max(item.end - item.start for item in b.items)) for b in batches if b.is_prefill]
     assert steps and all(n * widest <= 256 for n, widest in steps), steps
     assert max(widest for _, widest in steps) > 100  # the long prompt ran in big chunks, not just crumbs
     alone = [one(engine, params, p).token_ids for p in prompts]
@@ -169,7 +161,7 @@ def test_a_prefill_step_counts_its_padded_tokens(tmp_path):
 
 
 def test_n_samples_compute_their_prompt_once(tmp_path):
-    """With n > 1 the other samples wait for sample 0's prefill, then take its blocks from the prefix cache: the
+    """With n > 1 the other samples, scheduled in the same step, take sample 0's blocks from the prefix cache: the
     prompt's full blocks are computed once, and the samples are what they are without prefix caching."""
     path = tiny_checkpoint(tmp_path, TINY_LITE)
     prompt = [(7 * i) % 400 + 2 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
@@ -177,18 +169,9 @@ def test_n_samples_compute_their_prompt_once(tmp_path):
     results = {}
     for caching in (True, False):
         engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128, enable_prefix_caching=caching)
-        scheduler, computed = engine.engine.scheduler, []
-        schedule = scheduler.schedule
-
-        def counting(schedule=schedule, computed=computed):
-            batch = schedule()
-            if batch is not None and batch.is_prefill:
-                computed.append(sum(item.end - item.start for item in batch.items))
-            return batch
-
-        scheduler.schedule = counting
+        batches = record_batches(engine)
         out = engine.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
-        results[caching] = ([c.token_ids for c in out.outputs], sum(computed))
+        results[caching] = ([c.token_ids for c in out.outputs], sum(prefill_tokens(batches)))
     assert results[True][0] == results[False][0]
     assert results[False][1] == 3 * 70
     assert results[True][1] == 70 + 2 * (70 - 64)  # the 64 tokens of 4 full blocks once
@@ -199,16 +182,7 @@ def test_running_answers_decode_between_prefill_steps(tmp_path):
     running decode in between, and the outputs are those of one request at a time."""
     path = tiny_checkpoint(tmp_path, TINY_LITE)
     engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=256, max_num_batched_tokens=32)
-    scheduler, kinds = engine.engine.scheduler, []
-    schedule = scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        if batch is not None:
-            kinds.append("prefill" if batch.is_prefill else "decode")
-        return batch
-
-    scheduler.schedule = recording
+    batches = record_batches(engine)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     short, long = [5, 6, 7], [(3 * i) % 300 + 2 for i in range(150)]  # the long one: 5 chunks of 32 tokens
     engine.engine.add_request("short", short, params)
@@ -217,6 +191,7 @@ def test_running_answers_decode_between_prefill_steps(tmp_path):
     outputs = {}
     while engine.engine.has_unfinished_requests():
         outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.engine.step() if o.finished})
+    kinds = ["prefill" if b.is_prefill else "decode" for b in batches]
     assert kinds.count("prefill") == 1 + 5 and "prefill,prefill" not in ",".join(kinds), kinds  # chunks between decodes
     assert outputs["short"] == one(engine, params, short).token_ids
     assert outputs["long"] == one(engine, params, long).token_ids
@@ -255,16 +230,6 @@ def test_prompts_of_one_step_share_their_common_blocks_and_a_failed_step_shares_
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     alone = [one(engine, params, p).token_ids for p in prompts]
     fresh = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128)
-    scheduler, computed = fresh.engine.scheduler, []
-    schedule = scheduler.schedule
-
-    def counting():
-        batch = schedule()
-        if batch is not None and batch.is_prefill:
-            computed.append(sum(item.end - item.start for item in batch.items))
-        return batch
-
-    scheduler.schedule = counting
     run = fresh.engine.runner.run
 
     def failing(*args):
@@ -275,7 +240,7 @@ def test_prompts_of_one_step_share_their_common_blocks_and_a_failed_step_shares_
         fresh.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert not fresh.engine.blocks.cached  # nothing of the failed step stays shareable
     fresh.engine.runner.run = run
-    computed.clear()
+    batches = record_batches(fresh)
     together = fresh.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in together] == alone
-    assert computed[0] == 67 + 3 * 3  # the common 64 tokens once, then each prompt's own 3
+    assert prefill_tokens(batches)[0] == 67 + 3 * 3  # the common 64 tokens once, then each prompt's own 3
