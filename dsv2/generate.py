@@ -73,7 +73,7 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     # row i draws from seed + i (as the engine's n samples do): seeded rows of one batch differ, and repeat
     rows = [SamplingRow.start(params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
                               prompt, device) for i, prompt in enumerate(prompts)]
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    stop_ids = params.stop_ids(eos_token_ids)
     done = [False] * B
     for step in range(max_new):
         tokens = sample(logits, rows)  # [B]
@@ -170,7 +170,7 @@ def stream(model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, prompt: str | Seq
     params, eos_ids, _ = _settings(model, kwargs.pop("eos_token_id", None), None, kwargs, len(ids))
     if not eos_ids and tokenizer.eos_token_id is not None:
         eos_ids = [tokenizer.eos_token_id]
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+    stop_ids = params.stop_ids(eos_ids)
     detokenizer = IncrementalDetokenizer(tokenizer, params.stop, skip_special_tokens)
     for step in decode_steps(model, [ids], params, eos_ids):
         if step.tokens[0] in stop_ids:  # the token that ends the answer adds no text (as in vLLM and OpenAI)

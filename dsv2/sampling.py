@@ -91,6 +91,10 @@ class SamplingParams:
         if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of != self.n):
             fail("best_of", f"only best_of = n ({self.n}) is supported: candidates are not ranked")
 
+    def stop_ids(self, eos_token_ids: Collection[int] = ()) -> set[int]:
+        """The token ids that end a sequence: ``stop_token_ids``, and EOS unless ``ignore_eos``."""
+        return {*self.stop_token_ids, *(() if self.ignore_eos else eos_token_ids)}
+
     def prompt_tail(self, prompt_token_ids: Sequence[int]) -> list[int]:
         """The prompt as it is served: its last ``truncate_prompt_tokens`` tokens when that is set."""
         k = self.truncate_prompt_tokens
@@ -123,8 +127,8 @@ class SamplingRow:
     def start(cls, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu",
               eos_token_ids: Collection[int] = ()) -> SamplingRow:
         generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        barred = tuple({*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)})
-        return cls(params, prompt_ids, [], generator, barred if params.min_tokens else ())
+        barred = tuple(params.stop_ids(eos_token_ids)) if params.min_tokens else ()
+        return cls(params, prompt_ids, [], generator, barred)
 
     @property
     def stops_barred(self) -> bool:

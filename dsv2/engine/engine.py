@@ -279,7 +279,7 @@ class LLMEngine:
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         """Whether ``token`` ends the sequence as a stop token id or EOS (its text is then left out, as vLLM does,
         unless ``include_stop_str_in_output``)."""
-        return token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos)
+        return token in seq.params.stop_ids(self.eos_token_ids)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         params = seq.params

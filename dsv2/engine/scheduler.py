@@ -86,15 +86,15 @@ class Scheduler:
     def _schedule_prefill(self) -> Batch | None:
         items: list[ScheduledSequence] = []
         for seq in self.running:  # sequences in the middle of a chunked prefill continue first
-            if self._room(items) and seq.num_tokens - seq.num_computed_tokens > 1:
-                item = self._chunk(seq, self._room(items))
+            if (room := self._room(items)) and seq.num_tokens - seq.num_computed_tokens > 1:
+                item = self._chunk(seq, room)
                 if item is None:  # no room to continue it: admitting newcomers would take what it waits for
                     return Batch(items, is_prefill=True) if items else None
                 items.append(item)
-        while self.waiting and self._room(items) and len(self.running) < self.max_num_seqs:
+        while self.waiting and (room := self._room(items)) and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.attach_prefix(seq)
-            item = self._chunk(seq, self._room(items))
+            item = self._chunk(seq, room)
             if item is None:  # no room in the cache (or the budget) yet: hand shared prefix blocks back
                 self.blocks.release(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0

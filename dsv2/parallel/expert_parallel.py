@@ -119,17 +119,20 @@ def keep_within_capacity(affinity: torch.Tensor, protected: torch.Tensor, capaci
     return kept
 
 
+def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelExperts]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
 def set_token_dropping(model: nn.Module, capacity_factor: float | None) -> None:
     """Device-level token dropping at ``capacity_factor`` (None: off) in every expert-parallel layer."""
-    for module in model.modules():
-        if isinstance(module, ExpertParallelExperts):
-            module.capacity_factor = capacity_factor
+    for layer in expert_parallel_layers(model):
+        layer.capacity_factor = capacity_factor
 
 
 @contextlib.contextmanager
 def protected_tokens(model: nn.Module, protected: torch.Tensor | None) -> Iterator[None]:
     """Within the block, the tokens marked in ``protected`` ([B, T] bool, the forward's input) are never dropped."""
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    layers = expert_parallel_layers(model)
     for layer in layers:
         layer.protected = None if protected is None else protected.flatten()
     try:
@@ -141,7 +144,7 @@ def protected_tokens(model: nn.Module, protected: torch.Tensor | None) -> Iterat
 
 def dropped_counts(model: nn.Module) -> tuple[int, int]:
     """(assignments dropped, assignments received) by this rank over its expert-parallel layers' last forward."""
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    layers = expert_parallel_layers(model)
     return sum(m.dropped for m in layers), sum(m.received for m in layers)
 
 

@@ -275,7 +275,9 @@ class Trainer:
             if not bool(m[:, -1].any()):  # padded rows (SFT): drop the columns after the last target
                 width = int(m.any(dim=0).nonzero().max()) + 1 if bool(m.any()) else 1
                 x, m = x[:, : width + 1], m[:, :width]
-            protected = self._protected_rows(rank * share + first, x.shape[0])[:, None].expand(-1, m.shape[1])
+            dropping = config.token_drop_capacity is not None
+            protected = self._protected_rows(rank * share + first, x.shape[0])[:, None].expand(-1, m.shape[1]) \
+                if dropping else None
             sync = first + micro >= share  # DDP all-reduces on the last micro-batch only
             context = contextlib.nullcontext() if sync or not isinstance(
                 self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
@@ -284,7 +286,8 @@ class Trainer:
                 with self._autocast(), protected_tokens(self.model, protected):
                     out = self.train_model(x[:, :-1], targets=x[:, 1:], target_weights=m * (ranks / targets_total),
                                            return_aux=True)
-                drops = [a + b for a, b in zip(drops, dropped_counts(self.model), strict=True)]
+                if dropping:
+                    drops = [a + b for a, b in zip(drops, dropped_counts(self.model), strict=True)]
                 ce_sum_micro = (out.token_loss * m).sum()
                 (out.loss + out.aux_loss * (micro / config.batch_size * ranks)).backward()
             ce_sum += ce_sum_micro.item()
