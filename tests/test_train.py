@@ -23,7 +23,7 @@ from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
 from dsv2.train.losses import device_balance_losses
 from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
 from dsv2.train.sft import ChatDataset, encode_conversation
-from dsv2.train.trainer import Trainer, TrainingStopped
+from dsv2.train.trainer import Trainer, TrainingStopped, build_model
 
 from helpers import CORPUS, make_tokenizer_files
 
@@ -131,6 +131,33 @@ def test_fused_optimizer_steps_like_the_plain_one():
             optimizer.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_an_expert_parallel_rank_initializes_only_its_experts_with_the_whole_models_values(corpus, tmp_path,
+                                                                                             monkeypatch):
+    """A preset under expert parallelism is built on the meta device and its experts sharded before anything is
+    allocated: rank 1 of 2 draws the values of experts 4-7 only, and they equal the 1-rank model's experts 4-7."""
+    import dsv2.model.transformer as transformer
+
+    drawn = {}
+    draw = transformer._seeded_normal_
+    monkeypatch.setattr(transformer, "_seeded_normal_", lambda param, *args: (
+        drawn.__setitem__(args[2], tuple(param.shape)), draw(param, *args)))
+    whole, _ = build_model(config(corpus, tmp_path / "one"), torch.device("cpu"))
+    assert drawn["model.layers.1.mlp.experts.gate_proj"] == (8, 32, 64)
+    drawn.clear()
+    rank_1, _ = build_model(config(corpus, tmp_path / "two", expert_parallel=2), torch.device("cpu"), rank=1,
+                            world_size=2)
+    assert drawn["model.layers.1.mlp.experts.gate_proj"] == (4, 32, 64)  # never the whole stack
+    whole_state, rank_state = whole.state_dict(), rank_1.state_dict()
+    assert whole_state.keys() == rank_state.keys()
+    for name, tensor in rank_state.items():
+        expected = whole_state[name][4:] if ".mlp.experts." in name else whole_state[name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+    std = whole_state["model.layers.0.self_attn.q_proj.weight"].std().item()
+    assert abs(std - 0.006) < 0.001 and (whole_state["model.norm.weight"] == 1).all()
+    reseeded, _ = build_model(config(corpus, tmp_path / "three", seed=1), torch.device("cpu"))
+    assert not torch.equal(reseeded.model.embed_tokens.weight, whole.model.embed_tokens.weight)
 
 
 def test_data_packing_order_and_split(corpus):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,16 +136,30 @@ class DeepseekV2ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def init_weights(self, std: float | None = None) -> None:
-        """Normal(0, std) for every matrix (default config.initializer_range), ones for the norms."""
+    def init_weights(self, std: float | None = None, seed: int | None = None) -> None:
+        """Normal(0, std) for every matrix (default config.initializer_range), ones for the norms, zeros for biases.
+
+        Without ``seed`` the matrices draw from torch's global generator, one after another. With it, each draws
+        from its own generator, seeded by (seed, the parameter's name), and each routed expert of a stacked
+        [E, …] tensor by (seed, name, the expert's index): the values do not depend on the device, on the order of
+        the parameters, or on which experts this model holds (an expert-parallel rank's slice, whose module says
+        where it starts with ``first_expert``, gets exactly the whole model's values of those experts)."""
         std = self.config.initializer_range if std is None else std
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(param)
-            else:
-                nn.init.normal_(param, mean=0.0, std=std)
+        done: set[int] = set()  # a tied weight is one parameter under two names: the first name counts
+        for module_name, module in self.named_modules():
+            for short_name, param in module.named_parameters(recurse=False):
+                if id(param) in done:
+                    continue
+                done.add(id(param))
+                name = f"{module_name}.{short_name}" if module_name else short_name
+                if name.endswith("norm.weight"):
+                    nn.init.ones_(param)
+                elif name.endswith(".bias"):
+                    nn.init.zeros_(param)
+                elif seed is None:
+                    nn.init.normal_(param, mean=0.0, std=std)
+                else:
+                    _seeded_normal_(param, std, seed, name, getattr(module, "first_expert", None))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, logits_at: torch.Tensor | None = None,
@@ -312,3 +327,18 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str, first_expert: int | None) -> None:
+    """Fill ``param`` with Normal(0, std) values drawn on the CPU in float32 from a generator seeded by (seed, name),
+    or, for a stack of routed experts whose first is expert ``first_expert``, each expert's [I, H] slice from one
+    seeded by (seed, name, its index)."""
+    if first_expert is None:
+        pieces = [(param, name)]
+    else:
+        pieces = [(param[i], f"{name}[{first_expert + i}]") for i in range(param.shape[0])]
+    with torch.no_grad():
+        for target, key in pieces:
+            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            target.copy_(torch.empty(target.shape).normal_(0.0, std, generator=generator))

@@ -47,7 +47,8 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"{experts.num_experts} routed experts cannot be split evenly over {world_size} ranks")
         self.num_experts, self.world_size, self.rank = experts.num_experts, world_size, rank
         self.local = experts.num_experts // world_size
-        owned = slice(rank * self.local, (rank + 1) * self.local)
+        self.first_expert = rank * self.local  # the index of gate_proj[0] among the layer's experts
+        owned = slice(self.first_expert, self.first_expert + self.local)
         self.gate_proj = nn.Parameter(experts.gate_proj.detach()[owned].clone())  # [E/world, I, H]
         self.up_proj = nn.Parameter(experts.up_proj.detach()[owned].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[owned].clone())

@@ -64,8 +64,10 @@ class Position:
 def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
                 world_size: int = 1) -> tuple[DeepseekV2ForCausalLM, Path | None]:
     """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is. With
-    expert parallelism a checkpoint is read as this rank's model: only its own routed experts are loaded (V2-Lite's
-    experts are ~58 of its ~63 GB in float32)."""
+    expert parallelism each rank holds only its own routed experts (V2-Lite's experts are ~58 of its ~63 GB in
+    float32): a preset is built on the meta device, its experts sharded, and only then allocated and initialized
+    (with the values the whole model would have: `init_weights` seeded per parameter and expert); a checkpoint is
+    read as this rank's model."""
     if config.model in PRESETS:
         model_config = ModelConfig.preset(config.model)
         if config.model_overrides:
@@ -73,9 +75,13 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
         model_config = model_config.replace(initializer_range=config.init_std)
         if config.aux_loss_alpha is not None:
             model_config = model_config.replace(aux_loss_alpha=config.aux_loss_alpha)
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            model = DeepseekV2ForCausalLM.from_config(model_config, dtype=torch.float32, device="cpu").to(device)
+        with torch.device("meta"):
+            model = DeepseekV2ForCausalLM(model_config)
+        if config.expert_parallel > 1:
+            shard_experts(model, rank, world_size)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty replaces parameters one module at a time, which unties them
+        model.init_weights(seed=config.seed)
         tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
     else:
         model = _load_for_training(config.model, config.expert_parallel, device, rank, world_size)
@@ -128,8 +134,8 @@ class Trainer:
                                   config.comm_balance_alpha)
         self.expert_params: list[str] = []
         if config.expert_parallel > 1:
-            self.expert_params = expert_parameter_names(self.model) or shard_experts(
-                self.model, self.dist.rank, self.dist.world_size)  # a checkpoint was loaded sharded already
+            self.expert_params = expert_parameter_names(self.model)  # build_model sharded them
+            assert self.expert_params, "build_model shards the experts under expert parallelism"
             set_token_dropping(self.model, config.token_drop_capacity)
         self.dataset = self._dataset()
         self.position = Position()
