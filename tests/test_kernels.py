@@ -344,6 +344,21 @@ def test_moe_decode_equals_the_torch_paths(monkeypatch, routing, tokens, dtype):
 
 
 @built
+def test_moe_decode_takes_a_gate_kept_in_float32(monkeypatch):
+    """The gate's scores are computed in float32 from whatever dtype its weight has: a bf16 layer whose gate was
+    kept in float32 routes as the torch path does."""
+    moe = randomize_(MoE(tiny_config(TINY_LITE)), std=0.2).to(torch.bfloat16).eval()
+    moe.gate.float()
+    x = torch.randn(1, 4, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert moe.decode_kernel_applies(x)
+        got, _ = moe(x, with_stats=False)
+        monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
+        want, _ = moe(x, with_stats=False)
+    assert_close_for(torch.bfloat16, got, want)
+
+
+@built
 def test_moe_decode_is_kept_out_of_training_and_large_batches():
     moe = randomize_(MoE(tiny_config(TINY_LITE)), std=0.2)
     x = torch.randn(1, 3, 64)

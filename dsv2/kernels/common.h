@@ -100,6 +100,15 @@ inline T* scratch(size_t n) {
 
 inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
 
+// 16 bf16 values as float32 (exact: a bf16 is the top half of a float32).
+inline __m512 widen_bf16(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
+// 16 values of x's dtype from p as float32 (exact).
+inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f32(const bf16* p) { return widen_bf16((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
 // DeepSeek-V2's RMSNorm over each row of x [B, n] in place: float32 statistics, cast to the dtype, times the weight.
 template <typename T>
 void rms_norm_rows(T* x, int64_t rows, int64_t n, int64_t stride, const T* weight, float eps) {

@@ -42,11 +42,6 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 16 bf16 values as float32 (exact: a bf16 is the top half of a float32).
-inline __m512 widen_bf16(__m256bh v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
-}
-
 // The 16 × 16 matrix whose rows are r[0..15], transposed in place: pairs of rows interleaved, then pairs of pairs,
 // then 128-bit blocks gathered.
 inline void transpose16(__m512* r) {
