@@ -133,10 +133,11 @@ def test_fused_optimizer_steps_like_the_plain_one():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_an_expert_parallel_rank_initializes_only_its_experts_with_the_whole_models_values(corpus, tmp_path,
-                                                                                             monkeypatch):
-    """A preset under expert parallelism is built on the meta device and its experts sharded before anything is
-    allocated: rank 1 of 2 draws the values of experts 4-7 only, and they equal the 1-rank model's experts 4-7."""
+def test_a_sharded_preset_is_allocated_only_as_its_shards_with_the_whole_models_values(corpus, tmp_path,
+                                                                                      monkeypatch):
+    """A preset is built on the meta device, its experts sharded (expert parallelism) and FSDP applied before
+    anything is allocated: rank 1 of 2 draws the values of experts 4-7 only, and they equal the 1-rank model's
+    experts 4-7 (FSDP's shards against 1 rank: tests/test_train_distributed.py)."""
     import dsv2.model.transformer as transformer
 
     drawn = {}
@@ -154,6 +155,10 @@ def test_an_expert_parallel_rank_initializes_only_its_experts_with_the_whole_mod
     for name, tensor in rank_state.items():
         expected = whole_state[name][4:] if ".mlp.experts." in name else whole_state[name]
         torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+    sharded_on = []  # FSDP's fully_shard (here a stand-in) gets the model before anything is allocated
+    build_model(config(corpus, tmp_path / "four"), torch.device("cpu"),
+                shard=lambda model: sharded_on.append({p.device.type for p in model.parameters()}))
+    assert sharded_on == [{"meta"}]
     std = whole_state["model.layers.0.self_attn.q_proj.weight"].std().item()
     assert abs(std - 0.006) < 0.001 and (whole_state["model.norm.weight"] == 1).all()
     reseeded, _ = build_model(config(corpus, tmp_path / "three", seed=1), torch.device("cpu"))

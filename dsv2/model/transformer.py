@@ -332,13 +332,21 @@ class DeepseekV2ForCausalLM(nn.Module):
 def _seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str, first_expert: int | None) -> None:
     """Fill ``param`` with Normal(0, std) values drawn on the CPU in float32 from a generator seeded by (seed, name),
     or, for a stack of routed experts whose first is expert ``first_expert``, each expert's [I, H] slice from one
-    seeded by (seed, name, its index)."""
+    seeded by (seed, name, its index). A DTensor (a parameter FSDP sharded before it was allocated) takes its own
+    part of the whole parameter's values."""
+
+    def draw(shape: torch.Size, key: str) -> torch.Tensor:
+        digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
     if first_expert is None:
-        pieces = [(param, name)]
+        values = draw(param.shape, name)
     else:
-        pieces = [(param[i], f"{name}[{first_expert + i}]") for i in range(param.shape[0])]
+        values = torch.stack([draw(param.shape[1:], f"{name}[{first_expert + i}]") for i in range(param.shape[0])])
+    if hasattr(param, "device_mesh"):  # a DTensor (FSDP's shard of the parameter): its own part of the values
+        from torch.distributed.tensor import distribute_tensor
+
+        values = distribute_tensor(values.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     with torch.no_grad():
-        for target, key in pieces:
-            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            target.copy_(torch.empty(target.shape).normal_(0.0, std, generator=generator))
+        param.copy_(values)

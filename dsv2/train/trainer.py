@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +62,16 @@ class Position:
     index: int = 0
 
 
-def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
-                world_size: int = 1) -> tuple[DeepseekV2ForCausalLM, Path | None]:
-    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is. With
-    expert parallelism each rank holds only its own routed experts (V2-Lite's experts are ~58 of its ~63 GB in
-    float32): a preset is built on the meta device, its experts sharded, and only then allocated and initialized
-    (with the values the whole model would have: `init_weights` seeded per parameter and expert); a checkpoint is
-    read as this rank's model."""
+def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1,
+                shard: Callable[[DeepseekV2ForCausalLM], None] | None = None,
+                ) -> tuple[DeepseekV2ForCausalLM, Path | None]:
+    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is.
+
+    A preset is built on the meta device, its experts sharded (expert parallelism: each rank holds only its own; they
+    are ~58 of V2-Lite's ~63 GB in float32) and ``shard`` applied (FSDP: `fully_shard_model`) before its weights are
+    allocated and drawn, with the values the whole model would have (`init_weights` seeded per parameter and
+    expert), so no rank ever holds the whole model. A checkpoint is read as this rank's model (with expert
+    parallelism, its own experts only), then ``shard`` is applied."""
     if config.model in PRESETS:
         model_config = ModelConfig.preset(config.model)
         if config.model_overrides:
@@ -79,12 +83,19 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0,
             model = DeepseekV2ForCausalLM(model_config)
         if config.expert_parallel > 1:
             shard_experts(model, rank, world_size)
+        tied = model_config.tie_word_embeddings  # to_empty would untie a head sharded with the embedding
+        if shard is not None and not tied:
+            shard(model)
         model.to_empty(device=device)
         model.tie_weights()  # to_empty replaces parameters one module at a time, which unties them
         model.init_weights(seed=config.seed)
+        if shard is not None and tied:
+            shard(model)
         tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
     else:
         model = _load_for_training(config.model, config.expert_parallel, device, rank, world_size)
+        if shard is not None:
+            shard(model)
         if config.aux_loss_alpha is not None:
             for module in model.modules():
                 if hasattr(module, "aux_loss_alpha"):
@@ -102,6 +113,18 @@ def _load_for_training(path: str | Path, expert_parallel: int, device: torch.dev
         return load_sharded(path, rank, world_size, expert_parallel=True, dtype=torch.float32, device=device,
                             data_parallel=True)
     return DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, device=device)
+
+
+def fully_shard_model(model: DeepseekV2ForCausalLM) -> None:
+    """FSDP2 over every decoder layer and the rest of the model, on the meta device or not; with expert parallelism
+    each rank's routed experts are already its own, and FSDP shards everything else."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(expert_parameter_names(model))
+    experts = {p for name, p in model.named_parameters() if name in names}
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params=experts & set(layer.parameters()) or None)
+    fully_shard(model, ignored_params=experts or None)
 
 
 # Settings a resumed run must share with its checkpoint: they decide the model and the data's order. (The length of
@@ -125,7 +148,9 @@ class Trainer:
         if config.expert_parallel > 1 and config.expert_parallel != self.dist.world_size:
             raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
                              f"({self.dist.world_size})")
-        self.model, self.tokenizer_dir = build_model(config, self.device, self.dist.rank, self.dist.world_size)
+        fsdp = self.dist.enabled and config.data_parallel == "fsdp"
+        self.model, self.tokenizer_dir = build_model(config, self.device, self.dist.rank, self.dist.world_size,
+                                                     shard=fully_shard_model if fsdp else None)
         self.model_config = self.model.config
         devices = config.expert_parallel
         if config.device_limit:
@@ -142,7 +167,7 @@ class Trainer:
         self.total_steps = config.total_steps(self.dataset.num_train)
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
-            self._load_weights(checkpoint)  # before data parallelism shards anything
+            self._load_weights(checkpoint)  # before DDP broadcasts rank 0's weights
         self.train_model = self._wrap_data_parallel()
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         if checkpoint is not None:
@@ -161,16 +186,7 @@ class Trainer:
                              self.config.seed)
 
     def _wrap_data_parallel(self) -> nn.Module:
-        if not self.dist.enabled:
-            return self.model
-        if self.config.data_parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            # expert parallel: each rank's routed experts are already its own; FSDP shards the rest
-            experts = {p for name, p in self.model.named_parameters() if name in set(self.expert_params)}
-            for layer in self.model.model.layers:
-                fully_shard(layer, ignored_params=experts & set(layer.parameters()) or None)
-            fully_shard(self.model, ignored_params=experts or None)
+        if not self.dist.enabled or self.config.data_parallel == "fsdp":  # build_model applied FSDP
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -199,6 +215,11 @@ class Trainer:
                     raise ValueError(f"{checkpoint} holds another model than this run's: {name} is "
                                      f"{None if source is None else list(source.shape)} there, {list(tensor.shape)} "
                                      "here; resume with the same model, or give another --out for a new run")
+                if hasattr(tensor, "device_mesh"):  # FSDP's shard (a DTensor): its own part of the tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    source = distribute_tensor(source.to(tensor.device), tensor.device_mesh, tensor.placements,
+                                               src_data_rank=None)
                 tensor.copy_(source)
         self.position = Position(**state["position"])
         torch.set_rng_state(load_state(checkpoint, self.dist.rank)["rng"])
