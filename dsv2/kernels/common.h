@@ -107,7 +107,9 @@ inline __m512 widen_bf16(__m256bh v) {
 
 // 16 values of x's dtype from p as float32 (exact).
 inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_f32(const bf16* p) { return widen_bf16((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load_f32(const bf16* p) {
+  return widen_bf16((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // DeepSeek-V2's RMSNorm over each row of x [B, n] in place: float32 statistics, cast to the dtype, times the weight.
 template <typename T>

@@ -344,9 +344,16 @@ def _seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str, first
         values = draw(param.shape, name)
     else:
         values = torch.stack([draw(param.shape[1:], f"{name}[{first_expert + i}]") for i in range(param.shape[0])])
-    if hasattr(param, "device_mesh"):  # a DTensor (FSDP's shard of the parameter): its own part of the values
+    copy_whole_(param, values)
+
+
+def copy_whole_(target: torch.Tensor, values: torch.Tensor) -> None:
+    """target.copy_(values) for values of the whole tensor, where target may be a DTensor (a parameter that FSDP
+    sharded): it takes its own part of them."""
+    if hasattr(target, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
-        values = distribute_tensor(values.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        values = distribute_tensor(values.to(target.device), target.device_mesh, target.placements,
+                                   src_data_rank=None)
     with torch.no_grad():
-        param.copy_(values)
+        target.copy_(values)

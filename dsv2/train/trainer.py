@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dsv2.config import DTYPES, PRESETS, ModelConfig
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
+from dsv2.model.transformer import copy_whole_
 from dsv2.parallel.expert_parallel import (
     dropped_counts,
     expert_parameter_names,
@@ -215,12 +216,7 @@ class Trainer:
                     raise ValueError(f"{checkpoint} holds another model than this run's: {name} is "
                                      f"{None if source is None else list(source.shape)} there, {list(tensor.shape)} "
                                      "here; resume with the same model, or give another --out for a new run")
-                if hasattr(tensor, "device_mesh"):  # FSDP's shard (a DTensor): its own part of the tensor
-                    from torch.distributed.tensor import distribute_tensor
-
-                    source = distribute_tensor(source.to(tensor.device), tensor.device_mesh, tensor.placements,
-                                               src_data_rank=None)
-                tensor.copy_(source)
+                copy_whole_(tensor, source)  # under FSDP, its shard's part
         self.position = Position(**state["position"])
         torch.set_rng_state(load_state(checkpoint, self.dist.rank)["rng"])
         if self.dist.is_main:
