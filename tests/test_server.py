@@ -11,6 +11,7 @@ import uuid
 
 import httpx
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -144,6 +145,32 @@ def test_streamed_logprobs_cover_every_token(client):
                                             seed=2, logprobs=1, stream=True, stop=["zz"],
                                             extra_body={"ignore_eos": True}))
     assert sum(len(p.choices[0].logprobs.tokens) for p in pieces if p.choices[0].logprobs) == 16
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, checkpoint, offline):
+    """The legacy scoring request (lm-evaluation-harness's local-completions loglikelihood: the prompt as token ids,
+    echo, logprobs=1, max_tokens=1): the prompt's tokens come back with their log-probabilities, the model's own (a
+    plain forward pass), then the generated token's; the first token has none. Streamed, the echo carries them."""
+    from dsv2 import DeepseekV2ForCausalLM
+
+    ids = offline.get_tokenizer().encode("An attention function can be described as mapping")
+    done = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    logprobs = done.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).log_softmax(-1)[0, :-1].gather(1, torch.tensor(ids[1:])[:, None])
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:len(ids)]), expected[:, 0], rtol=0, atol=1e-4)
+    assert all(len(top) == 1 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:], strict=True))
+    text = done.choices[0].text
+    assert "".join(logprobs.tokens[:len(ids)]) == offline.get_tokenizer().decode(ids) == text[:logprobs.text_offset[-1]]
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(ids) + 1)]
+    stream = list(client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    assert stream[0].choices[0].logprobs.token_logprobs == logprobs.token_logprobs[:len(ids)]
+    assert "".join(c.choices[0].text for c in stream) == text
 
 
 def test_vllm_sampling_extras(client, offline):

@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -215,16 +215,21 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         head = {"id": response_id, "created": now, "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(_completion_chunks(streams, prompts, head, req, include_usage)),
+            return StreamingResponse(sse(_completion_chunks(streams, prompts, head, req, include_usage,
+                                                            tokenizer.decode)),
                                      media_type="text/event-stream")
         finals = await _finals(streams, request)  # every prompt in the batch at once
         choices = []
-        for p, (final, (text, _)) in enumerate(zip(finals, prompts, strict=True)):
+        for p, (final, (text, ids)) in enumerate(zip(finals, prompts, strict=True)):
+            echoed = _echo_logprobs(ids, final, req.logprobs, tokenizer.decode) if req.echo else None
             for c in final.outputs:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = _completion_logprobs(c.logprobs, req.logprobs,
+                                                    offset=len(text) if req.echo else 0)
+                    logprobs = _joined(echoed, logprobs) if echoed else logprobs
                 choices.append({"index": p * req.n + c.index, "text": (text if req.echo else "") + c.text,
-                                "logprobs": _completion_logprobs(c.logprobs, req.logprobs) if req.logprobs is not None
-                                else None,
-                                "finish_reason": _finish(c)})
+                                "logprobs": logprobs, "finish_reason": _finish(c)})
         usage = {"prompt_tokens": sum(len(ids) for _, ids in prompts),
                  "completion_tokens": sum(len(c.token_ids) for f in finals for c in f.outputs)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -290,10 +295,13 @@ def _chat_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[
     return {"content": content}
 
 
-def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[str, Any] | None:
+def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0,
+                         offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions API's logprobs of the generated tokens from ``start`` on, their text offsets counted
+    from ``offset`` (the echoed prompt's length)."""
     if logprobs is None:
         return None
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    tokens, token_logprobs, top, offsets = [], [], [], []
     for entry in logprobs[start:]:
         chosen = entry[next(iter(entry))]
         tokens.append(chosen.decoded_token or "")
@@ -302,6 +310,28 @@ def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) ->
         offsets.append(offset)
         offset += len(chosen.decoded_token or "")
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _echo_logprobs(prompt_ids: list[int], output: RequestOutput, k: int | None,
+                   decode: Callable[[list[int]], str]) -> dict[str, Any] | None:
+    """The echoed prompt's part of the legacy logprobs (``echo`` with ``logprobs=k``): each prompt token, its
+    log-probability and the k likeliest at its position; the first token has none (null), as OpenAI's API answers."""
+    if k is None or output.prompt_logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for token, entry in zip(prompt_ids, output.prompt_logprobs, strict=True):
+        text = entry[token].decoded_token if entry else decode([token])
+        tokens.append(text or "")
+        token_logprobs.append(entry[token].logprob if entry else None)
+        top.append({(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)} if entry else None)
+        offsets.append(offset)
+        offset += len(text or "")
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _joined(first: dict[str, list], then: dict[str, list] | None) -> dict[str, list]:
+    """Two parts of the legacy logprobs, one after the other."""
+    return {key: first[key] + (then[key] if then else []) for key in first}
 
 
 async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int, include_usage: bool,
@@ -330,24 +360,35 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int
 
 
 async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompts: list[tuple[str, list[int]]],
-                             head: dict, req: CompletionRequest, include_usage: bool) -> AsyncIterator[dict]:
+                             head: dict, req: CompletionRequest, include_usage: bool,
+                             decode: Callable[[list[int]], str]) -> AsyncIterator[dict]:
     chunk = {**head, "object": "text_completion"}
     n = req.n
     sent_text, sent_tokens = {}, {}
     completion_tokens = 0
-    if req.echo:
+    scored = req.echo and req.logprobs is not None  # the echo waits for the prompt's logprobs (after its prefill)
+    echoed = set()
+    if req.echo and not scored:
         for p, (text, _) in enumerate(prompts):
             for i in range(n):
                 yield {**chunk, "choices": [{"index": p * n + i, "text": text, "logprobs": None,
                                              "finish_reason": None}]}
     async for p, out in merge(streams):
+        if scored and p not in echoed:
+            echoed.add(p)
+            text, ids = prompts[p]
+            logprobs = _echo_logprobs(ids, out, req.logprobs, decode)
+            for i in range(n):
+                yield {**chunk, "choices": [{"index": p * n + i, "text": text, "logprobs": logprobs,
+                                             "finish_reason": None}]}
         for c in out.outputs:
             index = p * n + c.index
             if sent_text.get(index) == -1:
                 continue
             delta = c.text[sent_text.get(index, 0):]
             if delta or c.finish_reason is not None:  # held-back tokens' logprobs come with the next text
-                logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0)) \
+                offset = len(prompts[p][0]) * req.echo + sent_text.get(index, 0)  # in the whole text
+                logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0), offset) \
                     if req.logprobs is not None else None
                 sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                 yield {**chunk, "choices": [{"index": index, "text": delta, "logprobs": logprobs,

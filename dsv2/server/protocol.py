@@ -7,6 +7,7 @@ ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output, skip_special
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -178,6 +179,14 @@ class CompletionRequest(_Sampling):
             return APIError(400, "'best_of' is not supported by this server", param="best_of",
                             code="unsupported_parameter")
         return super().unsupported()
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """With ``echo`` and ``logprobs`` the prompt's tokens get theirs too (the legacy completions API's scoring of
+        a text: lm-evaluation-harness's local-completions model asks for it)."""
+        params = super().sampling_params(max_tokens, logprobs)
+        if self.echo and logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=logprobs)
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids; prompts × n is at most MAX_SEQUENCES."""
