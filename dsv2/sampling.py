@@ -1,8 +1,8 @@
 """SamplingParams (vLLM's names and defaults) and a batched sampler with per-row parameters.
 
-Per row, in vLLM's order: repetition penalty (prompt + output tokens), presence/frequency penalties (output tokens),
-temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy. A row with a seed draws from its own
-generator, so its tokens do not depend on what else is in the batch.
+Per row, in vLLM's order: the logit bias, repetition penalty (prompt + output tokens), presence/frequency
+penalties (output tokens), temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy. A row with a seed
+draws from its own generator, so its tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
     best_of: int | None = None  # vLLM's candidates per prompt: only n (no ranking of extra candidates)
     spaces_between_special_tokens: bool = True  # vLLM's; accepted: the tokenizer's decoder places the spaces
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to these ids' logits (each in [-100, 100])
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -88,6 +89,10 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None and (not isinstance(self.truncate_prompt_tokens, int)
                                                         or self.truncate_prompt_tokens < 1):
             fail("truncate_prompt_tokens", "must be an integer >= 1")
+        if self.logit_bias is not None and any(
+                not isinstance(t, int) or t < 0 or isinstance(b, bool) or not isinstance(b, (int, float))
+                or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            fail("logit_bias", "must map token ids (integers >= 0) to biases in [-100, 100]")
         if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of != self.n):
             fail("best_of", f"only best_of = n ({self.n}) is supported: candidates are not ranked")
 
@@ -141,7 +146,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     """logits [B, V] → one token id per row [B], each row with its own parameters. Rows without a seed draw from
     ``generator`` (default: torch's global one)."""
     assert logits.shape[0] == len(rows)
-    logits = penalized(without_barred(logits.to(torch.float32), rows), rows)
+    logits = penalized(without_barred(biased(logits.to(torch.float32), rows), rows), rows)
     greedy_tokens = logits.max(dim=-1).indices  # [B]; argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
     if all(row.params.greedy for row in rows):
         return greedy_tokens
@@ -159,6 +164,16 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
             race[i].exponential_(generator=row.generator)
     sampled = (probs / race).max(dim=-1).indices  # [B]
     return torch.where(greedy, greedy_tokens, sampled)
+
+
+def biased(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits [B, V] with each row's ``logit_bias`` added (a copy if any row has one)."""
+    cells = [(i, t, b) for i, row in enumerate(rows) for t, b in (row.params.logit_bias or {}).items()]
+    if not cells:
+        return logits
+    at_rows, ids, biases = zip(*cells, strict=True)
+    index = (torch.tensor(at_rows, device=logits.device), torch.tensor(ids, device=logits.device))
+    return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
 def without_barred(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -84,6 +84,11 @@ def test_limits_and_unsupported_values_are_named(llm):
     with pytest.raises(ValueError, match="prompt_logprobs=50 is more than max_logprobs=20"):
         one(llm, SamplingParams(max_tokens=2, prompt_logprobs=50))
     assert one(llm, SamplingParams(max_tokens=2, logprobs=20)).logprobs  # the engine still serves
+    vocab = llm.engine.model.config.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias token ids must lie in \\[0, {vocab}\\); got {vocab}"):
+        one(llm, SamplingParams(max_tokens=2, logit_bias={vocab: 5.0}))
+    assert one(llm, SamplingParams(temperature=0, max_tokens=4, logit_bias={7: 100}, ignore_eos=True)).token_ids \
+        == [7] * 4
     with pytest.raises(ValueError, match="best_of"):
         SamplingParams(n=2, best_of=3)
     assert SamplingParams(n=2, best_of=2, spaces_between_special_tokens=False).best_of == 2

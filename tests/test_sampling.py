@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dsv2 import SamplingParams
-from dsv2.sampling import SamplingRow, filtered_probs, penalized, sample, top_logprobs
+from dsv2.sampling import SamplingRow, biased, filtered_probs, penalized, sample, top_logprobs
 
 V = 8
 
@@ -75,6 +75,18 @@ def test_penalties():
     # prompt tokens 0 and 1: repetition only (2.0 / 2, -1.0 × 2); output token 2 (twice): all three
     assert out[:3].tolist() == pytest.approx([1.0, -2.0, 0.25 - 0.5 - 0.5])
     assert out[3:].tolist() == logits[0, 3:].tolist()
+
+
+def test_logit_bias_is_added_per_row_before_the_penalties():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]] * 3)
+    forced, banned = SamplingParams(temperature=0, logit_bias={3: 100}), SamplingParams(temperature=0,
+                                                                                        logit_bias={0: -100})
+    assert sample(logits.clone(), rows(forced, banned, SamplingParams(temperature=0))).tolist() == [3, 4, 0]
+    assert (draws(logits[0], SamplingParams(temperature=1.0, logit_bias={1: 100.0}), n=200) == 1).all()
+    row = SamplingRow(SamplingParams(repetition_penalty=4.0, logit_bias={1: 3.0}), prompt_ids=[1])
+    assert penalized(biased(logits[:1], [row]), [row])[0, 1].item() == 0.5  # (-1 + 3) / 4, not -1 × 4 + 3
+    with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias"):
+        SamplingParams(logit_bias={5: 101})
 
 
 def test_logprobs_are_the_model_distribution():

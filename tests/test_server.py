@@ -173,6 +173,17 @@ def test_echo_with_logprobs_scores_the_prompt(client, checkpoint, offline):
     assert "".join(c.choices[0].text for c in stream) == text
 
 
+def test_logit_bias(client):
+    """OpenAI's logit_bias (token ids as string keys): +100 forces a token, in chat and completions."""
+    reply = client.chat.completions.create(model=NAME, messages=chat("hi"), max_tokens=3, temperature=0,
+                                           logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    done = client.completions.create(model=NAME, prompt=[5, 6], max_tokens=3, temperature=0, logprobs=0,
+                                     logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    token = client.completions.create(model=NAME, prompt=[7], max_tokens=1, echo=True, logprobs=0)
+    seven = token.choices[0].logprobs.tokens[0]
+    assert done.choices[0].logprobs.tokens == [seven] * 3 and reply.choices[0].message.content == seven * 3
+
+
 def test_vllm_sampling_extras(client, offline):
     """vLLM's extra fields (stop_token_ids, include_stop_str_in_output, min_tokens) give the offline engine's result."""
     prompt, params = "An attention function", {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
@@ -257,6 +268,11 @@ BAD = [
      400, "messages[0].content"),
     ("too many stop strings", {"model": NAME, "messages": chat("x"), "stop": ["a"] * 17}, 400, "stop"),
     ("guided_json", {"model": NAME, "messages": chat("x"), "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ("logit_bias key not a token id", {"model": NAME, "messages": chat("x"), "logit_bias": {"hello": 5}}, 400,
+     "logit_bias"),
+    ("logit_bias past the vocabulary", {"model": NAME, "messages": chat("x"), "logit_bias": {"99999": 5}}, 400,
+     None),
+    ("logit_bias past 100", {"model": NAME, "messages": chat("x"), "logit_bias": {"7": 101}}, 400, None),
 ]
 
 

@@ -154,8 +154,8 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request cannot be served: an empty or too long prompt, token ids outside the
-        vocabulary, more log-probabilities than ``max_logprobs``, stop strings without a tokenizer (or with
-        ``detokenize=False``). Reads only settings fixed at construction (thread-safe)."""
+        vocabulary (in the prompt or logit_bias), more log-probabilities than ``max_logprobs``, stop strings without
+        a tokenizer (or with ``detokenize=False``). Reads only settings fixed at construction (thread-safe)."""
         prompt_token_ids = params.prompt_tail(prompt_token_ids)
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it needs at least one token")
@@ -163,6 +163,9 @@ class LLMEngine:
         outside = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if outside:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {outside[0]}")
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab}); got {outside[0]}")
         limit = self.config.max_model_len
         if len(prompt_token_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is {limit} (prompt and "

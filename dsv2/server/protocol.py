@@ -101,9 +101,6 @@ class _Sampling(BaseModel):
             if value not in (None, [], {}, False) and value not in self.HARMLESS.get(name, ()):
                 return APIError(400, f"'{name}' is not supported by this server", param=name,
                                 code="unsupported_parameter")
-        if self.logit_bias:
-            return APIError(400, "'logit_bias' is not supported by this server", param="logit_bias",
-                            code="unsupported_parameter")
         return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -114,8 +111,21 @@ class _Sampling(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, max_tokens=max_tokens,
             stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens, logit_bias=self._token_biases(),
         )
+
+    def _token_biases(self) -> dict[int, float] | None:
+        """``logit_bias`` with its keys (token ids, as JSON object keys: strings) as integers."""
+        if self.logit_bias is None:
+            return None
+        biases = {}
+        for token, bias in self.logit_bias.items():
+            try:
+                biases[int(token)] = bias
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids; got {token!r}", param="logit_bias",
+                               code="invalid_value") from None
+        return biases
 
 
 class TextPart(BaseModel):
