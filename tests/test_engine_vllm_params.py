@@ -1,6 +1,8 @@
 """vLLM's sampling and engine arguments beyond the basics: stop tokens' text, min_tokens, logprob ranks, limits,
 prompt truncation, the engine seed, the keyword arguments of generate / chat, and the padded prefill budget."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -180,6 +182,23 @@ def test_n_samples_compute_their_prompt_once(tmp_path):
     assert results[True][0] == results[False][0]
     assert results[False][1] == 3 * 70
     assert results[True][1] == 70 + 2 * (70 - 64)  # the 64 tokens of 4 full blocks once
+
+
+def test_n_samples_with_prompt_logprobs_compute_their_prompt_once(tmp_path):
+    """The prompt's log-probabilities are the first sample's: the others still take its blocks from the prefix
+    cache (each would otherwise compute the whole prompt again to report values nobody reads)."""
+    path = tiny_checkpoint(tmp_path, TINY_LITE)
+    prompt = [(7 * i) % 400 + 2 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
+    engine = LLM(model=path, kv_cache_memory=4_000_000, max_model_len=128)
+    batches = record_batches(engine)
+    params = SamplingParams(n=3, temperature=0, max_tokens=2, prompt_logprobs=1, ignore_eos=True)
+    out = engine.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
+    assert sum(prefill_tokens(batches)) == 70 + 2 * 6  # the full blocks once, each sample's last 6 tokens
+    alone = engine.generate(prompt_token_ids=[prompt], sampling_params=dataclasses.replace(params, n=1),
+                            use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == 70 and out.prompt_logprobs[0] is None
+    assert [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)] == pytest.approx(
+        [e[t].logprob for e, t in zip(alone.prompt_logprobs[1:], prompt[1:], strict=True)], abs=1e-5)
 
 
 def test_running_answers_decode_between_prefill_steps(tmp_path):

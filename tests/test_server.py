@@ -171,6 +171,19 @@ def test_echo_with_logprobs_scores_the_prompt(client, checkpoint, offline):
                                             logprobs=1, stream=True))
     assert stream[0].choices[0].logprobs.token_logprobs == logprobs.token_logprobs[:len(ids)]
     assert "".join(c.choices[0].text for c in stream) == text
+    # a text prompt (BOS added, special) with characters of several bytes, n = 2, streamed or not: every offset is
+    # where the tokens before it end, the prompt's included
+    kwargs = dict(model=NAME, prompt="café 😀 naïve", max_tokens=5, temperature=0, echo=True, logprobs=2, n=2,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs)
+    pieces = list(client.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        lp = choice.logprobs
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        streamed = [c.choices[0].logprobs for c in pieces if c.choices and c.choices[0].index == choice.index
+                    and c.choices[0].logprobs]
+        assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+        assert [t for s in streamed for t in s.tokens] == lp.tokens
 
 
 def test_logit_bias(client):
@@ -273,6 +286,10 @@ BAD = [
     ("logit_bias past the vocabulary", {"model": NAME, "messages": chat("x"), "logit_bias": {"99999": 5}}, 400,
      None),
     ("logit_bias past 100", {"model": NAME, "messages": chat("x"), "logit_bias": {"7": 101}}, 400, None),
+    ("logit_bias key with a leading zero", {"model": NAME, "messages": chat("x"), "logit_bias": {"07": 5}}, 400,
+     "logit_bias"),
+    ("logit_bias of a string", {"model": NAME, "messages": chat("x"), "logit_bias": {"7": "5"}}, 400,
+     "logit_bias"),
 ]
 
 

@@ -137,6 +137,8 @@ class LLMEngine:
         seqs = []
         for index in range(params.n):
             seq_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+            if index > 0 and params.prompt_logprobs is not None:  # the request reports the first sample's; the
+                seq_params = dataclasses.replace(seq_params, prompt_logprobs=None)  # others may share its blocks
             seq = Sequence(
                 request_id=request_id, index=index, token_ids=list(prompt_token_ids),
                 num_prompt_tokens=len(prompt_token_ids), params=seq_params, max_tokens=max_tokens,
@@ -145,7 +147,7 @@ class LLMEngine:
                                                    params.include_stop_str_in_output)
                 if self.tokenizer is not None and params.detokenize else None,
                 logprobs=[] if params.logprobs is not None else None,
-                prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None,
+                prompt_logprobs=[None] * len(prompt_token_ids) if seq_params.prompt_logprobs is not None else None,
             )
             seqs.append(seq)
         for seq in seqs:  # all built first: a sample that cannot be made leaves none behind

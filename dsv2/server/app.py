@@ -225,8 +225,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
             for c in final.outputs:
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = _completion_logprobs(c.logprobs, req.logprobs,
-                                                    offset=len(text) if req.echo else 0)
+                    logprobs = _completion_logprobs(c.logprobs, req.logprobs, offset=_end_offset(echoed))
                     logprobs = _joined(echoed, logprobs) if echoed else logprobs
                 choices.append({"index": p * req.n + c.index, "text": (text if req.echo else "") + c.text,
                                 "logprobs": logprobs, "finish_reason": _finish(c)})
@@ -298,7 +297,7 @@ def _chat_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[
 def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0,
                          offset: int = 0) -> dict[str, Any] | None:
     """The legacy completions API's logprobs of the generated tokens from ``start`` on, their text offsets counted
-    from ``offset`` (the echoed prompt's length)."""
+    from ``offset`` (where the tokens before them end: the echoed prompt's, the earlier chunks')."""
     if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets = [], [], [], []
@@ -327,6 +326,14 @@ def _echo_logprobs(prompt_ids: list[int], output: RequestOutput, k: int | None,
         offsets.append(offset)
         offset += len(text or "")
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _end_offset(part: dict[str, list] | None) -> int:
+    """Where the text of a part of the legacy logprobs ends (0 for none): its tokens' texts laid end to end, which
+    is what every text offset counts, echoed prompt tokens included."""
+    if not part or not part["tokens"]:
+        return 0
+    return part["text_offset"][-1] + len(part["tokens"][-1])
 
 
 def _joined(first: dict[str, list], then: dict[str, list] | None) -> dict[str, list]:
@@ -364,7 +371,7 @@ async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompt
                              decode: Callable[[list[int]], str]) -> AsyncIterator[dict]:
     chunk = {**head, "object": "text_completion"}
     n = req.n
-    sent_text, sent_tokens = {}, {}
+    sent_text, sent_tokens, offsets = {}, {}, {}  # offsets: where each choice's tokens' texts end so far
     completion_tokens = 0
     scored = req.echo and req.logprobs is not None  # the echo waits for the prompt's logprobs (after its prefill)
     echoed = set()
@@ -379,6 +386,7 @@ async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompt
             text, ids = prompts[p]
             logprobs = _echo_logprobs(ids, out, req.logprobs, decode)
             for i in range(n):
+                offsets[p * n + i] = _end_offset(logprobs)
                 yield {**chunk, "choices": [{"index": p * n + i, "text": text, "logprobs": logprobs,
                                              "finish_reason": None}]}
         for c in out.outputs:
@@ -387,9 +395,11 @@ async def _completion_chunks(streams: list[AsyncIterator[RequestOutput]], prompt
                 continue
             delta = c.text[sent_text.get(index, 0):]
             if delta or c.finish_reason is not None:  # held-back tokens' logprobs come with the next text
-                offset = len(prompts[p][0]) * req.echo + sent_text.get(index, 0)  # in the whole text
-                logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0), offset) \
-                    if req.logprobs is not None else None
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = _completion_logprobs(c.logprobs, req.logprobs, sent_tokens.get(index, 0),
+                                                    offsets.get(index, 0))
+                    offsets[index] = _end_offset(logprobs) or offsets.get(index, 0)
                 sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                 yield {**chunk, "choices": [{"index": index, "text": delta, "logprobs": logprobs,
                                              "finish_reason": _finish(c)}]}

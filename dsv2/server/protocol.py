@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies (pydantic), checked strictly, and its error format.
 
-Fields that OpenAI defines but dsv2 cannot honour (tools, response formats, images, logit bias) are rejected with a
-400 that names them, rather than silently ignored. vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
+Fields that OpenAI defines but dsv2 cannot honour (tools, response formats, images) are rejected with a 400 that
+names them, rather than silently ignored. vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
 ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output, skip_special_tokens) are accepted.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from dsv2.sampling import SamplingParams
 
@@ -59,7 +59,7 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None  # token id (digits) → bias; no "5" or true
 
     @field_validator("n")
     @classmethod
@@ -120,11 +120,10 @@ class _Sampling(BaseModel):
             return None
         biases = {}
         for token, bias in self.logit_bias.items():
-            try:
-                biases[int(token)] = bias
-            except ValueError:
-                raise APIError(400, f"logit_bias keys must be token ids; got {token!r}", param="logit_bias",
-                               code="invalid_value") from None
+            if not (token.isascii() and token.isdigit() and str(int(token)) == token):  # no "07", " 7", "1_0"
+                raise APIError(400, f"logit_bias keys must be token ids (digits); got {token!r}", param="logit_bias",
+                               code="invalid_value")
+            biases[int(token)] = bias
         return biases
 
 

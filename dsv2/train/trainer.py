@@ -207,8 +207,10 @@ class Trainer:
             raise ValueError(f"{checkpoint} was written with " + ", ".join(f"{n}={saved[n]!r}" for n in changed)
                              + "; this run has " + ", ".join(f"{n}={now.get(n)!r}" for n in changed)
                              + ": resume with the same settings, or give another --out for a new run")
-        full = _load_for_training(checkpoint, self.config.expert_parallel, self.device, self.dist.rank,
-                                  self.dist.world_size).state_dict()  # with expert parallelism: this rank's experts
+        # with expert parallelism: this rank's experts; under FSDP on the CPU, each shard's part then to the device
+        device = torch.device("cpu") if self.config.data_parallel == "fsdp" and self.dist.enabled else self.device
+        full = _load_for_training(checkpoint, self.config.expert_parallel, device, self.dist.rank,
+                                  self.dist.world_size).state_dict()
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
                 source = full.get(name)
