@@ -341,10 +341,22 @@ def _seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str, first
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     if first_expert is None:
-        values = draw(param.shape, name)
+        copy_whole_(param, draw(param.shape, name))
+    elif _rows_sharded(param):  # FSDP's shard of a stack of experts: a run of whole experts, drawn alone
+        local = param.to_local()  # [experts here, I, H]: torch.chunk's split of dim 0, as FSDP shards it
+        first = param.device_mesh.get_local_rank() * -(-param.shape[0] // param.device_mesh.size())
+        with torch.no_grad():
+            for i in range(local.shape[0]):
+                local[i].copy_(draw(local.shape[1:], f"{name}[{first_expert + first + i}]"))
     else:
-        values = torch.stack([draw(param.shape[1:], f"{name}[{first_expert + i}]") for i in range(param.shape[0])])
-    copy_whole_(param, values)
+        copy_whole_(param, torch.stack([draw(param.shape[1:], f"{name}[{first_expert + i}]")
+                                        for i in range(param.shape[0])]))
+
+
+def _rows_sharded(param: torch.Tensor) -> bool:
+    """Whether param is a DTensor split along dim 0 over a 1-d mesh (FSDP's sharding), nothing else."""
+    placements = getattr(param, "placements", None)
+    return placements is not None and len(placements) == 1 and placements[0].is_shard(0)
 
 
 def copy_whole_(target: torch.Tensor, values: torch.Tensor) -> None:
