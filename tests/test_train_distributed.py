@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from dsv2 import DeepseekV2ForCausalLM
 from dsv2.train.config import TrainConfig
-from dsv2.train.trainer import Trainer
+from dsv2.train.trainer import Trainer, build_model, fully_shard_model
 
 from helpers import free_port
 from test_train import TINY, corpus, losses  # noqa: F401  (corpus: the fixture)
@@ -138,3 +138,33 @@ def test_expert_parallel_training_from_a_checkpoint_loads_each_ranks_experts(cor
     longer = settings(corpus, tmp_path / "two", expert_parallel=2, **{**start, "steps": 6})  # resumes from step 5
     mp.spawn(_rank_loading_only_its_experts, args=(2, free_port(), longer), nprocs=2, join=True)
     assert len(losses(tmp_path / "two")) == 6
+
+
+def _rank_building_a_sharded_preset(rank: int, world: int, port: int, config: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model, _ = build_model(TrainConfig.load(None, **config), torch.device("cpu"), rank, world,
+                               shard=fully_shard_model)
+        whole = {name: p.full_tensor() for name, p in model.named_parameters()}  # every rank takes part
+        if rank == 0:
+            torch.save((whole, model.lm_head.weight is model.model.embed_tokens.weight), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_shards_of_a_preset_over_3_ranks_hold_the_whole_models_values(corpus, tmp_path, tied):  # noqa: F811
+    """FSDP applied on the meta device, then drawn: over 3 ranks (uneven shards: 8 experts as 3/3/2, a vocabulary of
+    515 rows) the gathered parameters equal the 1-rank model's bit for bit, and a tied head stays tied."""
+    config = settings(corpus, tmp_path / "run", data_parallel="fsdp",
+                      model_overrides={**TINY, "vocab_size": 515, "tie_word_embeddings": tied})
+    mp.spawn(_rank_building_a_sharded_preset, args=(3, free_port(), config, str(tmp_path / "whole.pt")), nprocs=3,
+             join=True)
+    gathered, still_tied = torch.load(tmp_path / "whole.pt")
+    one, _ = build_model(TrainConfig.load(None, **config), torch.device("cpu"))
+    expected = dict(one.named_parameters())
+    assert gathered.keys() == expected.keys() and still_tied == tied
+    for name, tensor in expected.items():
+        assert torch.equal(gathered[name], tensor.detach()), name
