@@ -464,6 +464,14 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
         handle.remove()
     assert seen == [(rows, 1, config.hidden_size)] and calls["mla_decode"] == 3 and "decode_layers" not in calls
     calls.clear()
+    normed = []  # a hook on the final norm runs: the one call leaves that norm to the module
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: normed.append(args[0].shape))
+    try:
+        norm_hooked, _ = step(whole=True)
+    finally:
+        handle.remove()
+    assert normed == [(rows, 1, config.hidden_size)] and calls == {"decode_layers": 1, "small_matmul": 1}
+    assert_close_for(dtype, norm_hooked, got)  # the kernel's norm against RMSNorm's (float32 sums in other orders)
     calls.clear()
     want, want_latents = step(whole=False)
     assert calls["mla_decode"] == 3 and calls["moe_decode"] == 2 and "decode_layers" not in calls

@@ -7,6 +7,7 @@
 //            the same order): None where a layer has no such weight (q_proj or q_a_proj/q_a_norm/q_b_proj; a dense
 //            layer has no gate and no routed experts, and its MLP takes the shared experts' slots)
 //   cache    [layers, slots, r + d_R]: each layer's latent cache, read and written by the step's slots
+//   final_norm  the model's last RMSNorm (eps final_eps), applied to the result when given
 #include <torch/library.h>
 
 #include <optional>
@@ -28,7 +29,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
                          const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
                          const std::vector<std::optional<at::Tensor>>& weights, double eps, double scale,
                          int64_t top_k, bool group_limited, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                         double routed_scaling_factor) {
+                         double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps) {
   const int64_t layers = cache.dim() == 3 ? cache.size(0) : -1;
   TORCH_CHECK(h_in.dim() == 2 && layers >= 1 && static_cast<int64_t>(weights.size()) == layers * LAYER_SLOTS,
               "decode_layers: h [B, H], cache [layers, slots, r + d_R] and ", LAYER_SLOTS,
@@ -50,6 +51,10 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     else
       h = mlp_decode(h, required(SHARED_GATE), required(SHARED_UP), required(SHARED_DOWN), required(POST_NORM), eps);
   }
+  if (final_norm) {  // h is the last layer's fresh sum: normed in place
+    h = h.contiguous();
+    rms_norm_(h, *final_norm, final_eps);
+  }
   return h;
 }
 
@@ -59,7 +64,8 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def(
       "decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor(a!) cache, Tensor write_slots, Tensor read_slots, "
       "Tensor lengths, Tensor?[] weights, float eps, float scale, int top_k, bool group_limited, int n_group, "
-      "int topk_group, bool norm_topk_prob, float routed_scaling_factor) -> Tensor");
+      "int topk_group, bool norm_topk_prob, float routed_scaling_factor, Tensor? final_norm=None, "
+      "float final_eps=1e-6) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }

@@ -26,6 +26,7 @@ from torch.nn.modules import module as torch_module
 
 from dsv2 import kernels
 from dsv2.model.moe import MoE
+from dsv2.model.norm import RMSNorm
 
 if TYPE_CHECKING:
     from dsv2.model.attention import MultiHeadLatentAttention
@@ -62,6 +63,7 @@ class DecodePlan:
     routing: tuple[int, bool, int, int, bool, float]  # MoE.routing_args of every MoE layer
     eps: float
     softmax_scale: float
+    final_norm: bool  # whether the call may apply the model's final norm (an RMSNorm in the step's dtype)
 
     def refresh(self) -> list[torch.Tensor | None]:
         """The weights with each attention's current absorbed W_UKᵀ and W_UV (after its slot, W_UV)."""
@@ -105,5 +107,7 @@ class DecodePlans:
         absorbed = [(layer.self_attn, i * len(DECODE_LAYER_SLOTS) + w_uk_t) for i, layer in enumerate(layers)]
         routing = next((layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)),
                        (1, False, 1, 1, False, 1.0))  # no MoE layer: unused
-        attention = layers[0].self_attn
-        return DecodePlan(weights, absorbed, routing, attention.kv_a_layernorm.eps, attention.softmax_scale)
+        attention, norm = layers[0].self_attn, model.model.norm
+        final_norm = type(norm) is RMSNorm and norm.weight.dtype == h.dtype
+        return DecodePlan(weights, absorbed, routing, attention.kv_a_layernorm.eps, attention.softmax_scale,
+                          final_norm)

@@ -185,8 +185,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         moe_stats = []
         plan = self.decode_plan(h, cache) if T == 1 and cache is not None and not with_aux else None
+        normed = False
         if plan is not None:
-            h = self.decode_layers(h, cos, sin, positions, cache, plan)
+            h, normed = self.decode_layers(h, cos, sin, positions, cache, plan)
         else:
             for layer in self.model.layers:
                 h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
@@ -196,7 +197,8 @@ class DeepseekV2ForCausalLM(nn.Module):
             cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, H]
-        h = self.model.norm(h)  # [B, T or K, H]
+        if not normed:
+            h = self.model.norm(h)  # [B, T or K, H]
         loss = token_loss = logits = None
         if targets is not None:
             loss, token_loss = linear_cross_entropy(
@@ -309,13 +311,17 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self._decode_plans.get(self, h, cache)
 
     def decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                      cache: LatentCache, plan: DecodePlan) -> torch.Tensor:
+                      cache: LatentCache, plan: DecodePlan) -> tuple[torch.Tensor, bool]:
         """A decoding step through every layer in one kernel call (`decode_layers`), what the layers' own kernel
-        calls compute: h [B, 1, H] → [B, 1, H], with the step's `decode_plan`."""
+        calls compute: h [B, 1, H] → [B, 1, H], with the step's `decode_plan`; and whether the call applied the
+        final norm too (where the plan allows and no hook on it must run: ~0.15 ms of small torch operations)."""
         cache_layers, write_slots, read_slots, lengths = cache.step_layers(positions)
+        norm = self.model.norm
+        fold = plan.final_norm and not (norm._forward_hooks or norm._forward_pre_hooks)
         out = kernels.cpu_ops().decode_layers(h[:, 0], cos[:, 0], sin[:, 0], cache_layers, write_slots, read_slots,
-                                              lengths, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing)
-        return out[:, None]  # [B, 1, H]
+                                              lengths, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
+                                              norm.weight if fold else None, norm.eps)
+        return out[:, None], fold  # [B, 1, H]
 
     @property
     def device(self) -> torch.device:
