@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -300,15 +300,9 @@ def _completion_logprobs(logprobs: list[dict] | None, k: int, start: int = 0,
     from ``offset`` (where the tokens before them end: the echoed prompt's, the earlier chunks')."""
     if logprobs is None:
         return None
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for entry in logprobs[start:]:
-        chosen = entry[next(iter(entry))]
-        tokens.append(chosen.decoded_token or "")
-        token_logprobs.append(chosen.logprob)
-        top.append({(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)})
-        offsets.append(offset)
-        offset += len(chosen.decoded_token or "")
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    chosen = (entry[next(iter(entry))] for entry in logprobs[start:])  # an entry's first key: the drawn token
+    return _legacy_logprobs(((lp.decoded_token or "", lp.logprob, _likeliest(entry, k))
+                             for lp, entry in zip(chosen, logprobs[start:], strict=True)), offset)
 
 
 def _echo_logprobs(prompt_ids: list[int], output: RequestOutput, k: int | None,
@@ -317,14 +311,27 @@ def _echo_logprobs(prompt_ids: list[int], output: RequestOutput, k: int | None,
     log-probability and the k likeliest at its position; the first token has none (null), as OpenAI's API answers."""
     if k is None or output.prompt_logprobs is None:
         return None
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
-    for token, entry in zip(prompt_ids, output.prompt_logprobs, strict=True):
-        text = entry[token].decoded_token if entry else decode([token])
-        tokens.append(text or "")
-        token_logprobs.append(entry[token].logprob if entry else None)
-        top.append({(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)} if entry else None)
+    return _legacy_logprobs((entry[token].decoded_token or "", entry[token].logprob, _likeliest(entry, k))
+                            if entry else (decode([token]), None, None)
+                            for token, entry in zip(prompt_ids, output.prompt_logprobs, strict=True))
+
+
+def _likeliest(entry: dict, k: int) -> dict[str, float]:
+    """The legacy API's top_logprobs of one position: the k likeliest tokens' texts → their log-probabilities."""
+    return {(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)}
+
+
+def _legacy_logprobs(entries: Iterable[tuple[str, float | None, dict[str, float] | None]],
+                     offset: int = 0) -> dict[str, Any]:
+    """The legacy API's logprobs object of (token text, its log-probability, top_logprobs) entries, each token's
+    text offset where the texts before it end (from ``offset``)."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for text, logprob, likeliest in entries:
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        top.append(likeliest)
         offsets.append(offset)
-        offset += len(text or "")
+        offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
