@@ -98,6 +98,20 @@ def test_abort_frees_every_block(checkpoint, prompts):
     assert engine.abort_request("r0") is None  # already gone
 
 
+def test_aborting_a_waiting_request_leaves_the_others_queued(checkpoint, prompts):
+    """An aborted request behind others in the queue leaves it; the ones before and after it still run."""
+    llm = LLM(model=checkpoint, kv_cache_memory=4_000_000)
+    engine = llm.engine
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert engine.abort_request("r1").outputs[0].finish_reason == "abort"
+    assert [seq.request_id for seq in engine.scheduler.waiting] == ["r0", "r2"]
+    finished = set()
+    while engine.has_unfinished_requests():
+        finished |= {out.request_id for out in engine.step() if out.finished}
+    assert finished == {"r0", "r2"} and engine.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_seeded_sampling_repeats_whatever_the_batch(checkpoint, prompts):
     llm = LLM(model=checkpoint, kv_cache_memory=4_000_000)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=10, ignore_eos=True)

@@ -149,6 +149,6 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
-            self.waiting.popleft()
+            self.waiting.remove(seq)
         self.blocks.release(seq)
         seq.status = Status.FINISHED

@@ -25,7 +25,7 @@ class Logprob:
     decoded_token: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is one object: the scheduler's queues find it by identity
 class Sequence:
     """``token_ids`` = prompt + output. Tokens [0, num_computed_tokens) have their latents in the cache; a step
     computes the next chunk, and when that chunk reaches the last token, samples one more."""
