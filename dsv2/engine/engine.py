@@ -254,10 +254,7 @@ class LLMEngine:
             seq.first_token_time = seq.first_token_time or now
             if seq.logprobs is not None:
                 k = seq.params.logprobs
-                entry = {token: Logprob(chosen[n], ranks[n], self._decode_one(token))}
-                for rank, (tid, value) in enumerate(zip(top_ids[n][:k], top_values[n][:k], strict=True), start=1):
-                    entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
-                seq.logprobs.append(entry)
+                seq.logprobs.append(self._logprob_entry(token, chosen[n], ranks[n], top_ids[n][:k], top_values[n][:k]))
                 seq.cumulative_logprob += chosen[n]
             if seq.detokenizer is not None and not (self._is_stop_token(seq, token)
                                                     and not seq.params.include_stop_str_in_output):
@@ -272,11 +269,17 @@ class LLMEngine:
         chosen, top_ids, top_values = (t.tolist() for t in top_logprobs(logits, targets, k))
         ranks = token_ranks(logits, targets).tolist()
         for n, p in enumerate(positions):
-            token = seq.token_ids[p + 1]
-            entry = {token: Logprob(chosen[n], ranks[n], self._decode_one(token))}
-            for rank, (tid, value) in enumerate(zip(top_ids[n], top_values[n], strict=True), start=1):
-                entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
-            seq.prompt_logprobs[p + 1] = entry
+            seq.prompt_logprobs[p + 1] = self._logprob_entry(seq.token_ids[p + 1], chosen[n], ranks[n], top_ids[n],
+                                                             top_values[n])
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int],
+                       top_values: list[float]) -> dict[int, Logprob]:
+        """One position's logprobs as vLLM reports them: the token's (first, with its true rank), then the most
+        likely ones not already in."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for top_rank, (tid, value) in enumerate(zip(top_ids, top_values, strict=True), start=1):
+            entry.setdefault(tid, Logprob(value, top_rank, self._decode_one(tid)))
+        return entry
 
     def _decode_one(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
