@@ -11,8 +11,8 @@
 
 #include <atomic>
 #include <cmath>
-#include <functional>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace dsv2_cpu {
@@ -90,7 +90,8 @@ void parallel_tasks(int64_t n, int64_t grain, const F& fn) {
 
 // A buffer of at least n values for this thread, kept for its next calls: no allocation, page faults or zeroing per
 // call (its contents are whatever the last call left). Tag tells buffers of one type apart: each kernel uses its own
-// tags (latent_attention 0-9, routed_experts 10-19), one per buffer a call holds at once.
+// tags (latent_attention 0-9, routed_experts 10-19, small_matmul 20-29, mla_out 30-39, moe_out 40-49,
+// add_residual 50-59, decode_layers 60-69), one per buffer a call holds at once.
 template <typename T, int Tag>
 inline T* scratch(size_t n) {
   thread_local std::vector<T> buffer;
@@ -124,24 +125,27 @@ void rms_norm_rows(T* x, int64_t rows, int64_t n, int64_t stride, const T* weigh
   }
 }
 
-// RMSNorm in place over the rows of x [B, n] (contiguous), weight [n] of x's dtype (bf16 or float32).
-inline void rms_norm_(at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1),
-              "rms_norm: contiguous rows and a weight of their size and dtype");
-  const auto w = weight.contiguous();
-  const int64_t n = x.size(-1), rows = x.numel() / n;
-  if (x.scalar_type() == at::kBFloat16)
-    rms_norm_rows(x.data_ptr<bf16>(), rows, n, n, w.data_ptr<bf16>(), static_cast<float>(eps));
-  else
-    rms_norm_rows(x.data_ptr<float>(), rows, n, n, w.data_ptr<float>(), static_cast<float>(eps));
+// A weight's values for a raw-pointer kernel: contiguous, on the CPU, of T and of `numel` values (else an error that
+// starts with `what`).
+template <typename T>
+const T* weight_data(const at::Tensor& t, int64_t numel, const char* what) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                  t.numel() == numel,
+              what, ": contiguous on the CPU, in x's dtype, of ", numel, " values; got ", t.sizes(), " ",
+              t.scalar_type());
+  return t.data_ptr<T>();
 }
 
-// A decoder layer's residual step for rows of h [B, H]: h + f(norm(h)), the sum rounded to h's dtype.
-inline at::Tensor residual_of(const at::Tensor& h, const at::Tensor& norm_weight, double eps,
-                              const std::function<at::Tensor(const at::Tensor&)>& f) {
-  auto normed = h.contiguous().clone();
-  rms_norm_(normed, norm_weight, eps);
-  return f(normed).add_(h);
+// A decoder layer's residual step for rows of h [B, H] in place: h + f(norm(h)), the sum rounded to h's dtype.
+// f(normed, out) writes its [B, H] result to out.
+template <typename T, typename F>
+void add_residual(T* h, int64_t B, int64_t H, const T* norm_weight, float eps, const F& f) {
+  T* normed = scratch<T, 50>(B * H);
+  T* out = scratch<T, 51>(B * H);
+  std::copy(h, h + B * H, normed);
+  rms_norm_rows(normed, B, H, H, norm_weight, eps);
+  f(static_cast<const T*>(normed), out);
+  for (int64_t i = 0; i < B * H; ++i) h[i] = static_cast<T>(static_cast<float>(out[i]) + static_cast<float>(h[i]));
 }
 
 // Register tiles of dot products against weights stored [N, K] (small_matmul; routed_experts in float32).
@@ -272,13 +276,100 @@ inline void tile_any(const typename Step::T* w, const typename Step::T* const* x
   }
 }
 
+// A product of a few rows with a weight as stored, on raw pointers: out[g][m][n] = Σ_k x[g·x_g + m·x_m + k] ·
+// w[(g·N + n)·K + k], for g < G, m < M, n < N; out contiguous [G, M, N], w contiguous [G, N, K].
+template <typename T>
+struct Product {
+  const T* x;
+  int64_t G, M, K, x_g, x_m;
+  const T* w;
+  int64_t N;
+  T* out;
+};
+
 // The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp, mla_decode.cpp,
-// moe_decode.cpp).
+// moe_decode.cpp), each on tensors (an operator's checks and conversions) and, for the decoding step's own calls, on
+// raw pointers to contiguous data (no torch operation: ~1 µs each, ~80 per layer of a decoding step otherwise).
+template <typename T>
+void small_matmul(const Product<T>& p);  // bf16 and float32; K a multiple of K_MULTIPLE<T>
+
+// What a product's K must be a multiple of: one register of values.
+template <typename T>
+constexpr int64_t K_MULTIPLE = std::is_same_v<T, bf16> ? 32 : 16;
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& weight);
+// MLA's absorbed attention of B sequences' queries q [B, heads, D] over one layer's cache rows [num_slots, D] (row
+// stride row_stride): sequence b attends to the rows slots[b·S + s], s < lengths[b]; → out [B, heads, r].
+template <typename T>
+struct Attention {
+  const T* q;
+  int64_t B, heads, D;
+  const T* cache;
+  int64_t num_slots, row_stride;
+  const int64_t* slots;
+  int64_t S;
+  const int64_t* lengths;
+  int64_t r;
+  float scale;
+  T* out;
+};
+
+template <typename T>
+void latent_attention(const Attention<T>& a);  // D a multiple of 32, r of 16
 at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& slots,
                             const at::Tensor& lengths, int64_t value_dim, double scale);
+// A step's routed experts for N tokens x [N, H]: token n goes to the experts ids[n·k + slot] (others' ids: skipped)
+// with the combine weights weights[n·k + slot]; gate and up [E, I, H], down [E, H, I]; → out [N, H] float32 sums.
+template <typename T>
+struct RoutedExperts {
+  const T* x;
+  int64_t N, H;
+  const int64_t* ids;
+  const float* weights;
+  int64_t k;
+  const T *gate, *up, *down;
+  int64_t E, I;
+  float* out;
+};
+
+template <typename T>
+void routed_experts(const RoutedExperts<T>& p);  // H and I multiples of 32
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
                           const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
+// What every layer of a decoding step shares: each row's RoPE cos/sin [B, d_R/2] (float32), write slot [B], read
+// slots [B, S] and length [B]; the norms' eps and the attention's softmax scale.
+struct DecodeRows {
+  const float *cos, *sin;
+  const int64_t* write_slots;
+  const int64_t* read_slots;
+  int64_t S;
+  const int64_t* lengths;
+  float eps, scale;
+};
+
+// One layer's MLA weights (contiguous, x's dtype): q_proj, or q_a_proj / q_a_norm / q_b_proj (q_rank rows); and its
+// cache rows [num_slots, r + d_R] (row stride row_stride).
+template <typename T>
+struct MlaLayer {
+  const T *q_proj, *q_a_proj, *q_a_norm, *q_b_proj;  // the ones a layer lacks: nullptr
+  int64_t q_rank;
+  const T *kv_a_proj, *kv_a_norm, *w_uk_t, *w_uv, *o_proj;
+  int64_t hidden, heads, r, nope, rope_dim, v;
+  T* cache;
+  int64_t num_slots, row_stride;
+};
+
+// The layer from its tensors, the sizes checked against each other (mla_decode.cpp).
+template <typename T>
+MlaLayer<T> mla_layer(const std::optional<at::Tensor>& q_proj, const std::optional<at::Tensor>& q_a_proj,
+                      const std::optional<at::Tensor>& q_a_norm, const std::optional<at::Tensor>& q_b_proj,
+                      const at::Tensor& kv_a_proj, const at::Tensor& kv_a_norm, const at::Tensor& w_uk_t,
+                      const at::Tensor& w_uv, const at::Tensor& o_proj, const at::Tensor& cache);
+
+// The attention half of a decoding step for rows x [B, H] (normed): out [B, H] = W_O · attention(x); writes each
+// row's latent to the cache.
+template <typename T>
+void mla_out(const MlaLayer<T>& L, const DecodeRows& rows, const T* x, int64_t B, T* out);
+
 at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_proj,
                       const std::optional<at::Tensor>& q_a_proj, const std::optional<at::Tensor>& q_a_norm,
                       const std::optional<at::Tensor>& q_b_proj, const at::Tensor& kv_a_proj,
@@ -286,6 +377,51 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
                       const at::Tensor& o_proj, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
                       const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
                       double eps, double scale, const std::optional<at::Tensor>& input_norm);
+// A MoE layer's routing settings (MoEGate's).
+struct Routing {
+  int64_t top_k;
+  bool group_limited;
+  int64_t n_group, topk_group;
+  bool norm_topk_prob;
+  double scaling;  // routed_scaling_factor
+};
+
+// A SwiGLU MLP's weights (contiguous, x's dtype): gate and up [I, H], down [H, I].
+template <typename T>
+struct MlpLayer {
+  const T *gate, *up, *down;
+  int64_t hidden, inter;
+};
+
+// One MoE layer's weights: the gate's [E, H] (bf16 or float32 whatever x's dtype), the routed experts' (gate and up
+// [E, I, H], down [E, H, I]) and the shared experts' (nullptr where the layer has none), contiguous in x's dtype.
+template <typename T>
+struct MoeLayer {
+  const void* gate;
+  bool gate_bf16;
+  int64_t hidden, experts;
+  Routing routing;
+  const T *expert_gate, *expert_up, *expert_down;
+  int64_t expert_inter;
+  const T *shared_gate, *shared_up, *shared_down;
+  int64_t shared_inter;
+};
+
+// The layers from their tensors, the sizes checked against each other (moe_decode.cpp); what: the error's start.
+template <typename T>
+MlpLayer<T> mlp_layer(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down, const char* what);
+template <typename T>
+MoeLayer<T> moe_layer(const at::Tensor& gate_weight, const Routing& routing, const at::Tensor& expert_gate,
+                      const at::Tensor& expert_up, const at::Tensor& expert_down,
+                      const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
+                      const std::optional<at::Tensor>& shared_down);
+
+// The MoE (or dense MLP) half of a decoding step for rows x [N, H] (normed): out [N, H].
+template <typename T>
+void moe_out(const MoeLayer<T>& L, const T* x, int64_t N, T* out);
+template <typename T>
+void mlp_out(const MlpLayer<T>& L, const T* x, int64_t N, T* out);
+
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& gate_weight, int64_t top_k, bool group_limited,
                       int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scaling_factor,
                       const at::Tensor& expert_gate, const at::Tensor& expert_up, const at::Tensor& expert_down,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -391,6 +392,70 @@ void attend_chunks(Chunks& c, const float* rows, const float* queries) {
 
 namespace dsv2_cpu {
 
+template <typename T>
+void latent_attention(const Attention<T>& a) {
+  const int64_t B = a.B, heads = a.heads, D = a.D, S = a.S, r = a.r;
+  const int64_t* slot = a.slots;
+  const int64_t* length = a.lengths;
+  Chunks c;
+  c.slot = slot;
+  c.S = S, c.heads = heads, c.D = D, c.r = r, c.row_stride = a.row_stride, c.scale = a.scale;
+  c.groups = (heads + TILE - 1) / TILE;  // heads in groups of 16 (the tiles' rows, a vector's lanes)
+  c.padded_heads = c.groups * TILE;
+  auto& tasks = c.tasks;
+  auto& first_task = c.first_task;
+  first_task.resize(B + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(length[b] >= 0 && length[b] <= S, "latent_attention: lengths must lie in [0, S]");
+    first_task[b] = tasks.size();
+    for (int64_t s = 0; s < length[b]; s += CHUNK) tasks.push_back({b, s, std::min(CHUNK, length[b] - s)});
+    for (int64_t s = 0; s < length[b]; ++s)
+      TORCH_CHECK(slot[b * S + s] >= 0 && slot[b * S + s] < a.num_slots, "latent_attention: slot out of range");
+  }
+  first_task[B] = tasks.size();
+  const int64_t chunks = tasks.size(), padded_heads = c.padded_heads;
+  c.maxima = scratch<float, 5>(chunks * padded_heads);
+  c.sums = scratch<float, 6>(chunks * padded_heads);
+  c.partial = scratch<float, 7>(chunks * padded_heads * r);
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (amx_usable())
+      attend_chunks_amx(c, a.cache, a.q);
+    else
+      attend_chunks(c, a.cache, a.q);
+  } else {
+    attend_chunks(c, a.cache, a.q);
+  }
+  const float* maxima = c.maxima;
+  const float* sums = c.sums;
+  const float* partial = c.partial;
+
+  // merge each sequence's chunks: out = Σ_c e^(scale·(m_c − M)) o_c / Σ_c e^(scale·(m_c − M)) l_c, rounded to T
+  T* o = a.out;
+  at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
+    float* acc = scratch<float, 8>(r);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      if (first_task[b] == first_task[b + 1]) {  // no keys: zeros
+        std::fill(o + bh * r, o + (bh + 1) * r, T(0.0f));
+        continue;
+      }
+      float top = -INFINITY, total = 0.0f;
+      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) top = std::max(top, maxima[t * padded_heads + h]);
+      std::fill(acc, acc + r, 0.0f);
+      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) {
+        const float weight = std::exp(c.scale * (maxima[t * padded_heads + h] - top));
+        total += weight * sums[t * padded_heads + h];
+        const float* part = &partial[(t * padded_heads + h) * r];
+        for (int64_t d = 0; d < r; ++d) acc[d] += weight * part[d];
+      }
+      for (int64_t d = 0; d < r; ++d) o[bh * r + d] = static_cast<T>(acc[d] / total);
+    }
+  });
+}
+
+template void latent_attention(const Attention<bf16>& a);
+template void latent_attention(const Attention<float>& a);
+
 at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& slots_in,
                             const at::Tensor& lengths_in, int64_t value_dim, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 2 && q_in.size(2) == cache.size(1),
@@ -408,61 +473,16 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& cache, con
   TORCH_CHECK(cache.stride(1) == 1, "latent_attention: cache rows must be contiguous");
   const auto q = q_in.contiguous(), slots = slots_in.to(at::kLong).contiguous();
   const auto lengths = lengths_in.to(at::kLong).contiguous();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* length = lengths.data_ptr<int64_t>();
-  const int64_t num_slots = cache.size(0);
-  Chunks c;
-  c.slot = slot;
-  c.S = S, c.heads = heads, c.D = D, c.r = r, c.row_stride = cache.stride(0), c.scale = static_cast<float>(scale);
-  c.groups = (heads + TILE - 1) / TILE;  // heads in groups of 16 (the tiles' rows, a vector's lanes)
-  c.padded_heads = c.groups * TILE;
-  auto& tasks = c.tasks;
-  auto& first_task = c.first_task;
-  first_task.resize(B + 1);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(length[b] >= 0 && length[b] <= S, "latent_attention: lengths must lie in [0, S]");
-    first_task[b] = tasks.size();
-    for (int64_t s = 0; s < length[b]; s += CHUNK) tasks.push_back({b, s, std::min(CHUNK, length[b] - s)});
-    for (int64_t s = 0; s < length[b]; ++s)
-      TORCH_CHECK(slot[b * S + s] >= 0 && slot[b * S + s] < num_slots, "latent_attention: slot out of range");
-  }
-  first_task[B] = tasks.size();
-  const int64_t T = tasks.size(), padded_heads = c.padded_heads;
-  c.maxima = scratch<float, 5>(T * padded_heads);
-  c.sums = scratch<float, 6>(T * padded_heads);
-  c.partial = scratch<float, 7>(T * padded_heads * r);
-  if (dtype == at::kBFloat16 && amx_usable()) {
-    attend_chunks_amx(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
-  } else if (dtype == at::kBFloat16) {
-    attend_chunks(c, cache.data_ptr<bf16>(), q.data_ptr<bf16>());
-  } else {
-    attend_chunks(c, cache.data_ptr<float>(), q.data_ptr<float>());
-  }
-  const float* maxima = c.maxima;
-  const float* sums = c.sums;
-  const float* partial = c.partial;
-
-  // merge each sequence's chunks: out = Σ_c e^(scale·(m_c − M)) o_c / Σ_c e^(scale·(m_c − M)) l_c
-  auto out = at::zeros({B, heads, r}, q.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(r);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads;
-      if (first_task[b] == first_task[b + 1]) continue;  // no keys: zeros
-      float top = -INFINITY, total = 0.0f;
-      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) top = std::max(top, maxima[t * padded_heads + h]);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) {
-        const float weight = std::exp(c.scale * (maxima[t * padded_heads + h] - top));
-        total += weight * sums[t * padded_heads + h];
-        const float* part = &partial[(t * padded_heads + h) * r];
-        for (int64_t d = 0; d < r; ++d) acc[d] += weight * part[d];
-      }
-      for (int64_t d = 0; d < r; ++d) o[bh * r + d] = acc[d] / total;
-    }
-  });
-  return out.to(dtype);
+  auto out = at::empty({B, heads, r}, q.options());
+  if (dtype == at::kBFloat16)
+    latent_attention(Attention<bf16>{q.data_ptr<bf16>(), B, heads, D, cache.data_ptr<bf16>(), cache.size(0),
+                                     cache.stride(0), slots.data_ptr<int64_t>(), S, lengths.data_ptr<int64_t>(), r,
+                                     static_cast<float>(scale), out.data_ptr<bf16>()});
+  else
+    latent_attention(Attention<float>{q.data_ptr<float>(), B, heads, D, cache.data_ptr<float>(), cache.size(0),
+                                      cache.stride(0), slots.data_ptr<int64_t>(), S, lengths.data_ptr<int64_t>(), r,
+                                      static_cast<float>(scale), out.data_ptr<float>()});
+  return out;
 }
 
 }  // namespace dsv2_cpu
@@ -471,4 +491,8 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("latent_attention(Tensor q, Tensor cache, Tensor slots, Tensor lengths, int value_dim, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("latent_attention", &dsv2_cpu::latent_attention); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {  // the overload on tensors
+  using OnTensors = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                   double);
+  m.impl("latent_attention", static_cast<OnTensors>(&dsv2_cpu::latent_attention));
+}

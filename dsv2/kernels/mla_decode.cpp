@@ -10,7 +10,9 @@
 // The products go through small_matmul (each weight streamed once), the attention through latent_attention (the
 // cache read where it lies). bf16 rounds where the torch path does: after every product, the norm's cast and its
 // scaling, and RoPE's result; RMSNorm and RoPE compute in float32. Given the decoder layer's norm (input_norm), x is
-// the residual stream h and the call returns h + out(norm(h)).
+// the residual stream h and the call returns h + out(norm(h)). `mla_out` computes it on raw pointers, its
+// intermediates in per-thread buffers: the operator converts its tensors once, `decode_layers` calls it per layer
+// without any torch operation.
 #include <torch/library.h>
 
 #include <cmath>
@@ -32,53 +34,118 @@ void rope(const T* x, const float* cos, const float* sin, int64_t n, T* out) {
   }
 }
 
-template <typename T>
-at::Tensor mla_decode_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kv_norm,
-                           const at::Tensor& w_uk_t, const at::Tensor& w_uv, const at::Tensor& o_proj,
-                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
-                           const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
-                           double eps, double scale) {
-  const int64_t B = x.size(0), heads = w_uk_t.size(0), r = w_uk_t.size(1), nope = w_uk_t.size(2);
-  const int64_t qk = q.size(1) / heads, rope_dim = qk - nope, D = r + rope_dim;
-  TORCH_CHECK(q.size(1) == heads * qk && rope_dim > 0 && rope_dim % 2 == 0 && kv.size(1) == D && cache.size(1) == D &&
-                  kv_norm.numel() == r && cos.size(1) * 2 == rope_dim && w_uv.size(0) == heads && w_uv.size(2) == r,
-              "mla_decode: sizes disagree (q [B, n_h·(d + d_R)], latent r + d_R = the cache's row, cos [B, d_R/2], "
-              "W_UV [n_h, v, r])");
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
-  // the latent: normed c | roped k_pe, written to each sequence's slot
-  T* kv_rows = kv.data_ptr<T>();  // [B, r + d_R]
-  rms_norm_rows(kv_rows, B, r, D, kv_norm.data_ptr<T>(), static_cast<float>(eps));
-  T* rows = cache.data_ptr<T>();
-  const int64_t* slot = write_slots.data_ptr<int64_t>();
-  const int64_t num_slots = cache.size(0), row_stride = cache.stride(0);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < num_slots, "mla_decode: write slot out of range");
-    T* dst = rows + slot[b] * row_stride;
-    std::copy(kv_rows + b * D, kv_rows + b * D + r, dst);
-    rope(kv_rows + b * D + r, c + b * rope_dim / 2, s + b * rope_dim / 2, rope_dim, dst + r);
-  }
-  // the absorbed queries: q_nope · W_UK per head, then the roped q_pe
-  const auto q_heads = q.view({B, heads, qk});
-  const auto q_latent = small_matmul(q_heads.permute({1, 0, 2}).slice(2, 0, nope), w_uk_t);  // [n_h, B, r]
-  auto q_abs = at::empty({B, heads, D}, x.options());
-  T* qa = q_abs.data_ptr<T>();
-  const T* ql = q_latent.data_ptr<T>();
-  const T* qs = q_heads.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < heads; ++h) {
-      T* dst = qa + (b * heads + h) * D;
-      std::copy(ql + (h * B + b) * r, ql + (h * B + b + 1) * r, dst);
-      rope(qs + (b * heads + h) * qk + nope, c + b * rope_dim / 2, s + b * rope_dim / 2, rope_dim, dst + r);
-    }
-  const auto out_latent = latent_attention(q_abs, cache, read_slots, lengths, r, scale);  // [B, n_h, r]
-  const auto out = small_matmul(out_latent.permute({1, 0, 2}), w_uv);  // [n_h, B, v]
-  return small_matmul(out.permute({1, 0, 2}).reshape({B, -1}), o_proj);  // [B, H]
-}
-
 }  // namespace
 
 namespace dsv2_cpu {
+
+template <typename T>
+void mla_out(const MlaLayer<T>& L, const DecodeRows& rows, const T* x, int64_t B, T* out) {
+  const int64_t H = L.hidden, heads = L.heads, r = L.r, nope = L.nope, rope_dim = L.rope_dim, v = L.v;
+  const int64_t qk = nope + rope_dim, D = r + rope_dim;
+  // the queries [B, n_h·(d + d_R)] = q_nope | q_pe per head
+  T* q = scratch<T, 30>(B * heads * qk);
+  if (L.q_proj) {
+    small_matmul(Product<T>{x, 1, B, H, 0, H, L.q_proj, heads * qk, q});
+  } else {
+    T* q_a = scratch<T, 31>(B * L.q_rank);
+    small_matmul(Product<T>{x, 1, B, H, 0, H, L.q_a_proj, L.q_rank, q_a});
+    rms_norm_rows(q_a, B, L.q_rank, L.q_rank, L.q_a_norm, rows.eps);
+    small_matmul(Product<T>{q_a, 1, B, L.q_rank, 0, L.q_rank, L.q_b_proj, heads * qk, q});
+  }
+  // the latent: normed c | roped k_pe, written to each sequence's slot
+  T* kv = scratch<T, 32>(B * D);
+  small_matmul(Product<T>{x, 1, B, H, 0, H, L.kv_a_proj, D, kv});
+  rms_norm_rows(kv, B, r, D, L.kv_a_norm, rows.eps);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = rows.write_slots[b];
+    TORCH_CHECK(slot >= 0 && slot < L.num_slots, "mla_decode: write slot out of range");
+    T* dst = L.cache + slot * L.row_stride;
+    std::copy(kv + b * D, kv + b * D + r, dst);
+    rope(kv + b * D + r, rows.cos + b * rope_dim / 2, rows.sin + b * rope_dim / 2, rope_dim, dst + r);
+  }
+  // the absorbed queries: q_nope · W_UK per head [n_h, B, r], then the roped q_pe
+  T* q_latent = scratch<T, 33>(heads * B * r);
+  small_matmul(Product<T>{q, heads, B, nope, qk, heads * qk, L.w_uk_t, r, q_latent});
+  T* q_abs = scratch<T, 34>(B * heads * D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      T* dst = q_abs + (b * heads + h) * D;
+      std::copy(q_latent + (h * B + b) * r, q_latent + (h * B + b + 1) * r, dst);
+      rope(q + (b * heads + h) * qk + nope, rows.cos + b * rope_dim / 2, rows.sin + b * rope_dim / 2, rope_dim,
+           dst + r);
+    }
+  T* out_latent = scratch<T, 35>(B * heads * r);  // [B, n_h, r]
+  latent_attention(Attention<T>{q_abs, B, heads, D, L.cache, L.num_slots, L.row_stride, rows.read_slots, rows.S,
+                                rows.lengths, r, rows.scale, out_latent});
+  T* values = scratch<T, 36>(heads * B * v);  // [n_h, B, v]
+  small_matmul(Product<T>{out_latent, heads, B, r, r, heads * r, L.w_uv, v, values});
+  T* heads_out = values;  // [B, n_h·v]: the same layout for one row
+  if (B > 1) {
+    heads_out = scratch<T, 37>(B * heads * v);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < heads; ++h)
+        std::copy(values + (h * B + b) * v, values + (h * B + b + 1) * v, heads_out + (b * heads + h) * v);
+  }
+  small_matmul(Product<T>{heads_out, 1, B, heads * v, 0, heads * v, L.o_proj, H, out});
+}
+
+template void mla_out(const MlaLayer<bf16>& L, const DecodeRows& rows, const bf16* x, int64_t B, bf16* out);
+template void mla_out(const MlaLayer<float>& L, const DecodeRows& rows, const float* x, int64_t B, float* out);
+
+template <typename T>
+MlaLayer<T> mla_layer(const std::optional<at::Tensor>& q_proj, const std::optional<at::Tensor>& q_a_proj,
+                      const std::optional<at::Tensor>& q_a_norm, const std::optional<at::Tensor>& q_b_proj,
+                      const at::Tensor& kv_a_proj, const at::Tensor& kv_a_norm, const at::Tensor& w_uk_t,
+                      const at::Tensor& w_uv, const at::Tensor& o_proj, const at::Tensor& cache) {
+  TORCH_CHECK(cache.dim() == 2 && w_uk_t.dim() == 3 && w_uv.dim() == 3 && o_proj.dim() == 2 && kv_a_proj.dim() == 2,
+              "mla_decode: cache [slots, r + d_R], w_uk_t [n_h, r, d], w_uv [n_h, v, r], o_proj [H, n_h·v]");
+  TORCH_CHECK(q_proj.has_value() != (q_a_proj.has_value() && q_a_norm.has_value() && q_b_proj.has_value()),
+              "mla_decode: either q_proj or q_a_proj, q_a_norm and q_b_proj");
+  MlaLayer<T> L{};
+  L.hidden = kv_a_proj.size(1), L.heads = w_uk_t.size(0), L.r = w_uk_t.size(1), L.nope = w_uk_t.size(2);
+  L.v = w_uv.size(1);
+  const at::Tensor& q_out = q_proj ? *q_proj : *q_b_proj;  // [n_h·(d + d_R), H or q_lora_rank]
+  const int64_t qk = q_out.size(0) / L.heads;
+  L.rope_dim = qk - L.nope;
+  const int64_t D = L.r + L.rope_dim;
+  TORCH_CHECK(q_out.dim() == 2 && q_out.size(0) == L.heads * qk && L.rope_dim > 0 && L.rope_dim % 2 == 0 &&
+                  kv_a_proj.size(0) == D && cache.size(1) == D && kv_a_norm.numel() == L.r &&
+                  w_uv.size(0) == L.heads && w_uv.size(2) == L.r && o_proj.size(0) == L.hidden &&
+                  o_proj.size(1) == L.heads * L.v && cache.stride(1) == 1,
+              "mla_decode: sizes disagree (q [B, n_h·(d + d_R)], latent r + d_R = the cache's row, W_UV [n_h, v, r], "
+              "o_proj [H, n_h·v], cache rows contiguous)");
+  auto data = [](const at::Tensor& t) { return weight_data<T>(t, t.numel(), "mla_decode: a weight"); };
+  if (q_proj) {
+    TORCH_CHECK(q_proj->size(1) == L.hidden, "mla_decode: q_proj [n_h·(d + d_R), H]");
+    L.q_proj = data(*q_proj);
+  } else {
+    L.q_rank = q_a_proj->size(0);
+    TORCH_CHECK(q_a_proj->dim() == 2 && q_a_proj->size(1) == L.hidden && q_a_norm->numel() == L.q_rank &&
+                    q_b_proj->size(1) == L.q_rank,
+                "mla_decode: q_a_proj [q_lora_rank, H], q_a_norm [q_lora_rank], q_b_proj [n_h·(d + d_R), q_lora_rank]");
+    L.q_a_proj = data(*q_a_proj), L.q_a_norm = data(*q_a_norm), L.q_b_proj = data(*q_b_proj);
+  }
+  constexpr int64_t k = K_MULTIPLE<T>;
+  TORCH_CHECK(L.hidden % k == 0 && L.nope % k == 0 && L.r % k == 0 && (L.heads * L.v) % k == 0 && L.q_rank % k == 0 &&
+                  D % KSTEP == 0 && L.r % TILE == 0,
+              "mla_decode: the hidden size, d, r, n_h·v and q_lora_rank must be multiples of ", k,
+              ", r + d_R of 32");
+  L.kv_a_proj = data(kv_a_proj), L.kv_a_norm = data(kv_a_norm), L.w_uk_t = data(w_uk_t), L.w_uv = data(w_uv);
+  L.o_proj = data(o_proj);
+  TORCH_CHECK(cache.device().is_cpu() && cache.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "mla_decode: tensors of x's dtype on the CPU (the cache)");
+  L.cache = cache.data_ptr<T>(), L.num_slots = cache.size(0), L.row_stride = cache.stride(0);
+  return L;
+}
+
+template MlaLayer<bf16> mla_layer(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&);
+template MlaLayer<float> mla_layer(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&);
 
 at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_proj,
                       const std::optional<at::Tensor>& q_a_proj, const std::optional<at::Tensor>& q_a_norm,
@@ -87,39 +154,46 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
                       const at::Tensor& o_proj, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
                       const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
                       double eps, double scale, const std::optional<at::Tensor>& input_norm) {
-  if (input_norm)  // x is the residual stream h: h + attention(norm(h))
-    return residual_of(x.contiguous(), *input_norm, eps, [&](const at::Tensor& normed) {
-      return mla_decode(normed, q_proj, q_a_proj, q_a_norm, q_b_proj, kv_a_proj, kv_a_norm, w_uk_t, w_uv, o_proj, cos,
-                        sin, cache, write_slots, read_slots, lengths, eps, scale, std::nullopt);
-    });
-  TORCH_CHECK(x.dim() == 2 && cache.dim() == 2 && w_uk_t.dim() == 3 && w_uv.dim() == 3,
-              "mla_decode: x [B, H], cache [slots, r + d_R], w_uk_t [n_h, r, d], w_uv [n_h, v, r]");
-  TORCH_CHECK(q_proj.has_value() != (q_a_proj.has_value() && q_a_norm.has_value() && q_b_proj.has_value()),
-              "mla_decode: either q_proj or q_a_proj, q_a_norm and q_b_proj");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0),
-              "mla_decode: cos and sin [B, d_R/2] contiguous float32");
+  TORCH_CHECK(x.dim() == 2, "mla_decode: x [B, H]");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "mla_decode: bfloat16 or float32");
-  for (const auto* t : {&kv_a_norm, &cache})
-    TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu(), "mla_decode: tensors of x's dtype on the CPU");
-  const auto xs = x.contiguous();
-  at::Tensor q;
-  if (q_proj) {
-    q = small_matmul(xs, *q_proj);  // [B, n_h·(d + d_R)]
-  } else {
-    auto q_a = small_matmul(xs, *q_a_proj);  // [B, q_lora_rank]
-    rms_norm_(q_a, *q_a_norm, eps);
-    q = small_matmul(q_a, *q_b_proj);
-  }
-  auto kv = small_matmul(xs, kv_a_proj);  // [B, r + d_R]
-  const auto slots = write_slots.to(at::kLong).contiguous();
-  const auto norm = kv_a_norm.contiguous();
-  if (dtype == at::kBFloat16)
-    return mla_decode_impl<bf16>(xs, q, kv, norm, w_uk_t, w_uv, o_proj, cos, sin, cache, slots, read_slots, lengths,
-                                 eps, scale);
-  return mla_decode_impl<float>(xs, q, kv, norm, w_uk_t, w_uv, o_proj, cos, sin, cache, slots, read_slots, lengths,
-                                eps, scale);
+  const int64_t B = x.size(0);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == B,
+              "mla_decode: cos and sin [B, d_R/2] contiguous float32");
+  TORCH_CHECK(read_slots.dim() == 2 && read_slots.size(0) == B && lengths.dim() == 1 && lengths.size(0) == B &&
+                  write_slots.numel() == B,
+              "mla_decode: write slots [B], read slots [B, S] and lengths [B]");
+  const auto writes = write_slots.to(at::kLong).contiguous(), reads = read_slots.to(at::kLong).contiguous();
+  const auto lens = lengths.to(at::kLong).contiguous();
+  const DecodeRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(),
+                        reads.data_ptr<int64_t>(), reads.size(1), lens.data_ptr<int64_t>(),
+                        static_cast<float>(eps), static_cast<float>(scale)};
+  auto contiguous = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+  };
+  const auto q_w = contiguous(q_proj), q_a_w = contiguous(q_a_proj), q_a_n = contiguous(q_a_norm);
+  const auto q_b_w = contiguous(q_b_proj);
+  const auto kv_a_w = kv_a_proj.contiguous(), kv_a_n = kv_a_norm.contiguous(), uk = w_uk_t.contiguous();
+  const auto uv = w_uv.contiguous(), o_w = o_proj.contiguous();
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const auto L = mla_layer<T>(q_w, q_a_w, q_a_n, q_b_w, kv_a_w, kv_a_n, uk, uv, o_w, cache);
+    TORCH_CHECK(x.size(1) == L.hidden && cos.size(1) * 2 == L.rope_dim,
+                "mla_decode: sizes disagree (x [B, H] and cos [B, d_R/2] against the weights)");
+    if (!input_norm) {
+      const auto xs = x.contiguous();
+      auto out = at::empty_like(xs);
+      mla_out(L, rows, xs.data_ptr<T>(), B, out.data_ptr<T>());
+      return out;
+    }
+    const auto norm = input_norm->contiguous();
+    auto h = x.contiguous().clone();  // the residual stream: h + attention(norm(h))
+    add_residual(h.data_ptr<T>(), B, L.hidden, weight_data<T>(norm, L.hidden, "mla_decode: input_norm"), rows.eps,
+                 [&](const T* normed, T* out) { mla_out(L, rows, normed, B, out); });
+    return h;
+  };
+  return dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
 }
 
 }  // namespace dsv2_cpu

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -224,6 +225,69 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
 
 namespace dsv2_cpu {
 
+template <typename T>
+void routed_experts(const RoutedExperts<T>& p) {
+  const int64_t N = p.N, H = p.H, k = p.k, E = p.E, I = p.I;
+  const int64_t A = N * k;  // assignments a = n·k + slot
+  const int64_t* id = p.ids;
+  const float* w = p.weights;
+  auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
+
+  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16 (an
+  // AMX tile's columns) or ≤ 8 (what a register tile takes: float32, and bf16 with few tokens per expert).
+  std::vector<int64_t> start(E + 1, 0), order(A);
+  for (int64_t a = 0; a < A; ++a)
+    if (mine(a)) ++start[id[a] + 1];
+  int64_t used = 0;  // experts with assignments
+  for (int64_t e = 0; e < E; ++e) used += start[e + 1] > 0;
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const bool amx = std::is_same_v<T, bf16> && start[E] > BF16_DOTS_MAX_TOKENS * used && amx_usable();
+  const int64_t group_size = amx ? TILE : TILE_INPUTS;
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < A; ++a)
+      if (mine(a)) order[next[id[a]]++] = a;
+  }
+  std::vector<Group> groups;
+  std::vector<int64_t> active, first_group;  // the experts with assignments; [i, i+1): active[i]'s groups
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1] == start[e]) continue;
+    active.push_back(e);
+    first_group.push_back(groups.size());
+    for (int64_t f = start[e]; f < start[e + 1]; f += group_size)
+      groups.push_back({f, std::min(group_size, start[e + 1] - f)});
+  }
+  first_group.push_back(groups.size());
+
+  Experts job{H, k, I, w, order, groups, active, first_group, scratch<float, 13>(A * H)};  // y: [N·k, H]
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (amx)
+      experts_amx(job, p.x, p.gate, p.up, p.down);
+    else
+      experts_dots<Bf16Step>(job, p.x, p.gate, p.up, p.down);
+  } else {
+    experts_dots<Fp32Step>(job, p.x, p.gate, p.up, p.down);
+  }
+  float* y = job.y;
+  for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
+    if (!mine(a)) std::memset(y + a * H, 0, H * sizeof(float));
+
+  // Σ over the k slots in slot order, in float32.
+  float* o = p.out;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      std::memcpy(o + n * H, y + n * k * H, H * sizeof(float));
+      for (int64_t slot = 1; slot < k; ++slot) {
+        const float* src = y + (n * k + slot) * H;
+        for (int64_t j = 0; j < H; ++j) o[n * H + j] += src[j];
+      }
+    }
+  });
+}
+
+template void routed_experts(const RoutedExperts<bf16>& p);
+template void routed_experts(const RoutedExperts<float>& p);
+
 at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
@@ -243,62 +307,15 @@ at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   const auto x = x_in.contiguous(), ids = ids_in.to(at::kLong).contiguous();
   const auto weights = weights_in.to(at::kFloat).contiguous();
   const auto gate = gate_in.contiguous(), up = up_in.contiguous(), down = down_in.contiguous();
-  const int64_t A = N * k;  // assignments a = n·k + slot
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* w = weights.data_ptr<float>();
-  auto mine = [&](int64_t a) { return id[a] >= 0 && id[a] < E; };  // ids outside [0, E): not these experts
-
-  // Assignments grouped by expert, in token order within one (a counting sort), then cut into groups of ≤ 16 (an
-  // AMX tile's columns) or ≤ 8 (what a register tile takes: float32, and bf16 with few tokens per expert).
-  std::vector<int64_t> start(E + 1, 0), order(A);
-  for (int64_t a = 0; a < A; ++a)
-    if (mine(a)) ++start[id[a] + 1];
-  int64_t used = 0;  // experts with assignments
-  for (int64_t e = 0; e < E; ++e) used += start[e + 1] > 0;
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  const bool amx = dtype == at::kBFloat16 && start[E] > BF16_DOTS_MAX_TOKENS * used && amx_usable();
-  const int64_t group_size = amx ? TILE : TILE_INPUTS;
-  {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t a = 0; a < A; ++a)
-      if (mine(a)) order[next[id[a]]++] = a;
-  }
-  std::vector<Group> groups;
-  std::vector<int64_t> active, first_group;  // the experts with assignments; [i, i+1): active[i]'s groups
-  for (int64_t e = 0; e < E; ++e) {
-    if (start[e + 1] == start[e]) continue;
-    active.push_back(e);
-    first_group.push_back(groups.size());
-    for (int64_t f = start[e]; f < start[e + 1]; f += group_size)
-      groups.push_back({f, std::min(group_size, start[e + 1] - f)});
-  }
-  first_group.push_back(groups.size());
-
-  auto ys = at::empty({A, H}, x.options().dtype(at::kFloat));  // [N·k, H] each assignment's output
-  Experts job{H, k, I, w, order, groups, active, first_group, ys.data_ptr<float>()};
-  if (amx)
-    experts_amx(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
-  else if (dtype == at::kBFloat16)
-    experts_dots<Bf16Step>(job, x.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>());
-  else
-    experts_dots<Fp32Step>(job, x.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(),
-                           down.data_ptr<float>());
-  float* y = job.y;
-  for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
-    if (!mine(a)) std::memset(y + a * H, 0, H * sizeof(float));
-
-  // Σ over the k slots in slot order, in float32.
   auto out = at::empty({N, H}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      std::memcpy(o + n * H, y + n * k * H, H * sizeof(float));
-      for (int64_t slot = 1; slot < k; ++slot) {
-        const float* src = y + (n * k + slot) * H;
-        for (int64_t j = 0; j < H; ++j) o[n * H + j] += src[j];
-      }
-    }
-  });
+  if (dtype == at::kBFloat16)
+    routed_experts(RoutedExperts<bf16>{x.data_ptr<bf16>(), N, H, ids.data_ptr<int64_t>(), weights.data_ptr<float>(), k,
+                                       gate.data_ptr<bf16>(), up.data_ptr<bf16>(), down.data_ptr<bf16>(), E, I,
+                                       out.data_ptr<float>()});
+  else
+    routed_experts(RoutedExperts<float>{x.data_ptr<float>(), N, H, ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
+                                        k, gate.data_ptr<float>(), up.data_ptr<float>(), down.data_ptr<float>(), E, I,
+                                        out.data_ptr<float>()});
   return out;
 }
 
@@ -308,4 +325,8 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("routed_experts(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("routed_experts", &dsv2_cpu::routed_experts); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {  // the overload on tensors
+  using OnTensors = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&);
+  m.impl("routed_experts", static_cast<OnTensors>(&dsv2_cpu::routed_experts));
+}

@@ -26,14 +26,14 @@ constexpr int64_t COLS = TILE_INPUTS;  // input rows per register tile
 
 // The weight's rows from first_row on (the rows before: another path's).
 template <typename Step>
-void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, int64_t first_row = 0) {
+void small_matmul_impl(const Product<typename Step::T>& p, int64_t first_row = 0) {
   using T = typename Step::T;
-  const int64_t G = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
+  const int64_t G = p.G, M = p.M, K = p.K, N = p.N;
   const int64_t blocks = (N - first_row + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
-  const T* xs = x.data_ptr<T>();
-  const T* ws = weight.data_ptr<T>();
-  T* os = out.data_ptr<T>();
-  const int64_t x_g = x.stride(0), x_m = x.stride(1);
+  const T* xs = p.x;
+  const T* ws = p.w;
+  T* os = p.out;
+  const int64_t x_g = p.x_g, x_m = p.x_m;
   // grain: ~64 KB of weight per task at least, so small products stay on one thread
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K * sizeof(T)));
   parallel_tasks(G * blocks, grain, [&](int64_t begin, int64_t end) {
@@ -58,15 +58,15 @@ void small_matmul_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 // rows (pair-interleaved once: [K/2][16][2]) the B operand; a weight's last rows short of 16 take the register tiles.
 constexpr int64_t AMX_MIN_ROWS = 5;
 
-void small_matmul_amx(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
-  const int64_t G = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
+void small_matmul_amx(const Product<bf16>& p) {
+  const int64_t G = p.G, M = p.M, K = p.K, N = p.N;
   const int64_t blocks = N / TILE;  // whole 16-row blocks per group
-  const bf16* ws = weight.data_ptr<bf16>();
-  bf16* os = out.data_ptr<bf16>();
+  const bf16* ws = p.w;
+  bf16* os = p.out;
   uint32_t* xv = scratch<uint32_t, 20>(G * (K / 2) * TILE);  // [G][K/2][16 rows] bf16 pairs (absent rows: zeros)
   for (int64_t g = 0; g < G; ++g)
     for (int64_t m = 0; m < TILE; ++m) {
-      const auto* src = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>() + g * x.stride(0) + m * x.stride(1));
+      const auto* src = reinterpret_cast<const uint32_t*>(p.x + g * p.x_g + m * p.x_m);
       uint32_t* dst = xv + g * (K / 2) * TILE + m;
       for (int64_t kk = 0; kk < K / 2; ++kk) dst[kk * TILE] = m < M ? src[kk] : 0;
     }
@@ -94,12 +94,25 @@ void small_matmul_amx(const at::Tensor& x, const at::Tensor& weight, at::Tensor&
     }
     _tile_release();
   });
-  if (blocks * TILE < N) small_matmul_impl<Bf16Step>(x, weight, out, blocks * TILE);  // the rows after the last block
+  if (blocks * TILE < N) small_matmul_impl<Bf16Step>(p, blocks * TILE);  // the rows after the last block
 }
 
 }  // namespace
 
 namespace dsv2_cpu {
+
+template <>
+void small_matmul(const Product<bf16>& p) {
+  if (p.M >= AMX_MIN_ROWS && p.M <= TILE && amx_usable())
+    small_matmul_amx(p);
+  else
+    small_matmul_impl<Bf16Step>(p);
+}
+
+template <>
+void small_matmul(const Product<float>& p) {
+  small_matmul_impl<Fp32Step>(p);
+}
 
 at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   // a linear layer's weight [N, K]: x [..., K] → [..., N], as one group of all its rows
@@ -121,12 +134,13 @@ at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto xs = x.stride(2) == 1 ? x : x.contiguous();
   const auto w = weight.contiguous();
   auto out = at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
-  if (dtype == at::kBFloat16 && x.size(1) >= AMX_MIN_ROWS && x.size(1) <= TILE && amx_usable())
-    small_matmul_amx(xs, w, out);
-  else if (dtype == at::kBFloat16)
-    small_matmul_impl<Bf16Step>(xs, w, out);
+  const int64_t G = x.size(0), M = x.size(1), N = weight.size(1);
+  if (dtype == at::kBFloat16)
+    small_matmul(Product<bf16>{xs.data_ptr<bf16>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<bf16>(), N,
+                               out.data_ptr<bf16>()});
   else
-    small_matmul_impl<Fp32Step>(xs, w, out);
+    small_matmul(Product<float>{xs.data_ptr<float>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<float>(), N,
+                                out.data_ptr<float>()});
   if (!linear) return out;
   auto sizes = x_in.sizes().vec();
   sizes.back() = weight_in.size(0);
@@ -153,4 +167,7 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
   m.def("balance_tasks(bool on) -> bool", &balance_tasks);
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("small_matmul", &dsv2_cpu::small_matmul); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {  // the overload on tensors
+  using OnTensors = at::Tensor (*)(const at::Tensor&, const at::Tensor&);
+  m.impl("small_matmul", static_cast<OnTensors>(&dsv2_cpu::small_matmul));
+}
