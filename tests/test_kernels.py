@@ -454,7 +454,16 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
 
     calls = count_kernel_calls(monkeypatch)
     got, got_latents = step(whole=True)
-    assert calls == {"decode_layers": 1, "small_matmul": 1}  # and the head's product
+    assert calls == {"decode_layers": 1}  # the final norm and the head's product in the same call
+    calls.clear()
+    heads = []  # a hook on the head runs: the one call leaves the head's product to the module
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: heads.append(args[0].shape))
+    try:
+        head_hooked, _ = step(whole=True)
+    finally:
+        handle.remove()
+    assert heads == [(rows, 1, config.hidden_size)] and calls == {"decode_layers": 1, "small_matmul": 1}
+    assert torch.equal(head_hooked, got)  # the same product, rounded alike
     calls.clear()
     seen = []  # a hook on a layer keeps the layers' own calls, which run it
     handle = model.model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out[0].shape))

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -290,8 +291,14 @@ struct Product {
 // The kernels other kernels call (small_matmul.cpp, latent_attention.cpp, routed_experts.cpp, mla_decode.cpp,
 // moe_decode.cpp), each on tensors (an operator's checks and conversions) and, for the decoding step's own calls, on
 // raw pointers to contiguous data (no torch operation: ~1 µs each, ~80 per layer of a decoding step otherwise).
+// 1-4 products of the same number of rows (M) in one parallel region (bf16 and float32; K a multiple of
+// K_MULTIPLE<T>).
 template <typename T>
-void small_matmul(const Product<T>& p);  // bf16 and float32; K a multiple of K_MULTIPLE<T>
+void small_matmul(std::initializer_list<Product<T>> products);
+template <typename T>
+void small_matmul(const Product<T>& product) {
+  small_matmul<T>({product});
+}
 
 // What a product's K must be a multiple of: one register of values.
 template <typename T>

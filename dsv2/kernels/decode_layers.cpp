@@ -11,9 +11,12 @@
 //            layer has no gate and no routed experts, and its MLP takes the shared experts' slots)
 //   cache    [layers, slots, r + d_R]: each layer's latent cache, read and written by the step's slots
 //   final_norm  the model's last RMSNorm (eps final_eps), applied to the result when given
+//   head     the output head's weight [V, H]: with final_norm, the call returns the logits [B, V] in float32 (rounded
+//            to h's dtype first, as the head's own product rounds them) instead of h
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -32,7 +35,9 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
                          const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
                          const std::vector<std::optional<at::Tensor>>& weights, double eps, double scale,
                          int64_t top_k, bool group_limited, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                         double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps) {
+                         double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps,
+                         const std::optional<at::Tensor>& head) {
+  TORCH_CHECK(!head || final_norm, "decode_layers: the output head takes the final norm's result (final_norm)");
   const int64_t layers = cache.dim() == 3 ? cache.size(0) : -1;
   TORCH_CHECK(h_in.dim() == 2 && layers >= 1 && static_cast<int64_t>(weights.size()) == layers * LAYER_SLOTS,
               "decode_layers: h [B, H], cache [layers, slots, r + d_R] and ", LAYER_SLOTS,
@@ -88,12 +93,22 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     if (final_norm)  // h is the last layer's fresh sum: normed in place
       rms_norm_rows(hs, B, H, H, weight_data<T>(final_norm->contiguous(), H, "decode_layers: final_norm"),
                     static_cast<float>(final_eps));
+    if (!head) return h;
+    // the logits [B, V]: rounded to the dtype (the head's product as the torch path rounds it), then float32
+    const auto w = head->contiguous();
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == H, "decode_layers: the head's weight [V, H]");
+    const int64_t V = w.size(0);
+    auto logits = at::empty({B, V}, h.options().dtype(at::kFloat));
+    T* rounded = std::is_same_v<T, float> ? reinterpret_cast<T*>(logits.data_ptr<float>()) : scratch<T, 60>(B * V);
+    small_matmul(Product<T>{hs, 1, B, H, 0, H, weight_data<T>(w, V * H, "decode_layers: the head's weight"), V,
+                            rounded});
+    if constexpr (!std::is_same_v<T, float>) {
+      float* out = logits.data_ptr<float>();
+      for (int64_t i = 0; i < B * V; ++i) out[i] = static_cast<float>(rounded[i]);
+    }
+    return logits;
   };
-  if (dtype == at::kBFloat16)
-    run(bf16(0.0f));
-  else
-    run(0.0f);
-  return h;
+  return dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
 }
 
 }  // namespace
@@ -103,7 +118,7 @@ TORCH_LIBRARY_FRAGMENT(dsv2_cpu, m) {
       "decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor(a!) cache, Tensor write_slots, Tensor read_slots, "
       "Tensor lengths, Tensor?[] weights, float eps, float scale, int top_k, bool group_limited, int n_group, "
       "int topk_group, bool norm_topk_prob, float routed_scaling_factor, Tensor? final_norm=None, "
-      "float final_eps=1e-6) -> Tensor");
+      "float final_eps=1e-6, Tensor? head=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }

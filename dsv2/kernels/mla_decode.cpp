@@ -42,19 +42,20 @@ template <typename T>
 void mla_out(const MlaLayer<T>& L, const DecodeRows& rows, const T* x, int64_t B, T* out) {
   const int64_t H = L.hidden, heads = L.heads, r = L.r, nope = L.nope, rope_dim = L.rope_dim, v = L.v;
   const int64_t qk = nope + rope_dim, D = r + rope_dim;
-  // the queries [B, n_h·(d + d_R)] = q_nope | q_pe per head
+  // the queries [B, n_h·(d + d_R)] = q_nope | q_pe per head, and the latent's c | k_pe [B, r + d_R]: both products
+  // of x in one pass
   T* q = scratch<T, 30>(B * heads * qk);
+  T* kv = scratch<T, 32>(B * D);
+  const Product<T> latent{x, 1, B, H, 0, H, L.kv_a_proj, D, kv};
   if (L.q_proj) {
-    small_matmul(Product<T>{x, 1, B, H, 0, H, L.q_proj, heads * qk, q});
+    small_matmul({Product<T>{x, 1, B, H, 0, H, L.q_proj, heads * qk, q}, latent});
   } else {
     T* q_a = scratch<T, 31>(B * L.q_rank);
-    small_matmul(Product<T>{x, 1, B, H, 0, H, L.q_a_proj, L.q_rank, q_a});
+    small_matmul({Product<T>{x, 1, B, H, 0, H, L.q_a_proj, L.q_rank, q_a}, latent});
     rms_norm_rows(q_a, B, L.q_rank, L.q_rank, L.q_a_norm, rows.eps);
     small_matmul(Product<T>{q_a, 1, B, L.q_rank, 0, L.q_rank, L.q_b_proj, heads * qk, q});
   }
   // the latent: normed c | roped k_pe, written to each sequence's slot
-  T* kv = scratch<T, 32>(B * D);
-  small_matmul(Product<T>{x, 1, B, H, 0, H, L.kv_a_proj, D, kv});
   rms_norm_rows(kv, B, r, D, L.kv_a_norm, rows.eps);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t slot = rows.write_slots[b];

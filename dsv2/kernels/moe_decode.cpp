@@ -84,8 +84,7 @@ template <typename T>
 void swiglu(const T* x, int64_t N, int64_t H, const T* gate, const T* up, const T* down, int64_t I, T* out) {
   T* g = scratch<T, 40>(N * I);
   T* u = scratch<T, 41>(N * I);
-  small_matmul(Product<T>{x, 1, N, H, 0, H, gate, I, g});
-  small_matmul(Product<T>{x, 1, N, H, 0, H, up, I, u});
+  small_matmul({Product<T>{x, 1, N, H, 0, H, gate, I, g}, Product<T>{x, 1, N, H, 0, H, up, I, u}});
   for (int64_t i = 0; i < N * I; ++i) {
     const float v = static_cast<float>(g[i]);
     g[i] = static_cast<T>(static_cast<float>(static_cast<T>(v / (1.0f + std::exp(-v)))) * static_cast<float>(u[i]));

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 
 #include "common.h"
 
@@ -24,27 +25,36 @@ using namespace dsv2_cpu;
 constexpr int64_t ROWS = 4;  // weight rows per register tile
 constexpr int64_t COLS = TILE_INPUTS;  // input rows per register tile
 
-// The weight's rows from first_row on (the rows before: another path's).
+// The products' weight rows (each product's from first_row on; the rows before: another path's), all in one parallel
+// region: independent products of the same rows (a layer's q and kv_a projections, an MLP's gate and up) stream
+// their weights one after another without the threads meeting in between.
 template <typename Step>
-void small_matmul_impl(const Product<typename Step::T>& p, int64_t first_row = 0) {
+void small_matmul_impl(const Product<typename Step::T>* products, int64_t count, int64_t first_row = 0) {
   using T = typename Step::T;
-  const int64_t G = p.G, M = p.M, K = p.K, N = p.N;
-  const int64_t blocks = (N - first_row + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
-  const T* xs = p.x;
-  const T* ws = p.w;
-  T* os = p.out;
-  const int64_t x_g = p.x_g, x_m = p.x_m;
+  constexpr int64_t MAX_PRODUCTS = 4;
+  TORCH_CHECK(count >= 1 && count <= MAX_PRODUCTS, "small_matmul: 1 to 4 products at once");
+  int64_t first_task[MAX_PRODUCTS + 1] = {0}, blocks[MAX_PRODUCTS], K_max = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto& p = products[i];
+    blocks[i] = (p.N - first_row + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
+    first_task[i + 1] = first_task[i] + p.G * blocks[i];
+    K_max = std::max(K_max, p.K);
+  }
   // grain: ~64 KB of weight per task at least, so small products stay on one thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K * sizeof(T)));
-  parallel_tasks(G * blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K_max * sizeof(T)));
+  parallel_tasks(first_task[count], grain, [&](int64_t begin, int64_t end) {
+    int64_t i = 0;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / blocks, n0 = first_row + (task % blocks) * ROWS, rows = std::min(ROWS, N - n0);
-      const T* w = ws + (g * N + n0) * K;
-      T* o = os + g * M * N + n0;
+      while (task >= first_task[i + 1]) ++i;
+      const auto& p = products[i];
+      const int64_t M = p.M, K = p.K, N = p.N, local = task - first_task[i];
+      const int64_t g = local / blocks[i], n0 = first_row + (local % blocks[i]) * ROWS, rows = std::min(ROWS, N - n0);
+      const T* w = p.w + (g * N + n0) * K;
+      T* o = p.out + g * M * N + n0;
       for (int64_t m0 = 0; m0 < M; m0 += COLS) {
         const int64_t cols = std::min(COLS, M - m0);
         const T* xr[COLS];
-        for (int64_t m = 0; m < cols; ++m) xr[m] = xs + g * x_g + (m0 + m) * x_m;
+        for (int64_t m = 0; m < cols; ++m) xr[m] = p.x + g * p.x_g + (m0 + m) * p.x_m;
         if (rows == ROWS)
           tile_any<Step, ROWS>(w, xr, cols, K, o + m0 * N, N);
         else
@@ -94,7 +104,7 @@ void small_matmul_amx(const Product<bf16>& p) {
     }
     _tile_release();
   });
-  if (blocks * TILE < N) small_matmul_impl<Bf16Step>(p, blocks * TILE);  // the rows after the last block
+  if (blocks * TILE < N) small_matmul_impl<Bf16Step>(&p, 1, blocks * TILE);  // the rows after the last block
 }
 
 }  // namespace
@@ -102,16 +112,16 @@ void small_matmul_amx(const Product<bf16>& p) {
 namespace dsv2_cpu {
 
 template <>
-void small_matmul(const Product<bf16>& p) {
-  if (p.M >= AMX_MIN_ROWS && p.M <= TILE && amx_usable())
-    small_matmul_amx(p);
+void small_matmul(std::initializer_list<Product<bf16>> products) {
+  if (products.begin()->M >= AMX_MIN_ROWS && products.begin()->M <= TILE && amx_usable())
+    for (const auto& p : products) small_matmul_amx(p);
   else
-    small_matmul_impl<Bf16Step>(p);
+    small_matmul_impl<Bf16Step>(products.begin(), products.size());
 }
 
 template <>
-void small_matmul(const Product<float>& p) {
-  small_matmul_impl<Fp32Step>(p);
+void small_matmul(std::initializer_list<Product<float>> products) {
+  small_matmul_impl<Fp32Step>(products.begin(), products.size());
 }
 
 at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
@@ -136,11 +146,11 @@ at::Tensor small_matmul(const at::Tensor& x_in, const at::Tensor& weight_in) {
   auto out = at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
   const int64_t G = x.size(0), M = x.size(1), N = weight.size(1);
   if (dtype == at::kBFloat16)
-    small_matmul(Product<bf16>{xs.data_ptr<bf16>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<bf16>(), N,
-                               out.data_ptr<bf16>()});
+    small_matmul({Product<bf16>{xs.data_ptr<bf16>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<bf16>(), N,
+                                out.data_ptr<bf16>()}});
   else
-    small_matmul(Product<float>{xs.data_ptr<float>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<float>(), N,
-                                out.data_ptr<float>()});
+    small_matmul({Product<float>{xs.data_ptr<float>(), G, M, K, xs.stride(0), xs.stride(1), w.data_ptr<float>(), N,
+                                 out.data_ptr<float>()}});
   if (!linear) return out;
   auto sizes = x_in.sizes().vec();
   sizes.back() = weight_in.size(0);
