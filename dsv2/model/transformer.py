@@ -187,7 +187,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         plan = self.decode_plan(h, cache) if T == 1 and cache is not None and not with_aux else None
         normed = False
         if plan is not None:
-            h, applied = self.decode_layers(h, cos, sin, positions, cache, plan, logits=logits_at is None)
+            # one token per row: the logits wanted are the step's own (logits_at, the engine's, selects token 0)
+            only_token = logits_at is None or (logits_at.shape[1] == 1 and bool((logits_at == 0).all()))
+            h, applied = self.decode_layers(h, cos, sin, positions, cache, plan, logits=only_token)
             if applied == "logits":
                 cache.advance(T)
                 return h
