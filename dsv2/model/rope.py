@@ -72,6 +72,8 @@ class RotaryEmbedding(nn.Module):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, T, dim/2]
+        if self.mscale == 1.0:  # DeepSeek-V2's and V2-Lite's YaRN (mscale = mscale_all_dim): two products fewer
+            return angles.cos(), angles.sin()
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 
