@@ -71,6 +71,18 @@ inline void transpose16(__m512* r) {
   for (int i = 0; i < TILE; ++i) r[i] = t[i];
 }
 
+// The pairs q[h][0 .. pairs) of hn ≤ 16 heads (q's rows, `pairs` a multiple of 16) as [pairs][16 heads], the absent
+// heads' zeros: 16 × 16 blocks through transpose16 (bits moved, no arithmetic).
+inline void heads_in_lanes(const uint32_t* q, int64_t hn, int64_t pairs, uint32_t* out) {
+  for (int64_t d0 = 0; d0 < pairs; d0 += TILE) {
+    __m512 block[TILE];
+    for (int64_t h = 0; h < TILE; ++h)
+      block[h] = h < hn ? _mm512_castsi512_ps(_mm512_loadu_si512(q + h * pairs + d0)) : _mm512_setzero_ps();
+    transpose16(block);
+    for (int64_t i = 0; i < TILE; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(out + (d0 + i) * TILE), block[i]);
+  }
+}
+
 // The softmax numerators e^(scale·(score − maximum)) of a chunk's scores [key][16 heads] (keys from n to padded, a
 // multiple of 16: 0), 16 keys at a time turned to [head][key] and handed to store(j0, p), p[h] = head h's numerators of
 // keys j0 .. j0 + 15. → the heads' maxima and the sums of their numerators (float32, before any rounding).
@@ -289,8 +301,7 @@ void attend_chunks(Chunks& c, const bf16* rows, const bf16* queries) {
       for (int64_t g = 0; g < c.groups; ++g) {
         const int64_t h0 = g * TILE, hn = std::min(TILE, heads - h0);
         const auto* q = reinterpret_cast<const uint32_t*>(queries + (b * heads + h0) * D);  // [hn][D/2] pairs
-        for (int64_t d = 0; d < D / 2; ++d)
-          for (int64_t h = 0; h < TILE; ++h) q_pairs[d * TILE + h] = h < hn ? q[h * (D / 2) + d] : 0;
+        heads_in_lanes(q, hn, D / 2, q_pairs);
         for (int64_t j0 = 0; j0 < padded; j0 += KEYS) {  // scores[j] (16 heads) = Σ_d keys[j][d] · q[d]
           __m512 acc[KEYS];
           for (int64_t i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
