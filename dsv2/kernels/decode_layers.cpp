@@ -6,6 +6,7 @@
 // per layer (~80 of ~1 µs each before, on the calling thread while the other waited: a bf16 batch-1 step 1.09×,
 // float32 1.05×, same-process A/B on the benchmark model).
 //
+//   h        [B, H] or the model's [B, 1, H] (then cos and sin [B, 1, d_R/2], and the result [B, 1, ·])
 //   weights  LAYER_SLOTS entries per layer, in the order of `Slot` (dsv2/model/transformer.py's DECODE_LAYER_SLOTS,
 //            the same order): None where a layer has no such weight (q_proj or q_a_proj/q_a_norm/q_b_proj; a dense
 //            layer has no gate and no routed experts, and its MLP takes the shared experts' slots)
@@ -31,13 +32,19 @@ enum Slot : int64_t {
   LAYER_SLOTS
 };
 
-at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
-                         const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
+at::Tensor decode_layers(const at::Tensor& h_3d, const at::Tensor& cos_3d, const at::Tensor& sin_3d,
+                         const at::Tensor& cache, const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
                          const std::vector<std::optional<at::Tensor>>& weights, double eps, double scale,
                          int64_t top_k, bool group_limited, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                          double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps,
                          const std::optional<at::Tensor>& head) {
   TORCH_CHECK(!head || final_norm, "decode_layers: the output head takes the final norm's result (final_norm)");
+  // the model's [B, 1, ·] step tensors as they come (one token per row), viewed here rather than sliced in Python
+  const bool steps = h_3d.dim() == 3;
+  TORCH_CHECK(!steps || (h_3d.size(1) == 1 && cos_3d.dim() == 3 && sin_3d.dim() == 3),
+              "decode_layers: h [B, H] or [B, 1, H] with cos and sin [B, d_R/2] or [B, 1, d_R/2]");
+  const auto h_in = steps ? h_3d.squeeze(1) : h_3d;
+  const auto cos = steps ? cos_3d.squeeze(1) : cos_3d, sin = steps ? sin_3d.squeeze(1) : sin_3d;
   const int64_t layers = cache.dim() == 3 ? cache.size(0) : -1;
   TORCH_CHECK(h_in.dim() == 2 && layers >= 1 && static_cast<int64_t>(weights.size()) == layers * LAYER_SLOTS,
               "decode_layers: h [B, H], cache [layers, slots, r + d_R] and ", LAYER_SLOTS,
@@ -108,7 +115,8 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     }
     return logits;
   };
-  return dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
+  const auto out = dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
+  return steps ? out.unsqueeze(1) : out;
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ class LatentCache:
         self.seq_len = 0  # slots in use
         self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
         self._step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (`step_slots`)
+        self._row_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (`_row_slots`)
 
     @property
     def max_len(self) -> int:
@@ -92,15 +93,24 @@ class LatentCache:
         return layers[layer_idx], write, read, lengths
 
     def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step_slots` for every layer at once (`decode_layers`): the cache as [layers, B·max_len, D]."""
+        """`step_slots` for every layer at once (`decode_layers`): the cache as [layers, B·max_len, D]; the read
+        slots are every row's whole range [B, max_len] (the kernels read a row's first `lengths` of them)."""
         B, end = positions.shape[0], self.seq_len + 1
         if end > self.max_len:
             raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
         if self._step_slots is None:  # every layer of a step passes the same positions; `advance` forgets them
-            rows, slots = self._step_indices(B, end)
-            self._step_slots = rows[:, 0] * self.max_len + positions[:, 0], slots, positions[:, 0] + 1
+            at = positions.view(B)  # [B] one token per row
+            first, slots = self._row_slots(B)
+            self._step_slots = first + at, slots, at + 1
         write, read, lengths = self._step_slots
         return self.data.view(self.data.shape[0], B * self.max_len, -1), write, read, lengths
+
+    def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first slot [B] and all its slots [B, max_len] in data[layer].view(B·max_len, D), made once."""
+        if self._row_table is None or self._row_table[0].shape[0] != batch:
+            first = torch.arange(batch, device=self.data.device) * self.max_len
+            self._row_table = first, first[:, None] + torch.arange(self.max_len, device=self.data.device)
+        return self._row_table
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:

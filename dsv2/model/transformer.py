@@ -327,11 +327,11 @@ class DeepseekV2ForCausalLM(nn.Module):
         norm, head = self.model.norm, self.lm_head
         fold_norm = plan.final_norm and not (norm._forward_hooks or norm._forward_pre_hooks)
         fold_head = fold_norm and logits and plan.head and not (head._forward_hooks or head._forward_pre_hooks)
-        out = kernels.cpu_ops().decode_layers(h[:, 0], cos[:, 0], sin[:, 0], cache_layers, write_slots, read_slots,
-                                              lengths, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
+        out = kernels.cpu_ops().decode_layers(h, cos, sin, cache_layers, write_slots, read_slots, lengths,
+                                              plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
                                               norm.weight if fold_norm else None, norm.eps,
-                                              head.weight if fold_head else None)
-        return out[:, None], "logits" if fold_head else "norm" if fold_norm else "layers"  # [B, 1, H or V]
+                                              head.weight if fold_head else None)  # [B, 1, H or V]
+        return out, "logits" if fold_head else "norm" if fold_norm else "layers"
 
     @property
     def device(self) -> torch.device:
