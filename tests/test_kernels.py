@@ -11,6 +11,7 @@ from dsv2 import LLM, DeepseekV2ForCausalLM, SamplingParams, kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
+from dsv2.model.decode_plan import DECODE_LAYER_SLOTS
 from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
@@ -416,6 +417,35 @@ def test_mla_decode_rejects_sizes_that_disagree():
         args[10], args[11] = cos[:, 0, :4].contiguous(), sin[:, 0, :4].contiguous()  # half the rotary pairs
         with pytest.raises(RuntimeError, match="sizes disagree"):
             kernels.cpu_ops().mla_decode(*args)
+
+
+@built
+def test_decode_layers_checks_every_layer_before_writing_the_cache():
+    """A weight that the one-call step cannot take (the last layer's o_proj in another dtype) is an error that names
+    it, raised before any layer has written its latent to the cache."""
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    config = model.config
+    cache = LatentCache(config, 1, 8)
+    cache.seq_len = 3
+    tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
+    with torch.no_grad():
+        h = model.model.embed_tokens(tokens)
+        plan = model.decode_plan(h, cache)
+        assert plan is not None
+        weights = list(plan.refresh())
+        last_o_proj = (config.num_hidden_layers - 1) * len(DECODE_LAYER_SLOTS) + DECODE_LAYER_SLOTS.index("o_proj")
+        weights[last_o_proj] = weights[last_o_proj].double()
+        cos, sin = model.model.rotary(positions)
+        layers, write, read, lengths = cache.step_layers(positions)
+        before = cache.data.clone()
+        with pytest.raises(RuntimeError, match=r"a weight: contiguous on the CPU, in x's dtype.*Double"):
+            kernels.cpu_ops().decode_layers(h, cos, sin, layers, write, read, lengths, weights, plan.eps,
+                                            plan.softmax_scale, *plan.routing)
+        assert torch.equal(cache.data, before)
+        weights[last_o_proj] = weights[last_o_proj].to(h.dtype)  # the same call with the weight as it was runs
+        kernels.cpu_ops().decode_layers(h, cos, sin, layers, write, read, lengths, weights, plan.eps,
+                                        plan.softmax_scale, *plan.routing)
+        assert not torch.equal(cache.data, before)
 
 
 @built

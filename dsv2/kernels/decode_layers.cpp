@@ -33,7 +33,8 @@ enum Slot : int64_t {
 };
 
 at::Tensor decode_layers(const at::Tensor& h_3d, const at::Tensor& cos_3d, const at::Tensor& sin_3d,
-                         const at::Tensor& cache, const at::Tensor& write_slots, const at::Tensor& read_slots, const at::Tensor& lengths,
+                         const at::Tensor& cache, const at::Tensor& write_slots, const at::Tensor& read_slots,
+                         const at::Tensor& lengths,
                          const std::vector<std::optional<at::Tensor>>& weights, double eps, double scale,
                          int64_t top_k, bool group_limited, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                          double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps,
@@ -70,32 +71,47 @@ at::Tensor decode_layers(const at::Tensor& h_3d, const at::Tensor& cos_3d, const
   auto h = h_in.contiguous().clone();  // the residual stream, updated in place layer after layer
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    T* hs = h.template data_ptr<T>();
+    // every layer's weights checked before the first one runs (an error leaves the cache as it was)
+    struct Layer {
+      const T *input_norm, *post_norm;
+      MlaLayer<T> attention;
+      bool moe;
+      MoeLayer<T> experts;  // moe
+      MlpLayer<T> mlp;  // otherwise
+    };
+    std::vector<Layer> stack(layers);
     for (int64_t layer = 0; layer < layers; ++layer) {
       const auto* w = &held[layer * LAYER_SLOTS];
       auto required = [&](int64_t slot) -> const at::Tensor& {
         TORCH_CHECK(w[slot].has_value(), "decode_layers: layer ", layer, " lacks weight slot ", slot);
         return *w[slot];
       };
-      const auto attention = mla_layer<T>(w[Q_PROJ], w[Q_A_PROJ], w[Q_A_NORM], w[Q_B_PROJ], required(KV_A_PROJ),
-                                          required(KV_A_NORM), required(W_UK_T), required(W_UV), required(O_PROJ),
-                                          cache[layer]);
-      TORCH_CHECK(attention.hidden == H && cos.size(1) * 2 == attention.rope_dim,
+      Layer& L = stack[layer];
+      L.attention = mla_layer<T>(w[Q_PROJ], w[Q_A_PROJ], w[Q_A_NORM], w[Q_B_PROJ], required(KV_A_PROJ),
+                                 required(KV_A_NORM), required(W_UK_T), required(W_UV), required(O_PROJ), cache[layer]);
+      TORCH_CHECK(L.attention.hidden == H && cos.size(1) * 2 == L.attention.rope_dim,
                   "decode_layers: sizes disagree (h [B, H] and cos [B, d_R/2] against the weights)");
-      add_residual(hs, B, H, weight_data<T>(required(INPUT_NORM), H, "decode_layers: input_norm"), rows.eps,
-                   [&](const T* x, T* out) { mla_out(attention, rows, x, B, out); });
-      const T* post_norm = weight_data<T>(required(POST_NORM), H, "decode_layers: post_attention_layernorm");
-      if (w[GATE]) {
-        const auto moe = moe_layer<T>(*w[GATE], routing, required(EXPERT_GATE), required(EXPERT_UP),
-                                      required(EXPERT_DOWN), w[SHARED_GATE], w[SHARED_UP], w[SHARED_DOWN]);
-        TORCH_CHECK(moe.hidden == H, "decode_layers: the gate's hidden size differs from h's");
-        add_residual(hs, B, H, post_norm, rows.eps, [&](const T* x, T* out) { moe_out(moe, x, B, out); });
+      L.input_norm = weight_data<T>(required(INPUT_NORM), H, "decode_layers: input_layernorm");
+      L.post_norm = weight_data<T>(required(POST_NORM), H, "decode_layers: post_attention_layernorm");
+      L.moe = w[GATE].has_value();
+      if (L.moe) {
+        L.experts = moe_layer<T>(*w[GATE], routing, required(EXPERT_GATE), required(EXPERT_UP), required(EXPERT_DOWN),
+                                 w[SHARED_GATE], w[SHARED_UP], w[SHARED_DOWN]);
+        TORCH_CHECK(L.experts.hidden == H, "decode_layers: the gate's hidden size differs from h's");
       } else {
-        const auto mlp = mlp_layer<T>(required(SHARED_GATE), required(SHARED_UP), required(SHARED_DOWN),
-                                      "decode_layers: the dense MLP");
-        TORCH_CHECK(mlp.hidden == H, "decode_layers: the dense MLP's hidden size differs from h's");
-        add_residual(hs, B, H, post_norm, rows.eps, [&](const T* x, T* out) { mlp_out(mlp, x, B, out); });
+        L.mlp = mlp_layer<T>(required(SHARED_GATE), required(SHARED_UP), required(SHARED_DOWN),
+                             "decode_layers: the dense MLP");
+        TORCH_CHECK(L.mlp.hidden == H, "decode_layers: the dense MLP's hidden size differs from h's");
       }
+    }
+    T* hs = h.template data_ptr<T>();
+    for (const Layer& L : stack) {
+      add_residual(hs, B, H, L.input_norm, rows.eps,
+                   [&](const T* x, T* out) { mla_out(L.attention, rows, x, B, out); });
+      if (L.moe)
+        add_residual(hs, B, H, L.post_norm, rows.eps, [&](const T* x, T* out) { moe_out(L.experts, x, B, out); });
+      else
+        add_residual(hs, B, H, L.post_norm, rows.eps, [&](const T* x, T* out) { mlp_out(L.mlp, x, B, out); });
     }
     if (final_norm)  // h is the last layer's fresh sum: normed in place
       rms_norm_rows(hs, B, H, H, weight_data<T>(final_norm->contiguous(), H, "decode_layers: final_norm"),

@@ -137,6 +137,8 @@ MlpLayer<T> mlp_layer(const at::Tensor& gate, const at::Tensor& up, const at::Te
                   down.size(1) == gate.size(0),
               what, ": gate and up [I, H], down [H, I]");
   const int64_t I = gate.size(0), H = gate.size(1);
+  TORCH_CHECK(H % K_MULTIPLE<T> == 0 && I % K_MULTIPLE<T> == 0, what, ": the hidden and intermediate sizes must be "
+              "multiples of ", K_MULTIPLE<T>, "; got ", H, " and ", I);
   return {weight_data<T>(gate, I * H, what), weight_data<T>(up, I * H, what), weight_data<T>(down, I * H, what), H, I};
 }
 
