@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from torch.nn.modules import module as torch_module
 
 from dsv2 import kernels
@@ -87,20 +88,22 @@ class DecodePlans:
     def __init__(self) -> None:
         self._registrations = -1
         self._parameters: list[torch.nn.Parameter] = []
+        self._layers: list[nn.Module] = []  # the decoder layers (a replaced one is a registration)
+        self._kv_rank = 0
         self._plans: dict[tuple, DecodePlan | None] = {}
 
     def get(self, model: DeepseekV2ForCausalLM, h: torch.Tensor, cache: object) -> DecodePlan | None:
         """The plan for a decoding step of h [B, 1, H] over ``cache``, or None where `decode_layers` does not take
         it (`DeepseekV2ForCausalLM.whole_step_applies` is False)."""
-        layers = model.model.layers
-        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers) or not hasattr(
+        if self._registrations != _Registrations.count:  # what a registration can change, read again
+            self._registrations, self._parameters, self._plans = _Registrations.count, list(model.parameters()), {}
+            self._layers = list(model.model.layers)
+            self._kv_rank = self._layers[0].self_attn.kv_rank
+        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self._layers) or not hasattr(
                 cache, "step_layers"):
             return None
-        if self._registrations != _Registrations.count:
-            self._registrations, self._parameters, self._plans = _Registrations.count, list(model.parameters()), {}
-        kv_rank = layers[0].self_attn.kv_rank
         key = (tuple([p.dtype for p in self._parameters]), h.dtype, h.device, h.shape[0], model.attn_impl, type(cache),
-               cache.fused_decode_applies(h.dtype, kv_rank), torch.is_grad_enabled(),
+               cache.fused_decode_applies(h.dtype, self._kv_rank), torch.is_grad_enabled(),
                torch.is_autocast_enabled("cpu"), kernels.cpu_ops() is not None)
         if key not in self._plans:
             self._plans[key] = self._make(model, h, cache)
