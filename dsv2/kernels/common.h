@@ -277,6 +277,28 @@ inline void tile_any(const typename Step::T* w, const typename Step::T* const* x
   }
 }
 
+// The rows x [N, H] through f(x, out) (a half of a decoder layer): out [N, H]; or, given the layer's norm,
+// x + f(norm(x)).
+template <typename T, typename F>
+at::Tensor rows_through(const at::Tensor& x_in, const std::optional<at::Tensor>& input_norm, double eps, const F& f) {
+  const auto x = x_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(1);
+  if (!input_norm) {
+    auto out = at::empty_like(x);
+    f(x.data_ptr<T>(), out.data_ptr<T>());
+    return out;
+  }
+  const auto norm = input_norm->contiguous();
+  auto h = x.clone();
+  add_residual(h.data_ptr<T>(), N, H, weight_data<T>(norm, H, "input_norm"), static_cast<float>(eps), f);
+  return h;
+}
+
+// t->contiguous() where t is given.
+inline std::optional<at::Tensor> contiguous_if_given(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 // A product of a few rows with a weight as stored, on raw pointers: out[g][m][n] = Σ_k x[g·x_g + m·x_m + k] ·
 // w[(g·N + n)·K + k], for g < G, m < M, n < N; out contiguous [G, M, N], w contiguous [G, N, K].
 template <typename T>

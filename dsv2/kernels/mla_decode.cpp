@@ -170,11 +170,8 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
   const DecodeRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(),
                         reads.data_ptr<int64_t>(), reads.size(1), lens.data_ptr<int64_t>(),
                         static_cast<float>(eps), static_cast<float>(scale)};
-  auto contiguous = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-  };
-  const auto q_w = contiguous(q_proj), q_a_w = contiguous(q_a_proj), q_a_n = contiguous(q_a_norm);
-  const auto q_b_w = contiguous(q_b_proj);
+  const auto q_w = contiguous_if_given(q_proj), q_a_w = contiguous_if_given(q_a_proj);
+  const auto q_a_n = contiguous_if_given(q_a_norm), q_b_w = contiguous_if_given(q_b_proj);
   const auto kv_a_w = kv_a_proj.contiguous(), kv_a_n = kv_a_norm.contiguous(), uk = w_uk_t.contiguous();
   const auto uv = w_uv.contiguous(), o_w = o_proj.contiguous();
   auto run = [&](auto zero) {
@@ -182,17 +179,7 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
     const auto L = mla_layer<T>(q_w, q_a_w, q_a_n, q_b_w, kv_a_w, kv_a_n, uk, uv, o_w, cache);
     TORCH_CHECK(x.size(1) == L.hidden && cos.size(1) * 2 == L.rope_dim,
                 "mla_decode: sizes disagree (x [B, H] and cos [B, d_R/2] against the weights)");
-    if (!input_norm) {
-      const auto xs = x.contiguous();
-      auto out = at::empty_like(xs);
-      mla_out(L, rows, xs.data_ptr<T>(), B, out.data_ptr<T>());
-      return out;
-    }
-    const auto norm = input_norm->contiguous();
-    auto h = x.contiguous().clone();  // the residual stream: h + attention(norm(h))
-    add_residual(h.data_ptr<T>(), B, L.hidden, weight_data<T>(norm, L.hidden, "mla_decode: input_norm"), rows.eps,
-                 [&](const T* normed, T* out) { mla_out(L, rows, normed, B, out); });
-    return h;
+    return rows_through<T>(x, input_norm, eps, [&](const T* x_rows, T* out) { mla_out(L, rows, x_rows, B, out); });
   };
   return dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
 }

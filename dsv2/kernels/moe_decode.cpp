@@ -189,23 +189,6 @@ template MoeLayer<float> moe_layer(const at::Tensor&, const Routing&, const at::
                                    const at::Tensor&, const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 
-// The rows x [N, H] through f(x, out) (a half of a decoder layer): out [N, H]; or, given the layer's norm,
-// x + f(norm(x)).
-template <typename T, typename F>
-at::Tensor rows_through(const at::Tensor& x_in, const std::optional<at::Tensor>& input_norm, double eps, const F& f) {
-  const auto x = x_in.contiguous();
-  const int64_t N = x.size(0), H = x.size(1);
-  if (!input_norm) {
-    auto out = at::empty_like(x);
-    f(x.data_ptr<T>(), out.data_ptr<T>());
-    return out;
-  }
-  const auto norm = input_norm->contiguous();
-  auto h = x.clone();
-  add_residual(h.data_ptr<T>(), N, H, weight_data<T>(norm, H, "input_norm"), static_cast<float>(eps), f);
-  return h;
-}
-
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& gate_weight, int64_t top_k, bool group_limited,
                       int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scaling_factor,
                       const at::Tensor& expert_gate, const at::Tensor& expert_up, const at::Tensor& expert_down,
@@ -216,12 +199,10 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& gate_weight, int64_
               "moe_decode: x [N, H] and the gate's weight [E, H]");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "moe_decode: bfloat16 or float32");
-  auto contiguous = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-  };
   const auto gate = gate_weight.contiguous(), e_gate = expert_gate.contiguous(), e_up = expert_up.contiguous();
   const auto e_down = expert_down.contiguous();
-  const auto s_gate = contiguous(shared_gate), s_up = contiguous(shared_up), s_down = contiguous(shared_down);
+  const auto s_gate = contiguous_if_given(shared_gate), s_up = contiguous_if_given(shared_up);
+  const auto s_down = contiguous_if_given(shared_down);
   const Routing routing{top_k, group_limited, n_group, topk_group, norm_topk_prob, routed_scaling_factor};
   auto run = [&](auto zero) {
     using T = decltype(zero);
