@@ -375,6 +375,27 @@ struct DecodeRows {
   float eps, scale;
 };
 
+// A decoding step's DecodeRows from its tensors for B rows, checked (errors start with `what`), with the slots and
+// lengths held as int64.
+struct StepRows {
+  at::Tensor writes, reads, lengths;
+  DecodeRows rows;
+
+  StepRows(const char* what, int64_t B, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& write_slots,
+           const at::Tensor& read_slots, const at::Tensor& lengths_in, double eps, double scale) {
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == B,
+                what, ": cos and sin [B, d_R/2] contiguous float32");
+    TORCH_CHECK(read_slots.dim() == 2 && read_slots.size(0) == B && lengths_in.dim() == 1 &&
+                    lengths_in.size(0) == B && write_slots.numel() == B,
+                what, ": write slots [B], read slots [B, S] and lengths [B]");
+    writes = write_slots.to(at::kLong).contiguous(), reads = read_slots.to(at::kLong).contiguous();
+    lengths = lengths_in.to(at::kLong).contiguous();
+    rows = {cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(), reads.data_ptr<int64_t>(),
+            reads.size(1), lengths.data_ptr<int64_t>(), static_cast<float>(eps), static_cast<float>(scale)};
+  }
+};
+
 // One layer's MLA weights (contiguous, x's dtype): q_proj, or q_a_proj / q_a_norm / q_b_proj (q_rank rows); and its
 // cache rows [num_slots, r + d_R] (row stride row_stride).
 template <typename T>

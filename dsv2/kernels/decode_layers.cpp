@@ -53,17 +53,8 @@ at::Tensor decode_layers(const at::Tensor& h_3d, const at::Tensor& cos_3d, const
   const auto dtype = h_in.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "decode_layers: bfloat16 or float32");
   const int64_t B = h_in.size(0), H = h_in.size(1);
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == B,
-              "decode_layers: cos and sin [B, d_R/2] contiguous float32");
-  TORCH_CHECK(read_slots.dim() == 2 && read_slots.size(0) == B && lengths.dim() == 1 && lengths.size(0) == B &&
-                  write_slots.numel() == B,
-              "decode_layers: write slots [B], read slots [B, S] and lengths [B]");
-  const auto writes = write_slots.to(at::kLong).contiguous(), reads = read_slots.to(at::kLong).contiguous();
-  const auto lens = lengths.to(at::kLong).contiguous();
-  const DecodeRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(),
-                        reads.data_ptr<int64_t>(), reads.size(1), lens.data_ptr<int64_t>(),
-                        static_cast<float>(eps), static_cast<float>(scale)};
+  const StepRows step("decode_layers", B, cos, sin, write_slots, read_slots, lengths, eps, scale);
+  const DecodeRows& rows = step.rows;
   const Routing routing{top_k, group_limited, n_group, topk_group, norm_topk_prob, routed_scaling_factor};
   std::vector<std::optional<at::Tensor>> held(weights.size());  // contiguous weights (the same tensors, mostly)
   for (size_t i = 0; i < weights.size(); ++i)

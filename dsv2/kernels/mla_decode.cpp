@@ -159,17 +159,8 @@ at::Tensor mla_decode(const at::Tensor& x, const std::optional<at::Tensor>& q_pr
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "mla_decode: bfloat16 or float32");
   const int64_t B = x.size(0);
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == B,
-              "mla_decode: cos and sin [B, d_R/2] contiguous float32");
-  TORCH_CHECK(read_slots.dim() == 2 && read_slots.size(0) == B && lengths.dim() == 1 && lengths.size(0) == B &&
-                  write_slots.numel() == B,
-              "mla_decode: write slots [B], read slots [B, S] and lengths [B]");
-  const auto writes = write_slots.to(at::kLong).contiguous(), reads = read_slots.to(at::kLong).contiguous();
-  const auto lens = lengths.to(at::kLong).contiguous();
-  const DecodeRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(),
-                        reads.data_ptr<int64_t>(), reads.size(1), lens.data_ptr<int64_t>(),
-                        static_cast<float>(eps), static_cast<float>(scale)};
+  const StepRows step("mla_decode", B, cos, sin, write_slots, read_slots, lengths, eps, scale);
+  const DecodeRows& rows = step.rows;
   const auto q_w = contiguous_if_given(q_proj), q_a_w = contiguous_if_given(q_a_proj);
   const auto q_a_n = contiguous_if_given(q_a_norm), q_b_w = contiguous_if_given(q_b_proj);
   const auto kv_a_w = kv_a_proj.contiguous(), kv_a_n = kv_a_norm.contiguous(), uk = w_uk_t.contiguous();
