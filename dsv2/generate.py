@@ -15,7 +15,7 @@ import torch
 
 from dsv2.detokenize import IncrementalDetokenizer
 from dsv2.model import DeepseekV2ForCausalLM, LatentCache
-from dsv2.sampling import SamplingParams, SamplingRow, sample
+from dsv2.sampling import SamplingParams, SamplingRow, greedy_tokens, sample
 from dsv2.tokenizer import Tokenizer
 
 
@@ -48,12 +48,12 @@ class Step:
     done: list[bool]
 
 
-@torch.no_grad()
 def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  eos_token_ids: Sequence[int] = ()) -> Iterator[Step]:
     """The generation loop shared by `generate` and `stream`: yields each step's tokens until every row is done.
 
     A row is done after ``params.max_tokens`` tokens, or at an EOS (unless ``ignore_eos``) or a stop token id.
+    The model runs without autograd; the caller's grad mode is left as it is between steps.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -66,9 +66,9 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     B, T = len(prompts), max(lengths)
     cache = LatentCache(config, B, T + max_new, dtype=model.lm_head.weight.dtype, device=device)
     padded = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # [B, T], right-padded
-    last = torch.tensor(lengths, device=device) - 1  # [B] index of each prompt's last token
-    logits = model(padded, cache=cache, logits_at=last[:, None])[:, 0]  # [B, V]
-    positions = last + 1  # [B] where each row's next token goes
+    last = torch.tensor(lengths, device=device)[:, None] - 1  # [B, 1] index of each prompt's last token
+    logits = _without_grad(model, padded, cache=cache, logits_at=last)  # [B, 1, V]
+    positions = last + 1  # [B, 1] where each row's next token goes
 
     # row i draws from seed + i (as the engine's n samples do): seeded rows of one batch differ, and repeat
     rows = [SamplingRow.start(params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
@@ -76,8 +76,10 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     stop_ids = params.stop_ids(eos_token_ids)
     done = [False] * B
     for step in range(max_new):
-        tokens = sample(logits, rows)  # [B]
-        drawn = tokens.tolist()
+        tokens = greedy_tokens(logits, rows)  # [B, 1]
+        if tokens is None:
+            tokens = sample(logits[:, -1], rows)[:, None]
+        drawn = [token for (token,) in tokens.tolist()]
         for row, token in enumerate(drawn):
             rows[row].output_ids.append(token)
             if done[row]:
@@ -87,8 +89,18 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
         yield Step(drawn, done)
         if all(done):
             return
-        logits = model(tokens[:, None], positions=positions[:, None], cache=cache)[:, -1]  # [B, V]
+        logits = _without_grad(model, tokens, positions=positions, cache=cache)  # [B, 1, V]
         positions = positions + 1
+
+
+def _without_grad(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """model(input_ids, **kwargs) without autograd. Grad mode is switched only where it is on: `generate` runs the
+    whole loop without it, and each switch costs ~50 µs of a decoding step once the weights' stream has emptied the
+    caches (a generator decorated with no_grad switches twice per step)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return model(input_ids, **kwargs)
+    return model(input_ids, **kwargs)
 
 
 def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
@@ -120,6 +132,7 @@ def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | 
     return sampling_params(**{**defaults, **kwargs}), eos_ids, pad
 
 
+@torch.no_grad()
 def generate(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              tokenizer: Tokenizer | None = None, pad_token_id: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, **kwargs) -> torch.Tensor:

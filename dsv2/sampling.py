@@ -141,6 +141,17 @@ class SamplingRow:
         return len(self.output_ids) < self.params.min_tokens
 
 
+def greedy_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+    """What `sample` draws when every row is plainly greedy (no logit bias, no barred ids now, no penalties), for
+    logits [..., V] of any leading shape → argmax [...] (the first maximum, as `sample`'s); None otherwise. Two torch
+    operations fewer than `sample` for a decoding step's [B, 1, V], each ~30 µs there."""
+    for row in rows:
+        params = row.params
+        if not params.greedy or params.logit_bias or params.uses_penalties or (row.barred and row.stops_barred):
+            return None
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] → one token id per row [B], each row with its own parameters. Rows without a seed draw from

@@ -429,22 +429,20 @@ def test_decode_layers_checks_every_layer_before_writing_the_cache():
     cache.seq_len = 3
     tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
     with torch.no_grad():
-        h = model.model.embed_tokens(tokens)
-        plan = model.decode_plan(h, cache)
+        plan = model.decode_plan(tokens, cache)
         assert plan is not None
         weights = list(plan.refresh())
         last_o_proj = (config.num_hidden_layers - 1) * len(DECODE_LAYER_SLOTS) + DECODE_LAYER_SLOTS.index("o_proj")
         weights[last_o_proj] = weights[last_o_proj].double()
-        cos, sin = model.model.rotary(positions)
-        layers, write, read, lengths = cache.step_layers(positions)
+        layers, read = cache.step_tables()
+        cos, sin = model.model.rotary.tables(read.shape[1], tokens.device)
+        step = (tokens, model.model.embed_tokens.weight, positions, cos, sin, layers, read)
         before = cache.data.clone()
         with pytest.raises(RuntimeError, match=r"a weight: contiguous on the CPU, in x's dtype.*Double"):
-            kernels.cpu_ops().decode_layers(h, cos, sin, layers, write, read, lengths, weights, plan.eps,
-                                            plan.softmax_scale, *plan.routing)
+            kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)
         assert torch.equal(cache.data, before)
-        weights[last_o_proj] = weights[last_o_proj].to(h.dtype)  # the same call with the weight as it was runs
-        kernels.cpu_ops().decode_layers(h, cos, sin, layers, write, read, lengths, weights, plan.eps,
-                                        plan.softmax_scale, *plan.routing)
+        weights[last_o_proj] = weights[last_o_proj].to(torch.float32)  # the same call with the weight as it was runs
+        kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)
         assert not torch.equal(cache.data, before)
 
 
@@ -522,8 +520,9 @@ def test_a_step_through_every_layer_in_one_call_equals_the_layers_own_calls(monk
 
 @built
 def test_a_decoding_steps_plan_is_kept_until_the_model_changes(monkeypatch):
-    """`decode_plan` checks the model once per kind of step; a replaced module, a weight changed in place and a new
-    dtype all show in the next step, which equals the layers' own calls."""
+    """`decode_plan` checks the model once per kind of step; a replaced module, a weight changed in place, a new
+    dtype and a part of the model converted on its own all show in the next step, which equals the layers' own
+    calls."""
     model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
     model = model.to(torch.bfloat16)
     config = model.config
@@ -562,6 +561,14 @@ def test_a_decoding_steps_plan_is_kept_until_the_model_changes(monkeypatch):
     model.float()
     step_equals_the_layers_own_calls()
     assert checks["model"] == 3 and calls["decode_layers"] == 6
+    layer = model.model.layers[1]
+    layer.to(torch.bfloat16)  # a part converted on its own keeps the Parameter objects: the model's plan is kept
+    with pytest.raises(RuntimeError, match="same dtype"):  # the call refuses a weight; planned again, the step goes
+        step()  # layer by layer, where mixed dtypes are an error too
+    assert checks["model"] == 4 and calls["decode_layers"] == 7
+    layer.float()  # converted back: the next step is planned again and takes the one call
+    step_equals_the_layers_own_calls()
+    assert checks["model"] == 5 and calls["decode_layers"] == 8
 
 
 @built

@@ -74,10 +74,15 @@ class PagedStepCache:
         return layers[layer_idx], write, read, lengths
 
     def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step_slots` for every layer at once (`decode_layers`): the cache [layers, slots + 1, D]."""
+        """`step_slots` for every layer at once: the cache [layers, slots + 1, D]."""
         if self._lengths is None:  # every layer of the step passes the same positions
             self._lengths = positions[:, 0] + 1
         return self.cache.data, self.write_slots, self.read_slots, self._lengths
+
+    def step_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `decode_layers` taking the step's positions: the cache [layers, slots + 1, D] and the read slots
+        [B, S] (entry s: the slot of position s)."""
+        return self.cache.data, self.read_slots
 
     def fused_decode(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                      scale: float, value_dim: int) -> torch.Tensor:

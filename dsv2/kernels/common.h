@@ -9,6 +9,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <initializer_list>
@@ -393,6 +394,43 @@ struct StepRows {
     lengths = lengths_in.to(at::kLong).contiguous();
     rows = {cos.data_ptr<float>(), sin.data_ptr<float>(), writes.data_ptr<int64_t>(), reads.data_ptr<int64_t>(),
             reads.size(1), lengths.data_ptr<int64_t>(), static_cast<float>(eps), static_cast<float>(scale)};
+  }
+};
+
+// A decoding step's DecodeRows from tables, for B rows: each row's position (positions [B] or [B, 1]) picks its cos/sin
+// from the [P, d_R/2] float32 tables (row p: position p) and its write slot from its read slots [B, S] (entry s: the
+// slot of position s); its length is position + 1. Checked (errors start with `what`), the rows held here.
+struct TableRows {
+  std::vector<float> cos, sin;
+  std::vector<int64_t> writes, lengths;
+  at::Tensor reads;
+  DecodeRows rows;
+
+  TableRows(const char* what, int64_t B, const at::Tensor& positions, const at::Tensor& cos_table,
+            const at::Tensor& sin_table, const at::Tensor& read_slots, double eps, double scale) {
+    TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
+                    cos_table.is_contiguous() && sin_table.is_contiguous() && cos_table.dim() == 2 &&
+                    cos_table.sizes() == sin_table.sizes(),
+                what, ": RoPE cos and sin tables [positions, d_R/2] contiguous float32");
+    TORCH_CHECK(positions.numel() == B && (positions.dim() == 1 || (positions.dim() == 2 && positions.size(1) == 1)),
+                what, ": positions [B] or [B, 1] for the step's ", B, " rows; got ", positions.sizes());
+    TORCH_CHECK(read_slots.dim() == 2 && read_slots.size(0) == B, what, ": read slots [B, S]; got ",
+                read_slots.sizes());
+    const auto at = positions.to(at::kLong).contiguous();
+    reads = read_slots.to(at::kLong).contiguous();
+    const int64_t half = cos_table.size(1), P = cos_table.size(0), S = reads.size(1);
+    const int64_t* pos = at.data_ptr<int64_t>();
+    const int64_t* slots = reads.data_ptr<int64_t>();
+    cos.resize(B * half), sin.resize(B * half), writes.resize(B), lengths.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < P && pos[b] < S, what, ": row ", b, "'s position ", pos[b],
+                  " is outside the RoPE tables (", P, " positions) or its read slots (", S, ")");
+      std::copy_n(cos_table.data_ptr<float>() + pos[b] * half, half, cos.data() + b * half);
+      std::copy_n(sin_table.data_ptr<float>() + pos[b] * half, half, sin.data() + b * half);
+      writes[b] = slots[b * S + pos[b]], lengths[b] = pos[b] + 1;
+    }
+    rows = {cos.data(), sin.data(), writes.data(), slots, S, lengths.data(), static_cast<float>(eps),
+            static_cast<float>(scale)};
   }
 };
 

@@ -41,6 +41,7 @@ class LatentCache:
         self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
         self._step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (`step_slots`)
         self._row_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (`_row_slots`)
+        self._flat: torch.Tensor | None = None  # data as [layers, B·max_len, D] (`step_tables`)
 
     @property
     def max_len(self) -> int:
@@ -93,7 +94,7 @@ class LatentCache:
         return layers[layer_idx], write, read, lengths
 
     def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step_slots` for every layer at once (`decode_layers`): the cache as [layers, B·max_len, D]; the read
+        """`step_slots` for every layer at once: the cache as [layers, B·max_len, D]; the read
         slots are every row's whole range [B, max_len] (the kernels read a row's first `lengths` of them)."""
         B, end = positions.shape[0], self.seq_len + 1
         if end > self.max_len:
@@ -104,6 +105,15 @@ class LatentCache:
             self._step_slots = first + at, slots, at + 1
         write, read, lengths = self._step_slots
         return self.data.view(self.data.shape[0], B * self.max_len, -1), write, read, lengths
+
+    def step_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `decode_layers` taking the step's positions: the cache as [layers, B·max_len, D] and every row's
+        slots [B, max_len] (entry s: the slot of position s; a row writes the one at its position)."""
+        if self.seq_len + 1 > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        if self._flat is None:
+            self._flat = self.data.view(self.data.shape[0], -1, self.data.shape[-1])
+        return self._flat, self._row_slots(self.data.shape[1])[1]
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first slot [B] and all its slots [B, max_len] in data[layer].view(B·max_len, D), made once."""

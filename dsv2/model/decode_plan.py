@@ -8,13 +8,19 @@ modules, their attributes, the weights' dtypes and a few facts of the step (its 
 
 * a module or parameter is registered anywhere in the process (torch's global registration hooks count them: a
   replaced projection, a tensor-parallel or LoRA wrapper, ``load_state_dict(assign=True)``),
-* a parameter's dtype changed (``model.to(dtype)`` keeps the Parameter objects), or
+* the model is converted (``model.to(...)``: `DeepseekV2ForCausalLM._apply` drops the plans),
+* the kernel refuses a weight of the plan: a part of the model converted on its own (``model.model.layers[3].to(
+  torch.float32)`` keeps the Parameter objects and does not reach the model's ``_apply``) or a ``param.data``
+  replaced. The kernel checks every weight's dtype, layout and size before the first layer writes the cache, so the
+  step is then planned again and either runs layer by layer or, with the new plan, in one call again. (Walking the
+  ~110 parameters' dtypes at every step instead cost ~80 µs of a step once the weights' stream had emptied the
+  caches; it still runs for a step that goes layer by layer, so that a conversion back shows), or
 * the step differs in a fact the checks read.
 
-What it still does at every step: look for hooks on the layers (a hooked layer runs its own forward) and check that
-no kv_b_proj weight changed (its storage or version), else take the absorbed W_UK / W_UV again (rebuilt by the
-attention modules). Module attributes other than submodules and parameters (norm eps, the gate's routing settings,
-sizes) are read when a plan is made.
+What it still does at every step: look for hooks on the layers, the embedding and the rotary embedding (a hooked
+module runs its own forward) and check that no kv_b_proj weight changed (its storage or version), else take the
+absorbed W_UK / W_UV again (rebuilt by the attention modules). Module attributes other than submodules and
+parameters (norm eps, the gate's routing settings, sizes) are read when a plan is made.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dsv2 import kernels
 from dsv2.model.linear import Linear, small_matmul_applies, weight_key
 from dsv2.model.moe import MoE
 from dsv2.model.norm import RMSNorm
+from dsv2.model.rope import RotaryEmbedding
 
 if TYPE_CHECKING:
     from dsv2.model.attention import MultiHeadLatentAttention
@@ -88,29 +95,49 @@ class DecodePlans:
     def __init__(self) -> None:
         self._registrations = -1
         self._parameters: list[torch.nn.Parameter] = []
+        self._embedding: torch.Tensor | None = None  # the embedding's weight: its dtype is the step's
         self._layers: list[nn.Module] = []  # the decoder layers (a replaced one is a registration)
+        self._hookable: list[nn.Module] = []  # the modules whose hooks the call would pass by
         self._kv_rank = 0
-        self._plans: dict[tuple, DecodePlan | None] = {}
+        # by the step's facts: the plan, and for None (layer by layer) the parameters' dtypes then
+        self._plans: dict[tuple, tuple[DecodePlan | None, tuple[torch.dtype, ...] | None]] = {}
 
-    def get(self, model: DeepseekV2ForCausalLM, h: torch.Tensor, cache: object) -> DecodePlan | None:
-        """The plan for a decoding step of h [B, 1, H] over ``cache``, or None where `decode_layers` does not take
-        it (`DeepseekV2ForCausalLM.whole_step_applies` is False)."""
-        if self._registrations != _Registrations.count:  # what a registration can change, read again
-            self._registrations, self._parameters, self._plans = _Registrations.count, list(model.parameters()), {}
+    def get(self, model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, cache: object,
+            recheck: bool = False) -> DecodePlan | None:
+        """The plan for a decoding step of input_ids [B, 1] over ``cache``, or None where `decode_layers` does not
+        take it (`DeepseekV2ForCausalLM.whole_step_applies` is False). ``recheck``: make it again, whatever is kept
+        (after the call refused a weight of the plan: see the module's docstring)."""
+        if recheck or self._registrations != _Registrations.count:  # what a registration can change, read again
+            self._registrations, self._plans = _Registrations.count, {}
+            self._parameters = list(model.parameters())
             self._layers = list(model.model.layers)
+            self._hookable = [*self._layers, model.model.embed_tokens, model.model.rotary]
+            self._embedding = model.model.embed_tokens.weight
             self._kv_rank = self._layers[0].self_attn.kv_rank
-        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self._layers) or not hasattr(
-                cache, "step_layers"):
+        if any(module._forward_hooks or module._forward_pre_hooks for module in self._hookable) or not hasattr(
+                cache, "step_tables"):
             return None
-        key = (tuple([p.dtype for p in self._parameters]), h.dtype, h.device, h.shape[0], model.attn_impl, type(cache),
-               cache.fused_decode_applies(h.dtype, self._kv_rank), torch.is_grad_enabled(),
+        dtype = self._embedding.dtype  # the step's rows'
+        key = (dtype, input_ids.device, input_ids.shape[0], model.attn_impl, type(cache),
+               cache.fused_decode_applies(dtype, self._kv_rank), torch.is_grad_enabled(),
                torch.is_autocast_enabled("cpu"), kernels.cpu_ops() is not None)
-        if key not in self._plans:
-            self._plans[key] = self._make(model, h, cache)
-        return self._plans[key]
+        kept = self._plans.get(key)
+        if kept is None or (kept[0] is None and kept[1] != self._dtypes()):
+            plan = self._make(model, input_ids, cache)
+            self._plans[key] = kept = plan, None if plan is not None else self._dtypes()
+        return kept[0]
+
+    def _dtypes(self) -> tuple[torch.dtype, ...]:
+        """Every parameter's dtype: what a kept None must still match (no call runs to find a conversion since)."""
+        return tuple([p.dtype for p in self._parameters])
 
     @staticmethod
-    def _make(model: DeepseekV2ForCausalLM, h: torch.Tensor, cache: object) -> DecodePlan | None:
+    def _make(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, cache: object) -> DecodePlan | None:
+        embed, rotary = model.model.embed_tokens, model.model.rotary
+        if type(embed) is not nn.Embedding or embed.max_norm is not None or type(rotary) is not RotaryEmbedding:
+            return None  # the call takes the embedding's rows and the rotary tables itself
+        h = torch.empty(input_ids.shape[0], 1, embed.embedding_dim, dtype=embed.weight.dtype,
+                        device=input_ids.device)  # the step's rows, as the embedding gives them
         if not model.whole_step_applies(h, cache):
             return None
         layers = model.model.layers

@@ -176,31 +176,30 @@ class DeepseekV2ForCausalLM(nn.Module):
         they are computed a chunk of tokens at a time (dsv2.model.loss), never all at once.
         """
         B, T = input_ids.shape
+        with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         if positions is None:
             start = 0 if cache is None else cache.seq_len
             positions = torch.arange(start, start + T, device=input_ids.device)
-        positions = positions.expand(B, T)  # [B, T]
-        cos, sin = self.model.rotary(positions)  # [B, T, d_R/2] each
-        h = self.model.embed_tokens(input_ids)  # [B, T, H]
-        with_aux = targets is not None or (self.training if return_aux is None else return_aux)
         moe_stats = []
-        plan = self.decode_plan(h, cache) if T == 1 and cache is not None and not with_aux else None
+        one_call = self._decode_step(input_ids, positions, cache, logits_at) if T == 1 and cache is not None and (
+            not with_aux) else None
         normed = False
-        if plan is not None:
-            # one token per row: the logits wanted are the step's own (logits_at, the engine's, selects token 0)
-            only_token = logits_at is None or (logits_at.shape[1] == 1 and bool((logits_at == 0).all()))
-            h, applied = self.decode_layers(h, cos, sin, positions, cache, plan, logits=only_token)
+        if one_call is not None:
+            h, applied = one_call
+            cache.advance(T)
             if applied == "logits":
-                cache.advance(T)
                 return h
             normed = applied == "norm"
         else:
+            positions = positions.expand(B, T)  # [B, T]
+            cos, sin = self.model.rotary(positions)  # [B, T, d_R/2] each
+            h = self.model.embed_tokens(input_ids)  # [B, T, H]
             for layer in self.model.layers:
                 h, stats = layer(h, cos, sin, positions, cache, self.attn_impl, with_aux)
                 if stats is not None:
                     moe_stats.append(stats)
-        if cache is not None:
-            cache.advance(T)
+            if cache is not None:
+                cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, H]
         if not normed:
@@ -298,12 +297,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         return stream(self, tokenizer, prompt, **kwargs)
 
     def whole_step_applies(self, h: torch.Tensor, cache: LatentCache) -> bool:
-        """Whether `decode_layers` takes this decoding step (h [B, 1, H]): every layer's `whole_step_applies`, one
-        routing for all MoE layers, a cache that hands out every layer's slots at once, and no hooks on the layers
-        (the one call would pass them by)."""
+        """Whether `decode_layers` takes this decoding step (h [B, 1, H], the embedding's rows): every layer's
+        `whole_step_applies`, one routing for all MoE layers, a cache that hands out every layer's slots at once, and
+        no hooks on the layers, the embedding or the rotary embedding (the one call would pass them by)."""
         layers = self.model.layers
-        hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
-        return (not hooked and hasattr(cache, "step_layers")
+        hooked = any(module._forward_hooks or module._forward_pre_hooks
+                     for module in (*layers, self.model.embed_tokens, self.model.rotary))
+        return (not hooked and hasattr(cache, "step_tables")
                 and all(layer.whole_step_applies(h, cache, self.attn_impl) for layer in layers)
                 and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
 
@@ -311,23 +311,46 @@ class DeepseekV2ForCausalLM(nn.Module):
         self._decode_plans = DecodePlans()  # a conversion may replace the parameters without registering them
         return super()._apply(fn, recurse)
 
-    def decode_plan(self, h: torch.Tensor, cache: LatentCache) -> DecodePlan | None:
+    def decode_plan(self, input_ids: torch.Tensor, cache: LatentCache) -> DecodePlan | None:
         """`whole_step_applies` and the weights `decode_layers` takes, kept for the next steps of this kind
-        (`dsv2.model.decode_plan`): None where the step goes layer by layer."""
-        return self._decode_plans.get(self, h, cache)
+        (`dsv2.model.decode_plan`): None where the step of input_ids [B, 1] goes layer by layer."""
+        return self._decode_plans.get(self, input_ids, cache)
 
-    def decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                      cache: LatentCache, plan: DecodePlan, logits: bool = False) -> tuple[torch.Tensor, str]:
-        """A decoding step through every layer in one kernel call (`decode_layers`), what the layers' own kernel
-        calls compute, with the step's `decode_plan`: h [B, 1, H] → (h [B, 1, H], "layers"); or, where the plan
-        allows and no hook on the final norm must run, the normed h, "norm" (~0.15 ms of small torch operations
-        saved); or, asked for ``logits`` and where no hook on the head must run either, the logits [B, 1, V] in
-        float32, "logits" (the head's product in the same call: ~40 µs of Python and torch operations saved)."""
-        cache_layers, write_slots, read_slots, lengths = cache.step_layers(positions)
-        norm, head = self.model.norm, self.lm_head
+    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+                     logits_at: torch.Tensor | None) -> tuple[torch.Tensor, str] | None:
+        """`decode_layers` with the step's plan, or None where the step goes layer by layer. Where the call refuses
+        a weight of a kept plan (a part of the model converted since), the step is planned again
+        (`dsv2.model.decode_plan`); what the call refuses then is the caller's error."""
+        plan = self.decode_plan(input_ids, cache)
+        if plan is None:
+            return None
+        # one token per row: the logits wanted are the step's own (logits_at, the engine's, selects token 0)
+        only_token = logits_at is None or (logits_at.shape[1] == 1 and bool((logits_at == 0).all()))
+        try:
+            return self.decode_layers(input_ids, positions, cache, plan, logits=only_token)
+        except RuntimeError:  # raised before any layer wrote the cache
+            plan = self._decode_plans.get(self, input_ids, cache, recheck=True)
+            if plan is None:
+                return None
+            return self.decode_layers(input_ids, positions, cache, plan, logits=only_token)
+
+    def decode_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache, plan: DecodePlan,
+                      logits: bool = False) -> tuple[torch.Tensor, str]:
+        """A decoding step of input_ids [B, 1] at positions [B, 1] (or [1]) through every layer in one kernel call
+        (`decode_layers`), what the layers' own kernel calls compute, with the step's `decode_plan`. The call takes
+        the embedding's rows itself and RoPE's values from the rotary tables (`RotaryEmbedding.tables`), so a step
+        runs no torch operation before it. Returns (h [B, 1, H], "layers"); or, where the plan
+        allows and no hook on the final norm must run, the normed h, "norm"; or, asked for ``logits`` and where no
+        hook on the head must run either, the logits [B, 1, V] in float32, "logits" (the head's product in the same
+        call). Each torch operation saved is ~30 µs of a step once the weights' stream has emptied the caches."""
+        embed, norm, head = self.model.embed_tokens, self.model.norm, self.lm_head
         fold_norm = plan.final_norm and not (norm._forward_hooks or norm._forward_pre_hooks)
         fold_head = fold_norm and logits and plan.head and not (head._forward_hooks or head._forward_pre_hooks)
-        out = kernels.cpu_ops().decode_layers(h, cos, sin, cache_layers, write_slots, read_slots, lengths,
+        cache_layers, read_slots = cache.step_tables()
+        cos, sin = self.model.rotary.tables(read_slots.shape[1], input_ids.device)  # [P, d_R/2] each
+        if positions.numel() != input_ids.shape[0]:  # [1] or [1, 1]: one position for every row
+            positions = positions.expand(input_ids.shape[0], 1)
+        out = kernels.cpu_ops().decode_layers(input_ids, embed.weight, positions, cos, sin, cache_layers, read_slots,
                                               plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
                                               norm.weight if fold_norm else None, norm.eps,
                                               head.weight if fold_head else None)  # [B, 1, H or V]
