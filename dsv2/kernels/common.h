@@ -349,6 +349,8 @@ at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& cache, const 
                             const at::Tensor& lengths, int64_t value_dim, double scale);
 // A step's routed experts for N tokens x [N, H]: token n goes to the experts ids[n·k + slot] (others' ids: skipped)
 // with the combine weights weights[n·k + slot]; gate and up [E, I, H], down [E, H, I]; → out [N, H] float32 sums.
+// The shared experts of the same tokens (a SwiGLU: gate and up [shared_I, H], down [H, shared_I]; none where
+// shared_gate is null) may come along: → shared_out [N, H], what moe_decode.cpp's swiglu computes, bit for bit.
 template <typename T>
 struct RoutedExperts {
   const T* x;
@@ -359,10 +361,15 @@ struct RoutedExperts {
   const T *gate, *up, *down;
   int64_t E, I;
   float* out;
+  const T *shared_gate = nullptr, *shared_up = nullptr, *shared_down = nullptr;
+  int64_t shared_I = 0;
+  T* shared_out = nullptr;
 };
 
+// → whether it computed the shared experts too: in the routed experts' two parallel regions where those run on
+// register tiles (no AMX); otherwise the caller runs them.
 template <typename T>
-void routed_experts(const RoutedExperts<T>& p);  // H and I multiples of 32
+bool routed_experts(const RoutedExperts<T>& p);  // H and I multiples of 32, shared_I of 16
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
                           const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down);
 // What every layer of a decoding step shares: each row's RoPE cos/sin [B, d_R/2] (float32), write slot [B], read

@@ -109,13 +109,14 @@ void moe_out(const MoeLayer<T>& L, const T* x, int64_t N, T* out) {
   const Routing& r = L.routing;
   route(scores, N, E, k, r.group_limited, r.n_group, r.topk_group, r.norm_topk_prob, r.scaling, ids, weights);
   float* routed = scratch<float, 45>(N * H);  // [N, H] float32 sums
-  routed_experts(RoutedExperts<T>{x, N, H, ids, weights, k, L.expert_gate, L.expert_up, L.expert_down, E,
-                                  L.expert_inter, routed});
+  const bool shared_done = routed_experts(RoutedExperts<T>{
+      x, N, H, ids, weights, k, L.expert_gate, L.expert_up, L.expert_down, E, L.expert_inter, routed, L.shared_gate,
+      L.shared_up, L.shared_down, L.shared_inter, out});  // the shared experts' output to out, where they ran there
   if (!L.shared_gate) {
     for (int64_t i = 0; i < N * H; ++i) out[i] = static_cast<T>(routed[i]);
     return;
   }
-  swiglu(x, N, H, L.shared_gate, L.shared_up, L.shared_down, L.shared_inter, out);
+  if (!shared_done) swiglu(x, N, H, L.shared_gate, L.shared_up, L.shared_down, L.shared_inter, out);
   for (int64_t i = 0; i < N * H; ++i)  // the routed sum rounded to T, plus the shared experts' output
     out[i] = static_cast<T>(static_cast<float>(static_cast<T>(routed[i])) + static_cast<float>(out[i]));
 }

@@ -170,21 +170,45 @@ inline bf16 hidden_value(bf16 g, bf16 u, float w) {
 
 // Register tiles of dot products (AVX-512 FMAs in float32, VDPBF16PS in bf16): each expert's weights 4 rows at a time
 // against ≤ 8 of its tokens. float32 always; bf16 when experts have few tokens each, where the AMX tiles' 16 token
-// columns would stay mostly empty and the weights stream faster this way.
+// columns would stay mostly empty and the weights stream faster this way. The shared experts, where given, run as
+// one more expert of every token (combine weight 1) in the same two parallel regions: the threads meet twice per
+// layer instead of four times.
 template <typename Step>
 void experts_dots(const Experts& c, const typename Step::T* x, const typename Step::T* gate_w,
-                  const typename Step::T* up_w, const typename Step::T* down_w) {
+                  const typename Step::T* up_w, const typename Step::T* down_w,
+                  const RoutedExperts<typename Step::T>& shared) {
   using T = typename Step::T;
-  const int64_t H = c.H, k = c.k, I = c.I;
+  const int64_t H = c.H, k = c.k, I = c.I, N = shared.N, S = shared.shared_gate ? shared.shared_I : 0;
   const auto& order = c.order;
   const auto& groups = c.groups;
   const auto& active = c.active;
   const auto& first_group = c.first_group;
   T* hs = scratch<T, 12>(order.size() * I);  // [assignment in expert order][I] (order holds ≥ as many)
-  const int64_t i_blocks = I / TILE, gate_up_tasks = active.size() * i_blocks;
-  parallel_tasks(gate_up_tasks, 1, [&](int64_t begin, int64_t end) {
+  T* shared_hs = scratch<T, 14>(N * S);  // [token][shared_I]
+  // the shared experts' tokens, 8 at a time: rows [count] of rows_of (row_stride apart) from token n0 on
+  auto token_groups = [&](const T* rows_of, int64_t row_stride, auto&& fn) {
+    for (int64_t n0 = 0; n0 < N; n0 += TILE_INPUTS) {
+      const int64_t count = std::min(TILE_INPUTS, N - n0);
+      const T* rows[TILE_INPUTS];
+      for (int64_t m = 0; m < count; ++m) rows[m] = rows_of + (n0 + m) * row_stride;
+      fn(n0, count, rows);
+    }
+  };
+  const int64_t i_blocks = I / TILE, routed_gate_up = active.size() * i_blocks;
+  parallel_tasks(routed_gate_up + S / TILE, 1, [&](int64_t begin, int64_t end) {
     T g[TILE_INPUTS][4], u[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
+      if (task >= routed_gate_up) {  // rows i0..i0+15 of the shared experts' gate and up
+        const int64_t i0 = (task - routed_gate_up) * TILE;
+        for (int64_t r0 = 0; r0 < TILE; r0 += 4)
+          token_groups(x, H, [&](int64_t n0, int64_t count, const T* const* rows) {
+            tile_any<Step, 4>(shared.shared_gate + (i0 + r0) * H, rows, count, H, &g[0][0], 4);
+            tile_any<Step, 4>(shared.shared_up + (i0 + r0) * H, rows, count, H, &u[0][0], 4);
+            for (int64_t m = 0; m < count; ++m)
+              for (int r = 0; r < 4; ++r) shared_hs[(n0 + m) * S + i0 + r0 + r] = hidden_value(g[m][r], u[m][r], 1.0f);
+          });
+        continue;
+      }
       const int64_t ai = task / i_blocks, i0 = (task % i_blocks) * TILE;
       const int64_t offset = (active[ai] * I + i0) * H;  // rows i0..i0+15 of the expert
       for (int64_t r0 = 0; r0 < TILE; r0 += 4)
@@ -201,10 +225,20 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
         }
     }
   });
-  const int64_t j_blocks = H / (2 * TILE), down_tasks = active.size() * j_blocks;
-  parallel_tasks(down_tasks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t j_blocks = H / (2 * TILE), routed_down = active.size() * j_blocks;
+  parallel_tasks(routed_down + (S ? j_blocks : 0), 1, [&](int64_t begin, int64_t end) {
     T out[TILE_INPUTS][4];  // [token][weight row]
     for (int64_t task = begin; task < end; ++task) {
+      if (task >= routed_down) {  // output columns j0..j0+31 of the shared experts
+        const int64_t j0 = (task - routed_down) * 2 * TILE;
+        for (int64_t r0 = 0; r0 < 2 * TILE; r0 += 4)
+          token_groups(shared_hs, S, [&](int64_t n0, int64_t count, const T* const* rows) {
+            tile_any<Step, 4>(shared.shared_down + (j0 + r0) * S, rows, count, S, &out[0][0], 4);
+            for (int64_t m = 0; m < count; ++m)
+              for (int r = 0; r < 4; ++r) shared.shared_out[(n0 + m) * H + j0 + r0 + r] = out[m][r];
+          });
+        continue;
+      }
       const int64_t ai = task / j_blocks, j0 = (task % j_blocks) * 2 * TILE;
       const T* rows_w = down_w + (active[ai] * H + j0) * I;  // [32, I]
       for (int64_t r0 = 0; r0 < 2 * TILE; r0 += 4)
@@ -226,7 +260,7 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
 namespace dsv2_cpu {
 
 template <typename T>
-void routed_experts(const RoutedExperts<T>& p) {
+bool routed_experts(const RoutedExperts<T>& p) {
   const int64_t N = p.N, H = p.H, k = p.k, E = p.E, I = p.I;
   const int64_t A = N * k;  // assignments a = n·k + slot
   const int64_t* id = p.ids;
@@ -264,9 +298,9 @@ void routed_experts(const RoutedExperts<T>& p) {
     if (amx)
       experts_amx(job, p.x, p.gate, p.up, p.down);
     else
-      experts_dots<Bf16Step>(job, p.x, p.gate, p.up, p.down);
+      experts_dots<Bf16Step>(job, p.x, p.gate, p.up, p.down, p);
   } else {
-    experts_dots<Fp32Step>(job, p.x, p.gate, p.up, p.down);
+    experts_dots<Fp32Step>(job, p.x, p.gate, p.up, p.down, p);
   }
   float* y = job.y;
   for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
@@ -283,10 +317,11 @@ void routed_experts(const RoutedExperts<T>& p) {
       }
     }
   });
+  return p.shared_gate != nullptr && !amx;
 }
 
-template void routed_experts(const RoutedExperts<bf16>& p);
-template void routed_experts(const RoutedExperts<float>& p);
+template bool routed_experts(const RoutedExperts<bf16>& p);
+template bool routed_experts(const RoutedExperts<float>& p);
 
 at::Tensor routed_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
