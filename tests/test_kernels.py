@@ -421,8 +421,9 @@ def test_mla_decode_rejects_sizes_that_disagree():
 
 @built
 def test_decode_layers_checks_every_layer_before_writing_the_cache():
-    """A weight that the one-call step cannot take (the last layer's o_proj in another dtype) is an error that names
-    it, raised before any layer has written its latent to the cache."""
+    """A weight that the one-call step cannot take (the last layer's o_proj in another dtype), a position past the
+    row's slots and a token id past the vocabulary are errors that name them, raised before any layer has written its
+    latent to the cache."""
     model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
     config = model.config
     cache = LatentCache(config, 1, 8)
@@ -441,8 +442,16 @@ def test_decode_layers_checks_every_layer_before_writing_the_cache():
         with pytest.raises(RuntimeError, match=r"a weight: contiguous on the CPU, in x's dtype.*Double"):
             kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)
         assert torch.equal(cache.data, before)
-        weights[last_o_proj] = weights[last_o_proj].to(torch.float32)  # the same call with the weight as it was runs
-        kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)
+        weights[last_o_proj] = weights[last_o_proj].to(torch.float32)
+        beyond = torch.tensor([[read.shape[1]]])  # past the row's slots
+        with pytest.raises(RuntimeError, match=r"row 0's position \d+ is outside the RoPE tables"):
+            kernels.cpu_ops().decode_layers(tokens, step[1], beyond, *step[3:], weights, plan.eps, plan.softmax_scale,
+                                            *plan.routing)
+        with pytest.raises(RuntimeError, match=f"token id {config.vocab_size} .* outside the embedding's"):
+            kernels.cpu_ops().decode_layers(torch.tensor([[config.vocab_size]]), *step[1:], weights, plan.eps,
+                                            plan.softmax_scale, *plan.routing)
+        assert torch.equal(cache.data, before)
+        kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)  # as it was: runs
         assert not torch.equal(cache.data, before)
 
 

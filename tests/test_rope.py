@@ -65,6 +65,21 @@ def test_cos_sin_equal_the_reference_table_rows_far_out():
     assert torch.equal(cos[0], table[positions[0]].cos()) and torch.equal(sin[0], table[positions[0]].sin())
 
 
+@pytest.mark.parametrize("rope_scaling", [None, {"type": "yarn", "factor": 40, "original_max_position_embeddings": 64,
+                                                    "mscale": 0.707}], ids=["plain", "yarn-mscale"])
+def test_the_decoding_tables_hold_forwards_values(rope_scaling):
+    """`tables` (what the one-call decoding step reads RoPE from) holds, row p, what `forward` gives position p, bit
+    for bit; it grows to the positions asked for and keeps its rows while they suffice."""
+    rotary = RotaryEmbedding(tiny_config(rope_scaling=rope_scaling, max_position_embeddings=4096))
+    cos, sin = rotary.tables(100, torch.device("cpu"))
+    assert cos.shape[0] >= 100 and cos.shape == sin.shape
+    assert rotary.tables(cos.shape[0], torch.device("cpu"))[0] is cos  # kept
+    cos, sin = rotary.tables(1500, torch.device("cpu"))
+    positions = torch.tensor([[0], [1], [63], [64], [777], [1499]])  # [B, 1], as a decoding step's
+    want_cos, want_sin = rotary(positions)
+    assert torch.equal(cos[positions[:, 0]], want_cos[:, 0]) and torch.equal(sin[positions[:, 0]], want_sin[:, 0])
+
+
 def test_interleaved_rotation_equals_the_reference_permute_then_rotate_half():
     x = torch.randn(2, 5, 3, 16)  # [B, T, heads, d_R]
     angles = torch.randn(2, 5, 8)

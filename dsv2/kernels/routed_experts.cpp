@@ -176,9 +176,9 @@ inline bf16 hidden_value(bf16 g, bf16 u, float w) {
 template <typename Step>
 void experts_dots(const Experts& c, const typename Step::T* x, const typename Step::T* gate_w,
                   const typename Step::T* up_w, const typename Step::T* down_w,
-                  const RoutedExperts<typename Step::T>& shared) {
+                  const RoutedExperts<typename Step::T>& p) {
   using T = typename Step::T;
-  const int64_t H = c.H, k = c.k, I = c.I, N = shared.N, S = shared.shared_gate ? shared.shared_I : 0;
+  const int64_t H = c.H, k = c.k, I = c.I, N = p.N, S = p.shared_gate ? p.shared_I : 0;
   const auto& order = c.order;
   const auto& groups = c.groups;
   const auto& active = c.active;
@@ -202,8 +202,8 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
         const int64_t i0 = (task - routed_gate_up) * TILE;
         for (int64_t r0 = 0; r0 < TILE; r0 += 4)
           token_groups(x, H, [&](int64_t n0, int64_t count, const T* const* rows) {
-            tile_any<Step, 4>(shared.shared_gate + (i0 + r0) * H, rows, count, H, &g[0][0], 4);
-            tile_any<Step, 4>(shared.shared_up + (i0 + r0) * H, rows, count, H, &u[0][0], 4);
+            tile_any<Step, 4>(p.shared_gate + (i0 + r0) * H, rows, count, H, &g[0][0], 4);
+            tile_any<Step, 4>(p.shared_up + (i0 + r0) * H, rows, count, H, &u[0][0], 4);
             for (int64_t m = 0; m < count; ++m)
               for (int r = 0; r < 4; ++r) shared_hs[(n0 + m) * S + i0 + r0 + r] = hidden_value(g[m][r], u[m][r], 1.0f);
           });
@@ -233,9 +233,9 @@ void experts_dots(const Experts& c, const typename Step::T* x, const typename St
         const int64_t j0 = (task - routed_down) * 2 * TILE;
         for (int64_t r0 = 0; r0 < 2 * TILE; r0 += 4)
           token_groups(shared_hs, S, [&](int64_t n0, int64_t count, const T* const* rows) {
-            tile_any<Step, 4>(shared.shared_down + (j0 + r0) * S, rows, count, S, &out[0][0], 4);
+            tile_any<Step, 4>(p.shared_down + (j0 + r0) * S, rows, count, S, &out[0][0], 4);
             for (int64_t m = 0; m < count; ++m)
-              for (int r = 0; r < 4; ++r) shared.shared_out[(n0 + m) * H + j0 + r0 + r] = out[m][r];
+              for (int r = 0; r < 4; ++r) p.shared_out[(n0 + m) * H + j0 + r0 + r] = out[m][r];
           });
         continue;
       }
