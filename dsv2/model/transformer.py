@@ -181,8 +181,8 @@ class DeepseekV2ForCausalLM(nn.Module):
             start = 0 if cache is None else cache.seq_len
             positions = torch.arange(start, start + T, device=input_ids.device)
         moe_stats = []
-        one_call = self._decode_step(input_ids, positions, cache, logits_at) if T == 1 and cache is not None and (
-            not with_aux) else None
+        decoding = T == 1 and cache is not None and not with_aux
+        one_call = self._decode_step(input_ids, positions, cache, logits_at) if decoding else None
         normed = False
         if one_call is not None:
             h, applied = one_call
@@ -339,10 +339,10 @@ class DeepseekV2ForCausalLM(nn.Module):
         """A decoding step of input_ids [B, 1] at positions [B, 1] (or [1]) through every layer in one kernel call
         (`decode_layers`), what the layers' own kernel calls compute, with the step's `decode_plan`. The call takes
         the embedding's rows itself and RoPE's values from the rotary tables (`RotaryEmbedding.tables`), so a step
-        runs no torch operation before it. Returns (h [B, 1, H], "layers"); or, where the plan
-        allows and no hook on the final norm must run, the normed h, "norm"; or, asked for ``logits`` and where no
-        hook on the head must run either, the logits [B, 1, V] in float32, "logits" (the head's product in the same
-        call). Each torch operation saved is ~30 µs of a step once the weights' stream has emptied the caches."""
+        runs no torch operation before it (each ~30 µs once the weights' stream has emptied the caches). Returns
+        (h [B, 1, H], "layers"); or, where the plan allows and no hook on the final norm must run, the normed h,
+        "norm"; or, asked for ``logits`` and where no hook on the head must run either, the logits [B, 1, V] in
+        float32, "logits" (the head's product in the same call)."""
         embed, norm, head = self.model.embed_tokens, self.model.norm, self.lm_head
         fold_norm = plan.final_norm and not (norm._forward_hooks or norm._forward_pre_hooks)
         fold_head = fold_norm and logits and plan.head and not (head._forward_hooks or head._forward_pre_hooks)
