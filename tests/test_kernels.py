@@ -5,6 +5,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import dsv2.generate
 from dsv2 import LLM, DeepseekV2ForCausalLM, SamplingParams, kernels
@@ -578,6 +579,30 @@ def test_a_decoding_steps_plan_is_kept_until_the_model_changes(monkeypatch):
     layer.float()  # converted back: the next step is planned again and takes the one call
     step_equals_the_layers_own_calls()
     assert checks["model"] == 5 and calls["decode_layers"] == 8
+
+
+@built
+def test_a_wrapped_embedding_keeps_the_step_out_of_the_one_call(monkeypatch):
+    """An embedding module that the one-call step cannot read (a wrapper without a weight of its own) runs itself:
+    the step goes layer by layer and gives the same logits as the one call on the plain embedding."""
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    config = model.config
+    calls = count_kernel_calls(monkeypatch)
+    tokens, positions = torch.randint(0, config.vocab_size, (2, 1)), torch.tensor([[8], [5]])
+
+    def step() -> torch.Tensor:
+        cache = LatentCache(config, 2, 16)
+        cache.data.normal_(generator=torch.Generator().manual_seed(0))
+        cache.seq_len = 8
+        with torch.no_grad():
+            return model(tokens, positions=positions, cache=cache)
+
+    want = step()
+    assert calls["decode_layers"] == 1
+    model.model.embed_tokens = nn.Sequential(model.model.embed_tokens)
+    got = step()
+    assert calls["decode_layers"] == 1 and calls["mla_decode"] == config.num_hidden_layers
+    assert_close_for(torch.float32, got, want)
 
 
 @built

@@ -95,7 +95,7 @@ class DecodePlans:
     def __init__(self) -> None:
         self._registrations = -1
         self._parameters: list[torch.nn.Parameter] = []
-        self._embedding: torch.Tensor | None = None  # the embedding's weight: its dtype is the step's
+        self._embedding: torch.Tensor | None = None  # the embedding's weight: its dtype is the step's rows'
         self._layers: list[nn.Module] = []  # the decoder layers (a replaced one is a registration)
         self._hookable: list[nn.Module] = []  # the modules whose hooks the call would pass by
         self._kv_rank = 0
@@ -112,10 +112,10 @@ class DecodePlans:
             self._parameters = list(model.parameters())
             self._layers = list(model.model.layers)
             self._hookable = [*self._layers, model.model.embed_tokens, model.model.rotary]
-            self._embedding = model.model.embed_tokens.weight
+            self._embedding = getattr(model.model.embed_tokens, "weight", None)  # None: a wrapper: layer by layer
             self._kv_rank = self._layers[0].self_attn.kv_rank
-        if any(module._forward_hooks or module._forward_pre_hooks for module in self._hookable) or not hasattr(
-                cache, "step_tables"):
+        if self._embedding is None or not hasattr(cache, "step_tables") or any(
+                module._forward_hooks or module._forward_pre_hooks for module in self._hookable):
             return None
         dtype = self._embedding.dtype  # the step's rows'
         key = (dtype, input_ids.device, input_ids.shape[0], model.attn_impl, type(cache),
