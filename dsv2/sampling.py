@@ -143,13 +143,13 @@ class SamplingRow:
 
 def greedy_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
     """What `sample` draws when every row is plainly greedy (no logit bias, no barred ids now, no penalties), for
-    logits [..., V] of any leading shape → argmax [...] (the first maximum, as `sample`'s); None otherwise. Two torch
-    operations fewer than `sample` for a decoding step's [B, 1, V], each ~30 µs there."""
+    logits [..., V] of any leading shape → the first maximum's index [...]; None otherwise. `sample` starts with it;
+    a decoding step's [B, 1, V] takes it directly, two torch operations fewer (each ~30 µs there)."""
     for row in rows:
         params = row.params
         if not params.greedy or params.logit_bias or params.uses_penalties or (row.barred and row.stops_barred):
             return None
-    return logits.argmax(dim=-1)
+    return logits.max(dim=-1).indices  # argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -157,10 +157,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     """logits [B, V] → one token id per row [B], each row with its own parameters. Rows without a seed draw from
     ``generator`` (default: torch's global one)."""
     assert logits.shape[0] == len(rows)
+    plain = greedy_tokens(logits, rows)
+    if plain is not None:
+        return plain
     logits = penalized(without_barred(biased(logits.to(torch.float32), rows), rows), rows)
-    greedy_tokens = logits.max(dim=-1).indices  # [B]; argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
+    best = logits.max(dim=-1).indices  # [B], as greedy_tokens
     if all(row.params.greedy for row in rows):
-        return greedy_tokens
+        return best
     device = logits.device
     greedy = torch.tensor([row.params.greedy for row in rows], device=device)  # [B]
     temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)[:, None]  # [B, 1]
@@ -174,7 +177,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         if row.generator is not None:
             race[i].exponential_(generator=row.generator)
     sampled = (probs / race).max(dim=-1).indices  # [B]
-    return torch.where(greedy, greedy_tokens, sampled)
+    return torch.where(greedy, best, sampled)
 
 
 def biased(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
