@@ -96,9 +96,8 @@ class LatentCache:
     def step_layers(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`step_slots` for every layer at once: the cache as [layers, B·max_len, D]; the read
         slots are every row's whole range [B, max_len] (the kernels read a row's first `lengths` of them)."""
-        B, end = positions.shape[0], self.seq_len + 1
-        if end > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        B = positions.shape[0]
+        self._check_room_for_a_step()
         if self._step_slots is None:  # every layer of a step passes the same positions; `advance` forgets them
             at = positions.view(B)  # [B] one token per row
             first, slots = self._row_slots(B)
@@ -109,11 +108,14 @@ class LatentCache:
     def step_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For `decode_layers` taking the step's positions: the cache as [layers, B·max_len, D] and every row's
         slots [B, max_len] (entry s: the slot of position s; a row writes the one at its position)."""
-        if self.seq_len + 1 > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+        self._check_room_for_a_step()
         if self._flat is None:
             self._flat = self.data.view(self.data.shape[0], -1, self.data.shape[-1])
         return self._flat, self._row_slots(self.data.shape[1])[1]
+
+    def _check_room_for_a_step(self) -> None:
+        if self.seq_len + 1 > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first slot [B] and all its slots [B, max_len] in data[layer].view(B·max_len, D), made once."""
