@@ -174,10 +174,9 @@ inline bf16 hidden_value(bf16 g, bf16 u, float w) {
 // one more expert of every token (combine weight 1) in the same two parallel regions: the threads meet twice per
 // layer instead of four times.
 template <typename Step>
-void experts_dots(const Experts& c, const typename Step::T* x, const typename Step::T* gate_w,
-                  const typename Step::T* up_w, const typename Step::T* down_w,
-                  const RoutedExperts<typename Step::T>& p) {
+void experts_dots(const Experts& c, const RoutedExperts<typename Step::T>& p) {
   using T = typename Step::T;
+  const T *x = p.x, *gate_w = p.gate, *up_w = p.up, *down_w = p.down;
   const int64_t H = c.H, k = c.k, I = c.I, N = p.N, S = p.shared_gate ? p.shared_I : 0;
   const auto& order = c.order;
   const auto& groups = c.groups;
@@ -298,9 +297,9 @@ bool routed_experts(const RoutedExperts<T>& p) {
     if (amx)
       experts_amx(job, p.x, p.gate, p.up, p.down);
     else
-      experts_dots<Bf16Step>(job, p.x, p.gate, p.up, p.down, p);
+      experts_dots<Bf16Step>(job, p);
   } else {
-    experts_dots<Fp32Step>(job, p.x, p.gate, p.up, p.down, p);
+    experts_dots<Fp32Step>(job, p);
   }
   float* y = job.y;
   for (int64_t a = 0; a < A; ++a)  // assignments to other experts add nothing
