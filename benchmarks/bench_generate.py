@@ -10,9 +10,11 @@ attention implementations that were fastest on a small input at start-up. Measur
 the two implementations' calls interleaved:
 
 * prefill: wall time of a generate call with max_new_tokens=1 on a 512-token prompt (time to first token);
-* decode: batch-1 ms per step after a 32 / 1024 / 2048-token prompt, timed from one model forward call to the next
-  inside a generate call (a forward pre-hook records the times: the same clock for both, sampling included), in
-  rounds of one generate call each, the order alternating from round to round: the median of all steps, and the
+* decode: batch-1 ms per step after a 32 / 1024 / 2048-token prompt: in a generate call, the time from the first
+  new token to the last over the steps between them, both taken where the call hands its tokens to a streamer
+  (transformers' protocol, which both generate functions take: the same clock for both, sampling included; dsv2's
+  greedy steps run several to a kernel call and reach the streamer together, so only whole calls are timed), in
+  rounds of one generate call each, the order alternating from round to round: the median of the rounds, and the
   median of the rounds' ratios (each round's two calls back to back, so that this machine's speed drifts, up to 2×
   within minutes, hit both alike). The 5× goal needs both;
 * memory: in a fresh subprocess per implementation, peak RSS (VmHWM) of loading above the RSS before it, and of a
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import resource
@@ -62,7 +63,7 @@ PREFILL_GOAL = 0.40  # ours, prefill as a fraction of the matmul peak
 
 SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
-GenerateFn = Callable[[torch.Tensor, int], torch.Tensor]  # (input_ids [1, T], new tokens) → ids
+GenerateFn = Callable[..., torch.Tensor]  # (input_ids [1, T], new tokens, streamer=None) → ids
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Settings:
     contexts: tuple[int, ...]
     prefill_repeats: int  # timed prefill calls (median), after one warm-up
     decode_tokens: int  # new tokens per decode generate call
-    decode_calls: int  # rounds per context: a generate call of each implementation (step times pooled)
+    decode_calls: int  # rounds per context: a generate call of each implementation
     memory_tokens: int = 8  # new tokens of the memory probe's generate call
 
 
@@ -79,8 +80,8 @@ class Result:
     """One implementation's measurements in one dtype (seconds, bytes)."""
 
     prefill_s: float = 0.0
-    decode_s: dict[int, float] = field(default_factory=dict)  # context → median seconds per step
-    decode_rounds_s: dict[int, list[float]] = field(default_factory=dict)  # context → each round's median step
+    decode_s: dict[int, float] = field(default_factory=dict)  # context → median of the rounds' seconds per step
+    decode_rounds_s: dict[int, list[float]] = field(default_factory=dict)  # context → each round's seconds per step
     round_bandwidth: list[float] = field(default_factory=list)  # bytes/s read right after each shortest-context round
     cache_bytes_per_token: int = 0
     load_peak: int = 0  # VmHWM above the pre-load RSS while loading
@@ -148,13 +149,14 @@ def load_theirs(path: str, dtype: torch.dtype, experts: str | None = None, attn:
 
 
 def ours_generate(model: DeepseekV2ForCausalLM) -> GenerateFn:
-    return lambda ids, n: dsv2_generate(model, ids, max_new_tokens=n, ignore_eos=True)
+    return lambda ids, n, streamer=None: dsv2_generate(model, ids, max_new_tokens=n, ignore_eos=True,
+                                                       streamer=streamer)
 
 
 def theirs_generate(model) -> GenerateFn:
-    def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+    def run(ids: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=model.config.eos_token_id)
+                              do_sample=False, pad_token_id=model.config.eos_token_id, streamer=streamer)
 
     return run
 
@@ -180,15 +182,20 @@ def median_wall(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(call_seconds(fn, repeats))
 
 
-def forward_start_times(model: torch.nn.Module, fn: Callable[[], object]) -> list[float]:
-    """Run fn and return the perf_counter time at which each forward call of `model` began."""
-    stamps: list[float] = []
-    handle = model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return stamps
+class TimingStreamer:
+    """A streamer (transformers' protocol) that records when each step's tokens arrive; the prompt's put is not one."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -199,14 +206,13 @@ class Impl:
     result: Result = field(default_factory=Result)
 
 
-def decode_steps_s(impl: Impl, ids: torch.Tensor, new_tokens: int) -> tuple[list[float], torch.Tensor]:
-    """One generate call → (seconds from each decode forward call to the next, the first one skipped; the ids)."""
-    out: list[torch.Tensor] = []
-    stamps = forward_start_times(impl.model, lambda: out.append(impl.generate(ids, new_tokens)))
-    if len(stamps) != new_tokens:
-        raise RuntimeError(f"{impl.name}: expected {new_tokens} forward calls (a prefill, then decode steps), "
-                           f"saw {len(stamps)}")
-    return [b - a for a, b in itertools.pairwise(stamps[2:])], out[0]
+def decode_step_s(impl: Impl, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """One generate call → (seconds per step from the first new token to the last, the ids)."""
+    streamer = TimingStreamer()
+    out = impl.generate(ids, new_tokens, streamer=streamer)
+    if len(streamer.stamps) != new_tokens:
+        raise RuntimeError(f"{impl.name}: expected {new_tokens} tokens streamed, saw {len(streamer.stamps)}")
+    return (streamer.stamps[-1] - streamer.stamps[0]) / (new_tokens - 1), out
 
 
 def measure_speed(impls: list[Impl], config: ModelConfig, settings: Settings) -> int:
@@ -228,19 +234,17 @@ def measure_speed(impls: list[Impl], config: ModelConfig, settings: Settings) ->
     outputs: dict[str, torch.Tensor] = {}
     for context in settings.contexts:
         ids = prompt(config, context, seed=context)
-        steps: dict[str, list[float]] = {impl.name: [] for impl in impls}
         for impl in impls:
             impl.result.decode_rounds_s[context] = []
         for round_ in range(settings.decode_calls):
             for impl in impls if round_ % 2 == 0 else impls[::-1]:
-                times, out = decode_steps_s(impl, ids, settings.decode_tokens)
-                steps[impl.name] += times
-                impl.result.decode_rounds_s[context].append(statistics.median(times))
+                step_s, out = decode_step_s(impl, ids, settings.decode_tokens)
+                impl.result.decode_rounds_s[context].append(step_s)
                 outputs.setdefault(impl.name, out[0, ids.shape[1]:])
                 if context == min(settings.contexts):  # the bandwidth of the moment, for this round's bound
                     impl.result.round_bandwidth.append(huge_page_sum_rate(repeats=3))
         for impl in impls:
-            impl.result.decode_s[context] = statistics.median(steps[impl.name])
+            impl.result.decode_s[context] = statistics.median(impl.result.decode_rounds_s[context])
     first, *rest = outputs.values()
     same = torch.stack([first == other for other in rest]).all(dim=0).tolist() if rest else [True] * len(first)
     return [*same, False].index(False)
@@ -566,7 +570,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     settings = (Settings(contexts=(32, 1024), prefill_repeats=1, decode_tokens=6, decode_calls=1) if args.quick
-                else Settings(contexts=(32, 1024, 2048), prefill_repeats=5, decode_tokens=16, decode_calls=4))
+                else Settings(contexts=(32, 1024, 2048), prefill_repeats=5, decode_tokens=32, decode_calls=6))
     config = bench_config()
     summary = summarize(config)
     account = CpuAccount()

@@ -141,14 +141,19 @@ class SamplingRow:
         return len(self.output_ids) < self.params.min_tokens
 
 
+def plainly_greedy(rows: Sequence[SamplingRow]) -> bool:
+    """Whether every row draws its logits' first maximum: greedy, no logit bias, no penalties, no barred ids now (and
+    so none later: ids are barred only until ``min_tokens``)."""
+    return all(row.params.greedy and not row.params.logit_bias and not row.params.uses_penalties
+               and not (row.barred and row.stops_barred) for row in rows)
+
+
 def greedy_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
-    """What `sample` draws when every row is plainly greedy (no logit bias, no barred ids now, no penalties), for
-    logits [..., V] of any leading shape → the first maximum's index [...]; None otherwise. `sample` starts with it;
-    a decoding step's [B, 1, V] takes it directly, two torch operations fewer (each ~30 µs there)."""
-    for row in rows:
-        params = row.params
-        if not params.greedy or params.logit_bias or params.uses_penalties or (row.barred and row.stops_barred):
-            return None
+    """What `sample` draws when every row is `plainly_greedy`, for logits [..., V] of any leading shape → the first
+    maximum's index [...]; None otherwise. `sample` starts with it; a decoding step's [B, 1, V] takes it directly,
+    two torch operations fewer (each ~30 µs there)."""
+    if not plainly_greedy(rows):
+        return None
     return logits.max(dim=-1).indices  # argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
 
 

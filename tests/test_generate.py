@@ -218,3 +218,42 @@ print(result)
     exec(compile(chat, "model_card_chat", "exec"), {})
     assert capsys.readouterr().out.strip()
     assert Tokenizer.from_pretrained(checkpoint).vocab_size < 512
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.values, self.ended = [], 0
+
+    def put(self, value):
+        self.values.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_streamer_gets_the_prompt_then_each_steps_tokens(model, monkeypatch, chunk):
+    """transformers' streamer protocol: put(input_ids), a put of every step's tokens [B] (a finished row's: the pad
+    id), end(); the same whether the greedy steps come one at a time or several in one call."""
+    import dsv2.generate
+
+    monkeypatch.setattr(dsv2.generate.GreedyChunks, "CHUNK_SECONDS", 1e9)
+    monkeypatch.setattr(dsv2.generate.GreedyChunks, "MAX_CHUNK", chunk)
+    prompts = torch.tensor([[0, 5, 6, 7], [0, 9, 9, 9]])
+    free = model.generate(prompts, max_new_tokens=12, ignore_eos=True)[:, 4:]
+    eos = int(free[0, 2])
+    streamer = RecordingStreamer()
+    out = model.generate(prompts, max_new_tokens=12, eos_token_id=eos, pad_token_id=3, streamer=streamer)
+    assert streamer.values[0] == prompts.tolist() and streamer.ended == 1
+    assert torch.tensor(streamer.values[1:]).T.tolist() == out[:, 4:].tolist()
+    assert out[0, 4:].tolist()[:3] == free[0, :3].tolist()
+
+
+def test_transformers_text_streamer_prints_the_completion(model, capsys):
+    transformers = pytest.importorskip("transformers")
+    tok = model.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好 🚀"}], add_generation_prompt=True)
+    streamer = transformers.TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=20, ignore_eos=True, streamer=streamer)
+    printed = capsys.readouterr().out
+    assert printed.rstrip("\n") == tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\n")

@@ -306,18 +306,25 @@ def test_decoding_linears_take_small_matmul_and_equal_torch(monkeypatch, dtype):
 @built
 @pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],
                          ids=["lite", "v2"])
-def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, base, sizes):
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_decoding_through_the_kernels_gives_the_torch_paths_tokens(monkeypatch, base, sizes, chunk):
     """float32 greedy decoding of a model whose sizes every kernel takes (the whole MLA step in one call, the
-    experts, the products) against the same model on dsv2's torch paths, token for token."""
+    experts, the products; up to ``chunk`` steps in one `decode_greedy` call) against the same model on dsv2's torch
+    paths, token for token."""
     model = tiny_model(base, **FUSED_CONFIGS[sizes], moe_intermediate_size=32, intermediate_size=96)
     generate = dsv2.generate.generate
+    monkeypatch.setattr(dsv2.generate.GreedyChunks, "CHUNK_SECONDS", 1e9)
+    monkeypatch.setattr(dsv2.generate.GreedyChunks, "MAX_CHUNK", chunk)
     prompts = torch.randint(0, 128, (2, 9))
     calls = count_kernel_calls(monkeypatch)
     with_kernels = generate(model, prompts, max_new_tokens=12, ignore_eos=True)
-    # 11 decode steps, each in one call through the 3 layers; the MoE kernel also takes the prefill's 18 tokens where
-    # that few rows go through small_matmul (float32 on AMD)
+    # 11 decode steps: the first alone (timed), in one call through the 3 layers, then the other 10 in chunks (one at
+    # a time: the same calls); the MoE kernel also takes the prefill's 18 tokens where that few rows go through
+    # small_matmul (float32 on AMD)
     prefill = 2 if prompts.numel() <= SMALL_MATMUL_MAX_ROWS[torch.float32] else 0
-    assert calls["decode_layers"] == 11 and calls["moe_decode"] == prefill and calls["mla_decode"] == 0
+    chunked = {1: 0, 4: 3, 16: 1}[chunk]
+    assert calls["decode_layers"] == 11 - 10 * (chunk > 1) and calls["decode_greedy"] == chunked
+    assert calls["moe_decode"] == prefill and calls["mla_decode"] == 0
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     assert generate(model, prompts, max_new_tokens=12, ignore_eos=True).equal(with_kernels)
 
@@ -454,6 +461,78 @@ def test_decode_layers_checks_every_layer_before_writing_the_cache():
         assert torch.equal(cache.data, before)
         kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)  # as it was: runs
         assert not torch.equal(cache.data, before)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],
+                         ids=["lite", "v2"])
+def test_greedy_steps_in_one_call_equal_the_steps_one_by_one(base, sizes, dtype):
+    """`decode_greedy` (several greedy steps in one kernel call) against forward steps and argmax, for 3 rows at
+    different positions: the same tokens, the same cache bits, the same cache length; it ends early after a step
+    where every row has drawn a stop id or was finished already."""
+    model = tiny_model(base, **FUSED_CONFIGS[sizes], moe_intermediate_size=32, intermediate_size=96).to(dtype)
+    config = model.config
+    tokens, positions = torch.tensor([[5], [9], [77]]), torch.tensor([[6], [2], [4]])  # [B, 1] each
+
+    def prefilled() -> LatentCache:
+        cache = LatentCache(config, 3, 16, dtype=dtype)
+        cache.data.normal_(generator=torch.Generator().manual_seed(0))
+        cache.seq_len = 7
+        return cache
+
+    with torch.no_grad():
+        cache, step_tokens, at = prefilled(), tokens, positions
+        want = []
+        for _ in range(6):
+            step_tokens = model(step_tokens, positions=at, cache=cache).max(dim=-1).indices  # [B, 1]
+            want.append(step_tokens[:, 0])
+            at = at + 1
+        want = torch.stack(want, dim=1)  # [B, 6]
+        one_call = prefilled()
+        got = model.decode_greedy(tokens, positions, one_call, 6)
+    assert got.tolist() == want.tolist()
+    assert torch.equal(one_call.data, cache.data) and one_call.seq_len == cache.seq_len == 13
+    # rows 0 and 1 stop at their third token's id (row 2 counts as finished): the call ends after 3 steps
+    stops = {int(want[0, 2]), int(want[1, 2])}
+    if not stops & {*want[0, :2].tolist(), *want[1, :2].tolist()}:  # neither drew one earlier
+        ended = model.decode_greedy(tokens, positions, prefilled(), 6, stop_ids=stops, finished_rows=[2])
+        assert ended.tolist() == want[:, :3].tolist()
+    with pytest.raises(ValueError, match="latent cache is full: 7 cached \\+ 10 new tokens > max_len=16"):
+        model.decode_greedy(tokens, positions, prefilled(), 10)
+
+
+@built
+def test_greedy_steps_in_one_call_check_their_last_position_and_leave_hooked_models_alone():
+    """The kernel names a row whose last position would fall outside its read slots (before writing the cache); the
+    model's `decode_greedy` declines (None) where a hook on the model, its final norm or its head must see each
+    step, and `generate` then calls forward at every step."""
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    config = model.config
+    cache = LatentCache(config, 1, 8)
+    cache.seq_len = 3
+    tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
+    with torch.no_grad():
+        plan = model.decode_plan(tokens, cache)
+        layers, read = cache.step_tables()
+        cos, sin = model.model.rotary.tables(read.shape[1], tokens.device)
+        before = cache.data.clone()
+        with pytest.raises(RuntimeError, match=r"row 0's last position 8 \(6 steps\) is outside"):
+            kernels.cpu_ops().decode_greedy(tokens, model.model.embed_tokens.weight, positions, cos, sin, layers,
+                                            read, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
+                                            model.model.norm.weight, model.model.norm.eps, model.lm_head.weight, 6)
+        assert torch.equal(cache.data, before)
+    prompt = torch.randint(0, 128, (1, 5))
+    plain = dsv2.generate.generate(model, prompt, max_new_tokens=20, ignore_eos=True)
+    for module in (model, model.model.norm, model.lm_head):
+        calls = collections.Counter()
+        handle = module.register_forward_pre_hook(lambda *_, seen=calls: seen.update(["forward"]))
+        try:
+            assert model.decode_greedy(tokens, positions, cache, 2) is None
+            assert dsv2.generate.generate(model, prompt, max_new_tokens=20, ignore_eos=True).equal(plain)
+        finally:
+            handle.remove()
+        assert calls["forward"] == 20  # prefill + 19 steps, each through forward (and the norm, the head)
 
 
 @built

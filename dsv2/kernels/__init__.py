@@ -6,8 +6,8 @@ Lake and 4th generation on, AMD EPYC / Ryzen from Zen 4), in bf16 and float32, o
 (MLA's absorbed attention read straight from the paged latent cache: latent_attention.cpp), `small_matmul` (a few
 rows times a weight streamed once: small_matmul.cpp), and for a few sequences a whole half of a decoder layer in one
 call: `mla_decode` (mla_decode.cpp) and `moe_decode` (moe_decode.cpp), or every layer of a step: `decode_layers`
-(decode_layers.cpp). Where the CPU has AMX (Intel Xeon 4th generation on), bf16 products of several rows run on its
-tiles; elsewhere on AVX-512 registers (VDPBF16PS, FMAs).
+(decode_layers.cpp), or several greedy steps: `decode_greedy` (there too). Where the CPU has AMX (Intel Xeon 4th
+generation on), bf16 products of several rows run on its tiles; elsewhere on AVX-512 registers (VDPBF16PS, FMAs).
 Everything works without them: where the CPU lacks those instructions, the build fails, or ``DSV2_CPU_KERNELS=0`` is
 set, `cpu_ops` is None and the model keeps its torch paths. The compiled library is cached per source and torch
 version under ``$XDG_CACHE_HOME/dsv2/kernels`` (default ``~/.cache``), so only the first use pays the ~30 s build.

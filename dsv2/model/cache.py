@@ -105,17 +105,19 @@ class LatentCache:
         write, read, lengths = self._step_slots
         return self.data.view(self.data.shape[0], B * self.max_len, -1), write, read, lengths
 
-    def step_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `decode_layers` taking the step's positions: the cache as [layers, B·max_len, D] and every row's
-        slots [B, max_len] (entry s: the slot of position s; a row writes the one at its position)."""
-        self._check_room_for_a_step()
+    def step_tables(self, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `decode_layers` (or ``steps`` of `decode_greedy`) taking the step's positions: the cache as
+        [layers, B·max_len, D] and every row's slots [B, max_len] (entry s: the slot of position s; a row writes the
+        one at its position)."""
+        self._check_room_for_a_step(steps)
         if self._flat is None:
             self._flat = self.data.view(self.data.shape[0], -1, self.data.shape[-1])
         return self._flat, self._row_slots(self.data.shape[1])[1]
 
-    def _check_room_for_a_step(self) -> None:
-        if self.seq_len + 1 > self.max_len:
-            raise ValueError(f"latent cache is full: {self.seq_len} cached + 1 new token > max_len={self.max_len}")
+    def _check_room_for_a_step(self, steps: int = 1) -> None:
+        if self.seq_len + steps > self.max_len:
+            raise ValueError(f"latent cache is full: {self.seq_len} cached + {steps} new token"
+                             f"{'s' if steps > 1 else ''} > max_len={self.max_len}")
 
     def _row_slots(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first slot [B] and all its slots [B, max_len] in data[layer].view(B·max_len, D), made once."""

@@ -64,6 +64,12 @@ torch_module.register_module_module_registration_hook(_Registrations.seen)
 torch_module.register_module_parameter_registration_hook(_Registrations.seen)
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (or pre-hooks) are registered on ``module`` itself: a call that computes it inside a
+    kernel would pass them by."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 @dataclass
 class DecodePlan:
     """What `decode_layers` passes the kernel besides the step's tensors."""
@@ -114,8 +120,7 @@ class DecodePlans:
             self._hookable = [*self._layers, model.model.embed_tokens, model.model.rotary]
             self._embedding = getattr(model.model.embed_tokens, "weight", None)  # None: a wrapper: layer by layer
             self._kv_rank = self._layers[0].self_attn.kv_rank
-        if self._embedding is None or not hasattr(cache, "step_tables") or any(
-                module._forward_hooks or module._forward_pre_hooks for module in self._hookable):
+        if self._embedding is None or not hasattr(cache, "step_tables") or any(map(hooked, self._hookable)):
             return None
         dtype = self._embedding.dtype  # the step's rows'
         key = (dtype, input_ids.device, input_ids.shape[0], model.attn_impl, type(cache),

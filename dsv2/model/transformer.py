@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from dsv2.generation_config import GenerationConfig
 from dsv2.malloc import place_on_huge_pages
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
-from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan, DecodePlans
+from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan, DecodePlans, hooked
 from dsv2.model.linear import Linear
 from dsv2.model.loss import linear_cross_entropy
 from dsv2.model.moe import MLP, MoE, MoEStats, mlp_kernel_applies
@@ -301,9 +302,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         `whole_step_applies`, one routing for all MoE layers, a cache that hands out every layer's slots at once, and
         no hooks on the layers, the embedding or the rotary embedding (the one call would pass them by)."""
         layers = self.model.layers
-        hooked = any(module._forward_hooks or module._forward_pre_hooks
-                     for module in (*layers, self.model.embed_tokens, self.model.rotary))
-        return (not hooked and hasattr(cache, "step_tables")
+        passed_by = any(map(hooked, (*layers, self.model.embed_tokens, self.model.rotary)))
+        return (not passed_by and hasattr(cache, "step_tables")
                 and all(layer.whole_step_applies(h, cache, self.attn_impl) for layer in layers)
                 and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
 
@@ -318,21 +318,38 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
                      logits_at: torch.Tensor | None) -> tuple[torch.Tensor, str] | None:
-        """`decode_layers` with the step's plan, or None where the step goes layer by layer. Where the call refuses
-        a weight of a kept plan (a part of the model converted since), the step is planned again
-        (`dsv2.model.decode_plan`); what the call refuses then is the caller's error."""
-        plan = self.decode_plan(input_ids, cache)
-        if plan is None:
-            return None
+        """`decode_layers` with the step's plan, or None where the step goes layer by layer."""
         # one token per row: the logits wanted are the step's own (logits_at, the engine's, selects token 0)
         only_token = logits_at is None or (logits_at.shape[1] == 1 and bool((logits_at == 0).all()))
+        return self._planned_call(input_ids, cache, lambda plan: self.decode_layers(input_ids, positions, cache, plan,
+                                                                                    logits=only_token))
+
+    def _planned_call(self, input_ids: torch.Tensor, cache: LatentCache, call: Callable[[DecodePlan], Any],
+                      usable: Callable[[DecodePlan], bool] = lambda plan: True) -> Any:
+        """call(the step's plan), or None where there is no plan (the step goes layer by layer) or it is not
+        ``usable``. Where the call refuses a weight of a kept plan (a part of the model converted since), the step is
+        planned again (`dsv2.model.decode_plan`); what the call refuses then is the caller's error."""
+        plan = self.decode_plan(input_ids, cache)
+        if plan is None or not usable(plan):
+            return None
         try:
-            return self.decode_layers(input_ids, positions, cache, plan, logits=only_token)
+            return call(plan)
         except RuntimeError:  # raised before any layer wrote the cache
             plan = self._decode_plans.get(self, input_ids, cache, recheck=True)
-            if plan is None:
+            if plan is None or not usable(plan):
                 return None
-            return self.decode_layers(input_ids, positions, cache, plan, logits=only_token)
+            return call(plan)
+
+    def _kernel_step_args(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                          tables: tuple[torch.Tensor, torch.Tensor], plan: DecodePlan) -> list:
+        """The arguments `decode_layers` and `decode_greedy` share: the step's tensors, the cache's ``tables``
+        (its `step_tables`), the rotary tables and the plan's weights and settings."""
+        cache_layers, read_slots = tables
+        cos, sin = self.model.rotary.tables(read_slots.shape[1], input_ids.device)  # [P, d_R/2] each
+        if positions.numel() != input_ids.shape[0]:  # [1] or [1, 1]: one position for every row
+            positions = positions.expand(input_ids.shape[0], 1)
+        return [input_ids, self.model.embed_tokens.weight, positions, cos, sin, cache_layers, read_slots,
+                plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing]
 
     def decode_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache, plan: DecodePlan,
                       logits: bool = False) -> tuple[torch.Tensor, str]:
@@ -343,18 +360,37 @@ class DeepseekV2ForCausalLM(nn.Module):
         (h [B, 1, H], "layers"); or, where the plan allows and no hook on the final norm must run, the normed h,
         "norm"; or, asked for ``logits`` and where no hook on the head must run either, the logits [B, 1, V] in
         float32, "logits" (the head's product in the same call)."""
-        embed, norm, head = self.model.embed_tokens, self.model.norm, self.lm_head
-        fold_norm = plan.final_norm and not (norm._forward_hooks or norm._forward_pre_hooks)
-        fold_head = fold_norm and logits and plan.head and not (head._forward_hooks or head._forward_pre_hooks)
-        cache_layers, read_slots = cache.step_tables()
-        cos, sin = self.model.rotary.tables(read_slots.shape[1], input_ids.device)  # [P, d_R/2] each
-        if positions.numel() != input_ids.shape[0]:  # [1] or [1, 1]: one position for every row
-            positions = positions.expand(input_ids.shape[0], 1)
-        out = kernels.cpu_ops().decode_layers(input_ids, embed.weight, positions, cos, sin, cache_layers, read_slots,
-                                              plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
+        norm, head = self.model.norm, self.lm_head
+        fold_norm = plan.final_norm and not hooked(norm)
+        fold_head = fold_norm and logits and plan.head and not hooked(head)
+        out = kernels.cpu_ops().decode_layers(*self._kernel_step_args(input_ids, positions, cache.step_tables(), plan),
                                               norm.weight if fold_norm else None, norm.eps,
                                               head.weight if fold_head else None)  # [B, 1, H or V]
         return out, "logits" if fold_head else "norm" if fold_norm else "layers"
+
+    @torch.no_grad()
+    def decode_greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache, steps: int,
+                      stop_ids: Collection[int] = (), finished_rows: Collection[int] = ()) -> torch.Tensor | None:
+        """Up to ``steps`` greedy decoding steps of input_ids [B, 1] at positions [B, 1] (or [1]) in one kernel call
+        (`decode_greedy`): each step's token is its logits' first maximum (the tokens that `forward` and
+        `greedy_tokens` give step by step, bit for bit), and the next step's input at the next position. Ends early
+        after a step where every row has drawn one of ``stop_ids`` or is among ``finished_rows``. → the tokens drawn
+        [B, n], n ≤ steps, the cache advanced by n; None where the steps cannot be one call: the step goes layer by
+        layer or the call could not apply the final norm and the head (`decode_plan`), or a hook on the model, its
+        final norm or its head must see each step."""
+        norm, head = self.model.norm, self.lm_head
+        if hooked(self) or hooked(norm) or hooked(head):
+            return None
+
+        def call(plan: DecodePlan) -> torch.Tensor:
+            return kernels.cpu_ops().decode_greedy(
+                *self._kernel_step_args(input_ids, positions, cache.step_tables(steps), plan), norm.weight, norm.eps,
+                head.weight, steps, sorted(stop_ids), sorted(finished_rows))  # [B, n]
+
+        tokens = self._planned_call(input_ids, cache, call, usable=lambda plan: plan.final_norm and plan.head)
+        if tokens is not None:
+            cache.advance(tokens.shape[1])
+        return tokens
 
     @property
     def device(self) -> torch.device:
