@@ -515,6 +515,9 @@ def limit_lines(dtype_name: str, config: ModelConfig, summary: ModelSummary, lim
         f"dsv2 {prefill_ours:.0%}, transformers {prefill_bound / theirs.prefill_s:.0%} of the matmul peak",
         f"  goal: dsv2 decode ≥ {DECODE_GOAL:.0%} of the bandwidth bound at short context: {paired_ours:.0%} "
         f"{mark(paired_ours >= DECODE_GOAL)} (against the run's best bandwidth: {decode_ours:.0%})",
+        "  dsv2's rounds at context {}: {}".format(short, ", ".join(
+            f"{seconds * 1e3:.2f} ms at {rate / 1e9:.0f} GB/s = {step_bytes / rate / seconds:.0%}"
+            for seconds, rate in zip(ours.decode_rounds_s[short], ours.round_bandwidth, strict=True))),
     ]
     goal = f"  goal: dsv2 decode step ≥ {SPEEDUP_GOAL:.0f}× faster than transformers' at 2,048 tokens: "
     if 2048 in contexts:

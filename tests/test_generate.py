@@ -257,3 +257,20 @@ def test_transformers_text_streamer_prints_the_completion(model, capsys):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=20, ignore_eos=True, streamer=streamer)
     printed = capsys.readouterr().out
     assert printed.rstrip("\n") == tok.decode(out[0, len(prompt):], skip_special_tokens=True).rstrip("\n")
+
+
+def test_greedy_chunks_fit_the_time_budget_and_stop_after_a_refusal():
+    """The first step alone; then as many steps as take CHUNK_SECONDS at the last step time (at most MAX_CHUNK, never
+    more than remain); a model that declines a multi-step call gets single steps from then on."""
+    from dsv2.generate import GreedyChunks
+
+    chunks = GreedyChunks()
+    assert chunks.size(100) == 1
+    chunks.record(0.004, 1, None)  # one forward step of 4 ms
+    assert chunks.size(100) == int(GreedyChunks.CHUNK_SECONDS / 0.004) and chunks.size(3) == 3
+    chunks.record(0.0004, 8, torch.zeros(1, 8))  # 8 steps of 50 µs
+    assert chunks.size(100) == GreedyChunks.MAX_CHUNK
+    chunks.record(2.0, 1, None)  # a slow model: one step at a time
+    assert chunks.size(100) == 1
+    chunks.record(0.001, 4, None)  # asked for 4, declined
+    assert chunks.refused and chunks.size(100) == 1
