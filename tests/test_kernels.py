@@ -12,7 +12,7 @@ from dsv2 import LLM, DeepseekV2ForCausalLM, SamplingParams, kernels
 from dsv2.engine.runner import PagedLatentCache, PagedStepCache
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache, fused_decode_applies
-from dsv2.model.decode_plan import DECODE_LAYER_SLOTS
+from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan
 from dsv2.model.linear import SMALL_MATMUL_MAX_ROWS, Linear
 from dsv2.model.moe import MoE, RoutedExperts
 from dsv2.model.rope import RotaryEmbedding
@@ -427,25 +427,33 @@ def test_mla_decode_rejects_sizes_that_disagree():
             kernels.cpu_ops().mla_decode(*args)
 
 
+@torch.no_grad()
+def one_token_step() -> tuple[DeepseekV2ForCausalLM, LatentCache, DecodePlan, tuple]:
+    """A tiny model whose decoding steps the kernels take, a cache of 8 slots holding 3 tokens, the plan of a step of
+    one token at position 3, and that step's leading kernel arguments (token ids, embedding, positions, RoPE tables,
+    the cache's tables)."""
+    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
+    cache = LatentCache(model.config, 1, 8)
+    cache.seq_len = 3
+    tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
+    plan = model.decode_plan(tokens, cache)
+    assert plan is not None
+    layers, read = cache.step_tables()
+    cos, sin = model.model.rotary.tables(read.shape[1], tokens.device)
+    return model, cache, plan, (tokens, model.model.embed_tokens.weight, positions, cos, sin, layers, read)
+
+
 @built
 def test_decode_layers_checks_every_layer_before_writing_the_cache():
     """A weight that the one-call step cannot take (the last layer's o_proj in another dtype), a position past the
     row's slots and a token id past the vocabulary are errors that name them, raised before any layer has written its
     latent to the cache."""
-    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
-    config = model.config
-    cache = LatentCache(config, 1, 8)
-    cache.seq_len = 3
-    tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
+    model, cache, plan, step = one_token_step()
+    config, (tokens, read) = model.config, (step[0], step[-1])
     with torch.no_grad():
-        plan = model.decode_plan(tokens, cache)
-        assert plan is not None
         weights = list(plan.refresh())
         last_o_proj = (config.num_hidden_layers - 1) * len(DECODE_LAYER_SLOTS) + DECODE_LAYER_SLOTS.index("o_proj")
         weights[last_o_proj] = weights[last_o_proj].double()
-        layers, read = cache.step_tables()
-        cos, sin = model.model.rotary.tables(read.shape[1], tokens.device)
-        step = (tokens, model.model.embed_tokens.weight, positions, cos, sin, layers, read)
         before = cache.data.clone()
         with pytest.raises(RuntimeError, match=r"a weight: contiguous on the CPU, in x's dtype.*Double"):
             kernels.cpu_ops().decode_layers(*step, weights, plan.eps, plan.softmax_scale, *plan.routing)
@@ -507,19 +515,12 @@ def test_greedy_steps_in_one_call_check_their_last_position_and_leave_hooked_mod
     """The kernel names a row whose last position would fall outside its read slots (before writing the cache); the
     model's `decode_greedy` declines (None) where a hook on the model, its final norm or its head must see each
     step, and `generate` then calls forward at every step."""
-    model = tiny_model(TINY_LITE, **FUSED_CONFIGS["whole step"], moe_intermediate_size=32, intermediate_size=96)
-    config = model.config
-    cache = LatentCache(config, 1, 8)
-    cache.seq_len = 3
-    tokens, positions = torch.tensor([[1]]), torch.tensor([[3]])
+    model, cache, plan, step = one_token_step()
+    tokens, positions = step[0], step[2]
     with torch.no_grad():
-        plan = model.decode_plan(tokens, cache)
-        layers, read = cache.step_tables()
-        cos, sin = model.model.rotary.tables(read.shape[1], tokens.device)
         before = cache.data.clone()
         with pytest.raises(RuntimeError, match=r"row 0's last position 8 \(6 steps\) is outside"):
-            kernels.cpu_ops().decode_greedy(tokens, model.model.embed_tokens.weight, positions, cos, sin, layers,
-                                            read, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
+            kernels.cpu_ops().decode_greedy(*step, plan.refresh(), plan.eps, plan.softmax_scale, *plan.routing,
                                             model.model.norm.weight, model.model.norm.eps, model.lm_head.weight, 6)
         assert torch.equal(cache.data, before)
     prompt = torch.randint(0, 128, (1, 5))
