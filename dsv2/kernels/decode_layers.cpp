@@ -180,7 +180,7 @@ at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& embed, c
                          int64_t top_k, bool group_limited, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                          double routed_scaling_factor, const std::optional<at::Tensor>& final_norm, double final_eps,
                          const std::optional<at::Tensor>& head) {
-  const bool steps = input_ids.dim() == 2;  // the model's [B, 1] step: the result [B, 1, ·]
+  const bool model_step = input_ids.dim() == 2;  // the model's [B, 1] step: the result [B, 1, ·]
   const auto held = hold(cache, weights, final_norm, head);
   auto h = embedding_rows(input_ids, embed);  // [B, H]: the residual stream, updated in place layer after layer
   const auto dtype = step_dtype(h);
@@ -200,7 +200,7 @@ at::Tensor decode_layers(const at::Tensor& input_ids, const at::Tensor& embed, c
     return logits;
   };
   const auto out = dtype == at::kBFloat16 ? run(bf16(0.0f)) : run(0.0f);
-  return steps ? out.unsqueeze(1) : out;
+  return model_step ? out.unsqueeze(1) : out;
 }
 
 // The first maximum's index of x [n] (NaN counting as the maximum, as torch's max does).
