@@ -17,6 +17,7 @@ import torch
 
 from dsv2.detokenize import IncrementalDetokenizer
 from dsv2.model import DeepseekV2ForCausalLM, LatentCache
+from dsv2.model.cuda_graph import GraphedDecodeStep, graphs_apply
 from dsv2.sampling import SamplingParams, SamplingRow, greedy_tokens, plainly_greedy, sample
 from dsv2.tokenizer import Tokenizer
 
@@ -86,6 +87,7 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
     stop_ids = params.stop_ids(eos_token_ids)
     done = [False] * B
     chunks = GreedyChunks()
+    graphed = GraphedDecodeStep(model, cache) if graphs_apply(model, cache, max_new - 1) else None
     queued: list[list[int]] = []  # the tokens of the last `decode_greedy` call not yet yielded, step by step
     for step in range(max_new):
         if queued:
@@ -110,8 +112,9 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
         steps = chunks.size(max_new - step - 1) if plainly_greedy(rows) else 1
         ahead = None if steps == 1 else model.decode_greedy(
             tokens, positions, cache, steps, stop_ids, [row for row, finished in enumerate(done) if finished])
-        if ahead is None:
-            logits = _without_grad(model, tokens, positions=positions, cache=cache)  # [B, 1, V]
+        if ahead is None:  # [B, 1, V]
+            logits = (graphed(tokens, positions) if graphed is not None
+                      else _without_grad(model, tokens, positions=positions, cache=cache))
             positions = positions + 1
         else:  # [B, n]: the next n steps' tokens
             queued, tokens = ahead.T.tolist(), ahead[:, -1:]

@@ -50,7 +50,7 @@ def tiny_model(base: dict = TINY_LITE, dtype: torch.dtype = torch.float32, **ove
 def greedy_continuation(model: DeepseekV2ForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """prompt [B, T] → the next new_tokens ids [B, new_tokens]: prefill, then token by token over a latent cache."""
     cache = LatentCache(model.config, prompt.shape[0], prompt.shape[1] + new_tokens,
-                        dtype=model.lm_head.weight.dtype)
+                        dtype=model.lm_head.weight.dtype, device=prompt.device)
     logits = model(prompt, cache=cache)
     out = []
     for _ in range(new_tokens):
@@ -99,6 +99,28 @@ def make_tokenizer_files(folder, vocab_size: int = 400, chat_template: str | Non
     if chat_template is not None:
         config["chat_template"] = DEEPSEEK_V2_CHAT_TEMPLATE if chat_template == "default" else chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+# A two-layer nano model for training tests (vocabulary 512: the test tokenizer's 400 ids, padded).
+TRAIN_TINY = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+              "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+              "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+              "max_position_embeddings": 256}
+
+
+def make_corpus(root: Path) -> Path:
+    """A tokenizer folder and a tokenized corpus of 30 documents (root/data/train.bin). → root."""
+    from dsv2.train.data import tokenize_files
+
+    root.mkdir(parents=True, exist_ok=True)
+    make_tokenizer_files(root)
+    files = []
+    for i in range(30):
+        path = root / f"doc{i:02d}.txt"
+        path.write_text(" ".join(CORPUS[i % 4: i % 4 + 6]), encoding="utf-8")
+        files.append(path)
+    tokenize_files(root, files, root / "data" / "train.bin", workers=2)
+    return root
 
 
 @torch.no_grad()

@@ -105,3 +105,41 @@ def test_bf16_prefill_attention_matches_the_fused_kernel(monkeypatch):
         monkeypatch.setattr(attention_module, "_matmul_attention_pays", lambda q, keys, masked=False: False)
         want = attention.expanded(q_nope, q_pe, latent, mask)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2 * want.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["every key", "masked"])
+def test_latent_matmul_attention_equals_sdpa(masked):
+    """The GPU's decoding path for the absorbed attention (two matmuls around a float32 softmax) against torch's
+    fused attention over the same folded rows: one key/value head, the latent as both, its first r values kept."""
+    from dsv2.model.attention import latent_matmul_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, M, S, D, r = 3, 8, 37, 40, 32
+    q, latent = torch.randn(B, M, D, generator=gen, dtype=torch.float64), torch.randn(B, S, D, generator=gen,
+                                                                                       dtype=torch.float64)
+    mask = (torch.rand(B, 1, M, S, generator=gen) < 0.5).index_fill_(3, torch.tensor([0]), True) if masked else None
+    expected = F.scaled_dot_product_attention(q[:, None], latent[:, None], latent[:, None], attn_mask=mask,
+                                              scale=0.3)[:, 0, :, :r]
+    torch.testing.assert_close(latent_matmul_attention(q, latent, mask, 0.3, r), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_a_cache_attending_over_all_its_slots_decodes_as_the_usual_one(batch):
+    """`attend_all` (what a recorded CUDA graph needs: every step the shapes of the first) reads all max_len slots
+    masked by position; the steps' logits equal the usual cache's, which reads the slots in use."""
+    from dsv2 import LatentCache
+    from dsv2.model import cuda_graph
+
+    model = DeepseekV2ForCausalLM.from_config(tiny_config(TINY_LITE))
+    randomize_(model).eval()
+    ids = torch.randint(2, 128, (batch, 14), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for attend_all in (False, True):
+        cache = LatentCache(model.config, batch, 20)
+        model(ids[:, :8], cache=cache)
+        cache.attend_all = attend_all
+        logits.append(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)], dim=1))
+        assert cache.seq_len == 14
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    assert not cuda_graph.graphs_apply(model, cache, 32)  # graphs are for CUDA caches only

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
     ("bench_train.py", "| precision | transformers, s/step | dsv2, s/step |"),
     ("bench_serve.py", "| clients |"),
     ("bench_parallel.py", "| layout | output tok/s |"),
+    ("bench_cuda.py", "| measurement | transformers | dsv2 | dsv2 speed-up | dsv2 vs bound |"),  # a CPU runs it too
 ])
 def test_benchmark_runs_and_prints_its_table(script, table_header):
     run = subprocess.run([sys.executable, script, "--quick"], cwd=BENCHMARKS, capture_output=True, text=True,

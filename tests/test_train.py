@@ -19,32 +19,19 @@ from dsv2 import DeepseekV2ForCausalLM, ModelConfig, Tokenizer
 from dsv2.model.moe import Routing
 from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from dsv2.train.config import TrainConfig
-from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
+from dsv2.train.data import PackedDataset, TokenFile
 from dsv2.train.losses import device_balance_losses
 from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
 from dsv2.train.sft import ChatDataset, encode_conversation
 from dsv2.train.trainer import Trainer, TrainingStopped, build_model
 
-from helpers import CORPUS, make_tokenizer_files
-
-TINY = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
-        "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
-        "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-        "max_position_embeddings": 256}
+from helpers import TRAIN_TINY as TINY
+from helpers import make_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A tokenizer folder and a tokenized corpus of 30 documents."""
-    root = tmp_path_factory.mktemp("corpus")
-    make_tokenizer_files(root)
-    files = []
-    for i in range(30):
-        path = root / f"doc{i:02d}.txt"
-        path.write_text(" ".join(CORPUS[i % 4: i % 4 + 6]), encoding="utf-8")
-        files.append(path)
-    tokenize_files(root, files, root / "data" / "train.bin", workers=2)
-    return root
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def config(corpus, out, **changes):

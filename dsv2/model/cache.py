@@ -38,6 +38,9 @@ class LatentCache:
         self.data = zeros_on_huge_pages((config.num_hidden_layers, batch_size, max_len, config.latent_dim), dtype,
                                         device)
         self.seq_len = 0  # slots in use
+        # every step attends over all max_len slots, masked by position: shapes that do not change from step to step,
+        # which a recorded CUDA graph needs (`dsv2.model.cuda_graph`)
+        self.attend_all = False
         self._indices: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # (batch, end), rows, slots
         self._step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's (`step_slots`)
         self._row_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (`_row_slots`)
@@ -55,10 +58,13 @@ class LatentCache:
         The mask is None when it is plain bottom-right causal: a fresh cache (the T tokens are positions 0..T-1), or
         one sequence decoding its next token (it sees every entry). Rows may sit at different positions (prompts of
         different lengths, right-padded): every row writes where its tokens belong, and the mask keeps each row to
-        its own positions, so a row never reads another row's padding.
+        its own positions, so a row never reads another row's padding. With ``attend_all`` the entries are all
+        max_len slots, always with a mask.
         """
         T = latent.shape[1]
         end = self.write(layer_idx, latent, positions)
+        if self.attend_all:
+            return self.data[layer_idx], torch.arange(self.max_len, device=positions.device) <= positions[:, :, None]
         context = self.data[layer_idx, :, :end]  # [B, S, D]
         if self.seq_len == 0 or (latent.shape[0] == 1 and T == 1):
             return context, None
@@ -97,7 +103,7 @@ class LatentCache:
         """`step_slots` for every layer at once: the cache as [layers, B·max_len, D]; the read
         slots are every row's whole range [B, max_len] (the kernels read a row's first `lengths` of them)."""
         B = positions.shape[0]
-        self._check_room_for_a_step()
+        self.check_room()
         if self._step_slots is None:  # every layer of a step passes the same positions; `advance` forgets them
             at = positions.view(B)  # [B] one token per row
             first, slots = self._row_slots(B)
@@ -109,12 +115,13 @@ class LatentCache:
         """For `decode_layers` (or ``steps`` of `decode_greedy`) taking the step's positions: the cache as
         [layers, B·max_len, D] and every row's slots [B, max_len] (entry s: the slot of position s; a row writes the
         one at its position)."""
-        self._check_room_for_a_step(steps)
+        self.check_room(steps)
         if self._flat is None:
             self._flat = self.data.view(self.data.shape[0], -1, self.data.shape[-1])
         return self._flat, self._row_slots(self.data.shape[1])[1]
 
-    def _check_room_for_a_step(self, steps: int = 1) -> None:
+    def check_room(self, steps: int = 1) -> None:
+        """Raise where ``steps`` more one-token steps would not fit in max_len."""
         if self.seq_len + steps > self.max_len:
             raise ValueError(f"latent cache is full: {self.seq_len} cached + {steps} new token"
                              f"{'s' if steps > 1 else ''} > max_len={self.max_len}")

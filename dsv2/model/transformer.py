@@ -126,6 +126,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.attn_impl: AttentionImpl = "auto"
+        self.use_cuda_graphs = True  # `generate` / `stream` on a GPU replay recorded decoding steps (model.cuda_graph)
         self._decode_plans = DecodePlans()
         self.tokenizer = None  # set by from_pretrained when the folder has a tokenizer.json
         self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id)
