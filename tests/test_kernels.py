@@ -538,6 +538,38 @@ def test_greedy_steps_in_one_call_check_their_last_position_and_leave_hooked_mod
 
 @built
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hooks_inside_a_layer_see_every_step(dtype):
+    """The fused decoding calls (a layer's halves, every layer of a step, several greedy steps) compute modules
+    without calling them. A forward hook on any module inside a layer sends the steps through the modules' own
+    forward instead: it runs at every step (and at the prefill), the other layers keep their kernels, and float32
+    tokens stay the same (bf16's torch paths round differently from the kernels)."""
+    model = tiny_model(TINY_V2, **FUSED_CONFIGS["whole step, q_lora"], moe_intermediate_size=32,
+                       intermediate_size=96).to(dtype)
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    plain = dsv2.generate.generate(model, prompt, max_new_tokens=12, ignore_eos=True)
+    dense, layer = model.model.layers[0], model.model.layers[1]
+    attention, moe = layer.self_attn, layer.mlp
+    for name, module in [("input norm", layer.input_layernorm), ("attention", attention),
+                         ("q_a_proj", attention.q_a_proj), ("kv_a_layernorm", attention.kv_a_layernorm),
+                         ("o_proj", attention.o_proj), ("post-attention norm", layer.post_attention_layernorm),
+                         ("moe", moe), ("gate", moe.gate), ("routed experts", moe.experts),
+                         ("shared down_proj", moe.shared_experts.down_proj), ("dense up_proj", dense.mlp.up_proj)]:
+        calls = []
+        handle = module.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        with pytest.MonkeyPatch.context() as patch:
+            runs = count_kernel_calls(patch)
+            try:
+                tokens = dsv2.generate.generate(model, prompt, max_new_tokens=12, ignore_eos=True)
+            finally:
+                handle.remove()
+        assert len(calls) == 12, name  # the prefill and 11 steps
+        assert "decode_layers" not in runs and "decode_greedy" not in runs and runs["mla_decode"] > 0, name
+        if dtype == torch.float32:
+            assert tokens.equal(plain), name
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize(("base", "sizes"), [(TINY_LITE, "whole step"), (TINY_V2, "whole step, q_lora")],

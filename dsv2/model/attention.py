@@ -21,6 +21,7 @@ from torch import nn
 from dsv2 import kernels
 from dsv2.config import ModelConfig
 from dsv2.model.cache import LatentCache
+from dsv2.model.hooks import hooked_within
 from dsv2.model.linear import (
     Linear,
     autocast_input,
@@ -101,10 +102,11 @@ class MultiHeadLatentAttention(nn.Module):
     def fused_step_applies(self, x: torch.Tensor, cache: LatentCache) -> bool:
         """Whether `fused_step` can take this decoding step: inference on an AVX-512 CPU, x in the weights' dtype
         (bf16 or float32) for few enough rows (SMALL_MATMUL_MAX_ROWS), no biases, every product's inner size a
-        multiple of 32, and a cache the attention kernel reads."""
+        multiple of 32, a cache the attention kernel reads, and no hooks on the projections and norms it computes."""
         w = self.kv_a_proj_with_mqa.weight
         return (self._fused_shapes_ok and small_matmul_applies(x.shape[0], x, w)
-                and self.kv_a_layernorm.weight.dtype == x.dtype and cache.fused_decode_applies(x.dtype, self.kv_rank))
+                and self.kv_a_layernorm.weight.dtype == x.dtype and cache.fused_decode_applies(x.dtype, self.kv_rank)
+                and not any(map(hooked_within, self.children())))
 
     @functools.cached_property
     def _fused_shapes_ok(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dsv2.model.cache import LatentCache
+from dsv2.model.hooks import hooked_within
 
 WARMUP_STEPS = 2  # eager steps on a side stream before recording: lazy state (handles, caches) is made there
 
@@ -27,7 +28,7 @@ def graphs_apply(model: nn.Module, cache: LatentCache, steps: int) -> bool:
     steps than recording costs."""
     return (cache.data.device.type == "cuda" and cache.data.dtype in (torch.bfloat16, torch.float16)
             and getattr(model, "use_cuda_graphs", False) and not model.training and steps > WARMUP_STEPS + 1
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+            and not hooked_within(model)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 

@@ -17,10 +17,11 @@ modules, their attributes, the weights' dtypes and a few facts of the step (its 
   caches; it still runs for a step that goes layer by layer, so that a conversion back shows), or
 * the step differs in a fact the checks read.
 
-What it still does at every step: look for hooks on the layers, the embedding and the rotary embedding (a hooked
-module runs its own forward) and check that no kv_b_proj weight changed (its storage or version), else take the
-absorbed W_UK / W_UV again (rebuilt by the attention modules). Module attributes other than submodules and
-parameters (norm eps, the gate's routing settings, sizes) are read when a plan is made.
+What it still does at every step: look for hooks on the layers and every module inside them, the embedding and the
+rotary embedding (a hooked module runs its own forward; `dsv2.model.hooks`) and check that no kv_b_proj weight
+changed (its storage or version), else take the absorbed W_UK / W_UV again (rebuilt by the attention modules).
+Module attributes other than submodules and parameters (norm eps, the gate's routing settings, sizes) are read when
+a plan is made.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from dsv2 import kernels
+from dsv2.model.hooks import hook_tables
 from dsv2.model.linear import Linear, small_matmul_applies, weight_key
 from dsv2.model.moe import MoE
 from dsv2.model.norm import RMSNorm
@@ -62,12 +64,6 @@ class _Registrations:
 
 torch_module.register_module_module_registration_hook(_Registrations.seen)
 torch_module.register_module_parameter_registration_hook(_Registrations.seen)
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether forward hooks (or pre-hooks) are registered on ``module`` itself: a call that computes it inside a
-    kernel would pass them by."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @dataclass
@@ -103,7 +99,7 @@ class DecodePlans:
         self._parameters: list[torch.nn.Parameter] = []
         self._embedding: torch.Tensor | None = None  # the embedding's weight: its dtype is the step's rows'
         self._layers: list[nn.Module] = []  # the decoder layers (a replaced one is a registration)
-        self._hookable: list[nn.Module] = []  # the modules whose hooks the call would pass by
+        self._hook_tables: list[dict] = []  # the hooks of the modules the call would pass by (`hook_tables`)
         self._kv_rank = 0
         # by the step's facts: the plan, and for None (layer by layer) the parameters' dtypes then
         self._plans: dict[tuple, tuple[DecodePlan | None, tuple[torch.dtype, ...] | None]] = {}
@@ -117,10 +113,11 @@ class DecodePlans:
             self._registrations, self._plans = _Registrations.count, {}
             self._parameters = list(model.parameters())
             self._layers = list(model.model.layers)
-            self._hookable = [*self._layers, model.model.embed_tokens, model.model.rotary]
+            inside = [module for layer in self._layers for module in layer.modules()]
+            self._hook_tables = hook_tables([*inside, model.model.embed_tokens, model.model.rotary])
             self._embedding = getattr(model.model.embed_tokens, "weight", None)  # None: a wrapper: layer by layer
             self._kv_rank = self._layers[0].self_attn.kv_rank
-        if self._embedding is None or not hasattr(cache, "step_tables") or any(map(hooked, self._hookable)):
+        if self._embedding is None or not hasattr(cache, "step_tables") or any(self._hook_tables):
             return None
         dtype = self._embedding.dtype  # the step's rows'
         key = (dtype, input_ids.device, input_ids.shape[0], model.attn_impl, type(cache),

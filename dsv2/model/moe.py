@@ -17,6 +17,7 @@ from torch import nn
 
 from dsv2 import kernels
 from dsv2.config import ModelConfig
+from dsv2.model.hooks import hooked_within
 from dsv2.model.linear import Linear, autocast_input, linear, matmul_dtype, small_matmul_applies
 from dsv2.model.norm import RMSNorm
 
@@ -326,10 +327,11 @@ class MoE(nn.Module):
     def decode_kernel_applies(self, x: torch.Tensor) -> bool:
         """Whether `decode_step` can take these tokens: inference on an AVX-512 CPU, a few tokens in the experts'
         dtype (what `small_matmul` and the routed experts' kernel take), this module's own gate, experts and shared
-        experts (not an expert- or tensor-parallel replacement), sizes multiples of 32."""
+        experts (not an expert- or tensor-parallel replacement) with no hooks, sizes multiples of 32."""
         experts, shared = self.experts, self.shared_experts
         rows = x.numel() // x.shape[-1]
         return (type(self.gate) is MoEGate and type(experts) is RoutedExperts
+                and not any(map(hooked_within, self.children()))
                 and self.gate.topk_method in ("greedy", "group_limited_greedy")
                 and (shared is None or (type(shared) is MLP and mlp_kernel_applies(shared, x)))
                 and small_matmul_applies(rows, x, experts.gate_proj)

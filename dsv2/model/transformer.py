@@ -17,7 +17,8 @@ from dsv2.generation_config import GenerationConfig
 from dsv2.malloc import place_on_huge_pages
 from dsv2.model.attention import AttentionImpl, MultiHeadLatentAttention
 from dsv2.model.cache import LatentCache
-from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan, DecodePlans, hooked
+from dsv2.model.decode_plan import DECODE_LAYER_SLOTS, DecodePlan, DecodePlans
+from dsv2.model.hooks import hooked, hooked_within
 from dsv2.model.linear import Linear
 from dsv2.model.loss import linear_cross_entropy
 from dsv2.model.moe import MLP, MoE, MoEStats, mlp_kernel_applies
@@ -54,15 +55,19 @@ class DecoderLayer(nn.Module):
 
     def attention_kernel_applies(self, h: torch.Tensor, cache: LatentCache | None, attn_impl: AttentionImpl) -> bool:
         """Whether the attention half of this step (norm, attention, residual sum) is one `mla_decode` call: one
-        token per row, a cache, the absorbed path allowed, and what `fused_step_applies` asks."""
+        token per row, a cache, the absorbed path allowed, no hook on the norm or the attention module, and what
+        `fused_step_applies` asks."""
         attention, norm = self.self_attn, self.input_layernorm
         return (h.shape[1] == 1 and cache is not None and attn_impl != "expanded" and norm.weight.dtype == h.dtype
-                and norm.eps == attention.kv_a_layernorm.eps and attention.fused_step_applies(h, cache))
+                and norm.eps == attention.kv_a_layernorm.eps and not hooked(norm) and not hooked(attention)
+                and attention.fused_step_applies(h, cache))
 
     def moe_kernel_applies(self, h: torch.Tensor) -> bool:
-        """Whether the MoE half of this step (norm, MoE, residual sum) is one `moe_decode` call (no statistics)."""
-        return (isinstance(self.mlp, MoE) and self.mlp.decode_kernel_applies(h)
-                and self.post_attention_layernorm.weight.dtype == h.dtype)
+        """Whether the MoE half of this step (norm, MoE, residual sum) is one `moe_decode` call (no statistics, no
+        hook on the norm or the MoE module, and what `MoE.decode_kernel_applies` asks)."""
+        norm = self.post_attention_layernorm
+        return (isinstance(self.mlp, MoE) and norm.weight.dtype == h.dtype and not hooked(norm)
+                and not hooked(self.mlp) and self.mlp.decode_kernel_applies(h))
 
     def whole_step_applies(self, h: torch.Tensor, cache: LatentCache | None, attn_impl: AttentionImpl) -> bool:
         """Whether `decode_layers` can take this layer (no statistics): both halves as kernels (a dense MLP too,
@@ -72,7 +77,8 @@ class DecoderLayer(nn.Module):
             return False
         if isinstance(self.mlp, MoE):
             return self.moe_kernel_applies(h)
-        return type(self.mlp) is MLP and post.weight.dtype == h.dtype and mlp_kernel_applies(self.mlp, h)
+        return (type(self.mlp) is MLP and post.weight.dtype == h.dtype and not hooked(post)
+                and not hooked_within(self.mlp) and mlp_kernel_applies(self.mlp, h))
 
     def decode_weights(self) -> list[torch.Tensor | None]:
         """This layer's weights for `decode_layers`, in DECODE_LAYER_SLOTS order."""
@@ -301,9 +307,10 @@ class DeepseekV2ForCausalLM(nn.Module):
     def whole_step_applies(self, h: torch.Tensor, cache: LatentCache) -> bool:
         """Whether `decode_layers` takes this decoding step (h [B, 1, H], the embedding's rows): every layer's
         `whole_step_applies`, one routing for all MoE layers, a cache that hands out every layer's slots at once, and
-        no hooks on the layers, the embedding or the rotary embedding (the one call would pass them by)."""
+        no hooks on the layers (or inside them), the embedding or the rotary embedding (the one call would pass them
+        by)."""
         layers = self.model.layers
-        passed_by = any(map(hooked, (*layers, self.model.embed_tokens, self.model.rotary)))
+        passed_by = any(map(hooked_within, (*layers, self.model.embed_tokens, self.model.rotary)))
         return (not passed_by and hasattr(cache, "step_tables")
                 and all(layer.whole_step_applies(h, cache, self.attn_impl) for layer in layers)
                 and len({layer.mlp.routing_args() for layer in layers if isinstance(layer.mlp, MoE)}) <= 1)
