@@ -46,6 +46,18 @@ def tiny_model(base: dict = TINY_LITE, dtype: torch.dtype = torch.float32, **ove
     return randomize_(DeepseekV2ForCausalLM.from_config(tiny_config(base, **overrides), dtype=dtype)).eval()
 
 
+def hf_model(config: dict):
+    """transformers' DeepseekV2ForCausalLM (the oracle) for a config dict, random weights (seed 1), set to generate
+    full-length continuations."""
+    import transformers
+
+    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**config))
+    randomize_(hf, seed=1).eval()
+    hf.generation_config.eos_token_id = None  # full-length continuations
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
 @torch.no_grad()
 def greedy_continuation(model: DeepseekV2ForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """prompt [B, T] → the next new_tokens ids [B, new_tokens]: prefill, then token by token over a latent cache."""

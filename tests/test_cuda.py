@@ -16,7 +16,7 @@ from dsv2.train.config import TrainConfig
 from dsv2.train.parallel import init_distributed
 from dsv2.train.trainer import Trainer
 
-from helpers import TINY_LITE, TINY_V2, TRAIN_TINY, greedy_continuation, make_corpus, randomize_, tiny_checkpoint
+from helpers import TINY_LITE, TINY_V2, TRAIN_TINY, greedy_continuation, hf_model, make_corpus, tiny_checkpoint
 
 pytestmark = pytest.mark.cuda
 transformers = pytest.importorskip("transformers")
@@ -24,20 +24,12 @@ CONFIGS = {"lite": TINY_LITE, "v2": TINY_V2}
 CUDA = torch.device("cuda")
 
 
-def hf_model(config: dict) -> "transformers.DeepseekV2ForCausalLM":
-    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**config))
-    randomize_(hf, seed=1).eval()
-    hf.generation_config.eos_token_id = None  # full-length continuations
-    hf.generation_config.pad_token_id = 0
-    return hf
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def saved(request, tmp_path_factory):
-    """A random tiny checkpoint that transformers wrote. → (folder, config name)."""
+    """A random tiny checkpoint that transformers wrote. → its folder."""
     path = tmp_path_factory.mktemp(request.param)
     hf_model(CONFIGS[request.param]).save_pretrained(path)
-    return path, request.param
+    return path
 
 
 def load_pair(path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
@@ -52,7 +44,7 @@ def load_pair(path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
 
 @torch.no_grad()
 def test_float32_logits_match_transformers_on_the_gpu(saved):
-    theirs, ours = load_pair(saved[0], torch.float32)
+    theirs, ours = load_pair(saved, torch.float32)
     assert ours.device.type == "cuda" and all(p.is_cuda for p in ours.parameters())
     ids = torch.randint(2, 128, (2, 64), device=CUDA)
     expected = theirs(ids).logits
@@ -67,15 +59,15 @@ def test_float32_logits_match_transformers_on_the_gpu(saved):
 
 @torch.no_grad()
 def test_float32_on_the_gpu_equals_float32_on_the_cpu(saved):
-    on_cpu = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32)
-    on_gpu = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32, device="cuda")
+    on_cpu = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    on_gpu = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32, device="cuda")
     ids = torch.randint(2, 128, (3, 40))
     assert (on_gpu(ids.cuda()).cpu() - on_cpu(ids)).abs().max() <= 1e-4
 
 
 @torch.no_grad()
 def test_greedy_generate_equals_transformers_on_the_gpu(saved):
-    theirs, ours = load_pair(saved[0], torch.float32)
+    theirs, ours = load_pair(saved, torch.float32)
     prompt = torch.randint(2, 128, (1, 16), device=CUDA)
     expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False)
     got = ours.generate(prompt, max_new_tokens=32, eos_token_id=[])
@@ -87,7 +79,7 @@ def test_greedy_generate_equals_transformers_on_the_gpu(saved):
 def test_bf16_on_the_gpu_is_as_close_to_float32_as_transformers_eager(saved):
     """bf16 rounds everywhere; ours may move from the float32 logits no further than transformers' eager bf16 path
     (which computes as the reference does), on the same GPU."""
-    path, _ = saved
+    path = saved
     float32, _ = load_pair(path, torch.float32)
     reference, ours = load_pair(path, torch.bfloat16, attn_implementation="eager")
     ids = torch.randint(2, 128, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
@@ -107,7 +99,7 @@ def test_latent_cache_decoding_on_the_gpu_equals_the_full_forward(saved, dtype):
     """Prefill + token-by-token steps over the latent cache (absorbed attention) against one forward over the whole
     sequence, both on the GPU; the cache lives there and holds only latent + RoPE key rows. In bf16 both round, so
     each is measured against the float32 model: the cached steps no further from it than the bf16 forward."""
-    model = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=dtype, device="cuda")
+    model = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=dtype, device="cuda")
     ids = torch.randint(2, 128, (2, 24), device=CUDA)
     cache = LatentCache(model.config, 2, 24, dtype=dtype, device="cuda")
     assert cache.data.is_cuda and cache.data.shape[-1] == model.config.kv_lora_rank + model.config.qk_rope_head_dim
@@ -120,7 +112,7 @@ def test_latent_cache_decoding_on_the_gpu_equals_the_full_forward(saved, dtype):
     if dtype == torch.float32:
         assert (cached - full).abs().max() <= 1e-4 and (expanded - full).abs().max() <= 1e-4
         return
-    exact = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32, device="cuda")(ids)[:, 15:23]
+    exact = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32, device="cuda")(ids)[:, 15:23]
 
     def distance(logits: torch.Tensor) -> float:
         return ((logits - exact).abs().mean() / exact.abs().mean()).item()
@@ -131,7 +123,7 @@ def test_latent_cache_decoding_on_the_gpu_equals_the_full_forward(saved, dtype):
 
 @torch.no_grad()
 def test_sampling_on_the_gpu_is_seeded_and_top_k_1_is_greedy(saved):
-    model = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.bfloat16, device="cuda")
+    model = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.bfloat16, device="cuda")
     prompt = torch.randint(2, 128, (2, 8), device=CUDA)
     settings = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, seed=7, eos_token_id=[])
     first, second = generate(model, prompt, **settings), generate(model, prompt, **settings)
@@ -225,8 +217,8 @@ def test_training_on_the_gpu_follows_the_cpu_run(tmp_path):
 @torch.no_grad()
 def test_greedy_continuation_on_the_gpu_equals_the_cpus(saved):
     """The helper's own loop (forward over the latent cache) on both devices: the same tokens in float32."""
-    on_cpu = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32)
-    on_gpu = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32, device="cuda")
+    on_cpu = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    on_gpu = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32, device="cuda")
     prompt = torch.randint(2, 128, (2, 12))
     assert greedy_continuation(on_gpu, prompt.cuda(), 24).tolist() == greedy_continuation(on_cpu, prompt, 24).tolist()
 
@@ -240,7 +232,7 @@ def test_recorded_decoding_steps_equal_eager_ones(saved):
     from dsv2.model.cuda_graph import WARMUP_STEPS, GraphedDecodeStep, graphs_apply
 
     dtype = torch.bfloat16
-    model = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=dtype, device="cuda")
+    model = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=dtype, device="cuda")
     prompt = torch.randint(2, 128, (2, 12), device=CUDA)
     caches = [LatentCache(model.config, 2, 40, dtype=dtype, device="cuda") for _ in range(2)]
     for cache in caches:  # the same prefill in both
@@ -275,7 +267,7 @@ def test_recorded_decoding_steps_equal_eager_ones(saved):
 @torch.no_grad()
 def test_a_hooked_model_decodes_eagerly_on_the_gpu(saved):
     """A forward hook must see every step; a replayed graph would pass it by, so such a model is not recorded."""
-    model = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.bfloat16, device="cuda")
+    model = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.bfloat16, device="cuda")
     prompt = torch.randint(2, 128, (1, 10), device=CUDA)
     model.use_cuda_graphs = False
     eager = model.generate(prompt, max_new_tokens=20, eos_token_id=[])
@@ -297,7 +289,7 @@ def test_long_contexts_decode_through_the_matmul_attention_on_the_gpu(saved, dty
     matmul_attention = attention_module.latent_matmul_attention
     monkeypatch.setattr(attention_module, "latent_matmul_attention",
                         lambda *args: taken.append(args[1].shape[1]) or matmul_attention(*args))
-    model = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=dtype, device="cuda")
+    model = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=dtype, device="cuda")
     T = attention_module.LATENT_MATMUL_MIN_KEYS + 100
     ids = torch.randint(2, 128, (2, T + 4), device=CUDA)
     cache = LatentCache(model.config, 2, T + 4, dtype=dtype, device="cuda")
@@ -308,7 +300,7 @@ def test_long_contexts_decode_through_the_matmul_attention_on_the_gpu(saved, dty
     if dtype == torch.float32:
         assert (cached - full).abs().max() <= 1e-4
         return
-    exact = DeepseekV2ForCausalLM.from_pretrained(saved[0], dtype=torch.float32, device="cuda")(ids[:, :T + 3])
+    exact = DeepseekV2ForCausalLM.from_pretrained(saved, dtype=torch.float32, device="cuda")(ids[:, :T + 3])
     exact = exact[:, T - 1:T + 3]
 
     def distance(logits: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from dsv2 import DeepseekV2ForCausalLM
 
-from helpers import TINY_LITE, TINY_V2, YARN, greedy_continuation, randomize_
+from helpers import TINY_LITE, TINY_V2, YARN, greedy_continuation, hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,14 +24,6 @@ CONFIGS = {
     "attention-bias": {**TINY_V2, "attention_bias": True},
     "rms-norm-eps": {**TINY_V2, "rms_norm_eps": 1e-2},  # the latent norms keep 1e-6, as the reference's
 }
-
-
-def hf_model(config: dict) -> "transformers.DeepseekV2ForCausalLM":
-    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**config))
-    randomize_(hf, seed=1).eval()
-    hf.generation_config.eos_token_id = None  # compare full-length continuations
-    hf.generation_config.pad_token_id = 0
-    return hf
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
