@@ -23,8 +23,8 @@ implementation for each workload (each candidate timed on a short run of that wo
 (e) dsv2 alone at V2-Lite's full depth (27 layers, random weights made on the GPU): batch-1 decode without and with
     CUDA graphs.
 
-``--quick``: a small model (hidden 256, 2 layers, vocabulary 4,096), short prompts and few requests: a smoke run that
-also runs on a CPU (slowly).
+``--quick``: a small model (hidden 256, 4 heads, 16 routed experts, vocabulary 4,096; ``--layers`` layers), contexts
+32 and 256, at most 16 requests, no (e): a smoke run that also runs on a CPU.
 """
 
 from __future__ import annotations

@@ -228,8 +228,8 @@ def latent_matmul_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.T
     latent's first value_dim values. torch's fused attention runs one thread block per (sequence, 64 query rows)
     here, over a head size (576 on V2-Lite) past the flash kernel's, and its time grows with S; these matmuls' barely
     does. Measured on an H200, bf16, 16 query rows per sequence, D = 576, rows masked to their own lengths, each call
-    timed alone (`benchmarks/bench_cuda.py` (d)): over 2,048 rows 112-172 µs vs 250-287 µs fused, batches of 1 to
-    64; over 256 rows 115-121 µs vs 74-79 µs."""
+    timed alone (`benchmarks/bench_cuda.py` (d), two runs): over 2,048 rows 112-172 µs vs 250-287 µs fused, batches
+    of 1 to 64; over 256 rows 115-127 µs vs 74-79 µs."""
     scores = torch.bmm(q, latent.transpose(1, 2))  # [B, M, S] in q's dtype, accumulated in float32
     if mask is not None:
         scores = scores.masked_fill(~mask[:, 0], float("-inf"))
