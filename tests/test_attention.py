@@ -127,19 +127,22 @@ def test_latent_matmul_attention_equals_sdpa(masked):
 @torch.no_grad()
 def test_a_cache_attending_over_all_its_slots_decodes_as_the_usual_one(batch):
     """`attend_all` (what a recorded CUDA graph needs: every step the shapes of the first) reads all max_len slots
-    masked by position; the steps' logits equal the usual cache's, which reads the slots in use."""
+    masked by position; the steps' logits equal the usual cache's, which reads the slots in use. Rows of a batch sit
+    at their own positions, as `generate`'s ragged prompts do (row r's prompt is 8 - r tokens long)."""
     from dsv2 import LatentCache
     from dsv2.model import cuda_graph
 
     model = DeepseekV2ForCausalLM.from_config(tiny_config(TINY_LITE))
     randomize_(model).eval()
     ids = torch.randint(2, 128, (batch, 14), generator=torch.Generator().manual_seed(1))
+    lengths = 8 - torch.arange(batch)[:, None]  # [B, 1]
     logits = []
     for attend_all in (False, True):
         cache = LatentCache(model.config, batch, 20)
-        model(ids[:, :8], cache=cache)
+        model(ids[:, :8], cache=cache)  # right-padded prompts: a row's steps overwrite its padding
         cache.attend_all = attend_all
-        logits.append(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)], dim=1))
+        logits.append(torch.cat([model(ids[:, t:t + 1], positions=lengths + t - 8, cache=cache)
+                                 for t in range(8, 14)], dim=1))
         assert cache.seq_len == 14
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
     assert not cuda_graph.graphs_apply(model, cache, 32)  # graphs are for CUDA caches only
