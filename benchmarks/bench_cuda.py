@@ -146,7 +146,7 @@ def attention_seconds(config: ModelConfig, batch_size: int, keys: int, dtype: to
     return fused, matmul
 
 
-def full_depth_row(config: ModelConfig, dtype: torch.dtype, device: torch.device, bandwidth: float) -> str:
+def full_depth_row(dtype: torch.dtype, device: torch.device, bandwidth: float) -> str:
     """dsv2 alone at V2-Lite's own depth (27 layers, 15.7B parameters, random): batch-1 decode after 32 tokens,
     without and with CUDA graphs."""
     full = ModelConfig.preset("v2-lite").replace(bos_token_id=0, eos_token_id=1)
@@ -252,7 +252,7 @@ def main() -> None:
                 "| |")
     if not args.quick:
         del llm, ours, theirs
-        rows.append(full_depth_row(config, dtype, device, bandwidth))
+        rows.append(full_depth_row(dtype, device, bandwidth))
     print(f"transformers' experts implementation: {experts!r} at batch 1, {batched_experts!r} batched")
     print("\n".join(rows))
     if device.type == "cuda":
