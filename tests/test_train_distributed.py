@@ -75,6 +75,19 @@ def test_two_ranks_match_one(corpus, tmp_path, layout):  # noqa: F811
         assert torch.allclose(p, q, atol=2e-2), name  # bf16 exports of weights trained 5 steps apart by rounding
 
 
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_expert_parallel_under_bf16_autocast_matches_one_rank(corpus, tmp_path, data_parallel):  # noqa: F811
+    """The default precision (bf16 autocast over float32 weights): the experts' outputs travel back in bf16."""
+    one = Trainer(TrainConfig.load(None, **settings(corpus, tmp_path / "one", precision="bfloat16",
+                                                    data_parallel=data_parallel)))
+    one.train()
+    two = settings(corpus, tmp_path / "two", precision="bfloat16", data_parallel=data_parallel, expert_parallel=2)
+    mp.spawn(_rank, args=(2, free_port(), two), nprocs=2, join=True)
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(got) == 5
+    assert max(abs(a - b) / a for a, b in zip(expected, got, strict=True)) <= 2e-2, (expected, got)
+
+
 class _Crash(Exception):
     pass
 

@@ -81,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
         ys = grouped_linear(h, self.down_proj, offsets)  # [M', H], grouped by local expert
         results = ys.new_zeros(got_x.shape) if kept is not None else torch.empty_like(ys)  # [M, H]: dropped rows 0
         results[local_order] = ys  # back to the order received
-        back = _all_to_all(x.new_empty(N * k, x.shape[1]), results, send, recv)  # [N·k, H]
+        back = _all_to_all(results.new_empty(N * k, x.shape[1]), results, send, recv)  # [N·k, H], autocast's dtype
         out = torch.empty_like(back)
         out[order] = back  # (token, slot) order
         return (out.view(N, k, -1).to(torch.float32) * weights[:, :, None]).sum(dim=1)
