@@ -290,6 +290,9 @@ BAD = [
      "logit_bias"),
     ("logit_bias of a string", {"model": NAME, "messages": chat("x"), "logit_bias": {"7": "5"}}, 400,
      "logit_bias"),
+    # JSON's "\ud800" escape: text that no UTF-8 holds (was a 500, and the 404's echo of the name a second one)
+    ("lone surrogate in a message", {"model": NAME, "messages": chat("a\ud800b")}, 400, "messages"),
+    ("lone surrogate in the model's name", {"model": "gpt\ud83d", "messages": chat("x")}, 404, "model"),
 ]
 
 
@@ -324,6 +327,27 @@ def test_completions_bad_input(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         r = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "suffix": "y"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+        headers = {"content-type": "application/json"}
+        for prompt in ("a\ud800b", ["ok", "a\udfff"], [True, False]):  # lone surrogates; booleans are no token ids
+            r = http.post("/v1/completions", content=json.dumps({"model": NAME, "prompt": prompt}), headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert http.get("/health").status_code == 200 and http.head("/health").status_code == 200
+    assert server.idle()
+
+
+def test_models_list_and_retrieve(client):
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_developer_messages_are_system_messages(client):
+    def prompt_tokens(role):
+        messages = [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
+        return client.chat.completions.create(model=NAME, messages=messages, max_tokens=1).usage.prompt_tokens
+
+    assert prompt_tokens("developer") == prompt_tokens("system")
 
 
 @pytest.mark.parametrize("prompt", [[5, 512], [[5, 6], [7, 10**6]]], ids=["one prompt", "second of two"])
@@ -447,6 +471,21 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
             next(lines)
         assert server.llm.engine.num_free_blocks < server.llm.engine.blocks.num_blocks  # it holds blocks now
     assert server.idle()  # the closed connection aborted the request
+
+
+def test_disconnect_before_a_non_streaming_answer_aborts_the_request(server):
+    def generated(http):
+        line = next(x for x in http.get("/metrics").text.splitlines() if x.startswith("dsv2_generation_tokens_total"))
+        return float(line.split()[-1])
+
+    assert server.idle()
+    body = {"model": NAME, "prompt": "x", "max_tokens": MAX_LEN - 16, "ignore_eos": True}
+    with httpx.Client(base_url=server.url) as http:
+        before = generated(http)
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body, timeout=0.5)
+        assert server.idle()  # aborted at once, not after thousands of tokens
+        assert generated(http) - before < MAX_LEN - 16
 
 
 def test_metrics(server, client):

@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of the async engine.
 
 Every request joins the engine's continuous batch. Bad input never reaches the engine: it is answered with OpenAI's
-error JSON. A streaming client that disconnects has its request aborted, which frees its cache blocks.
+error JSON. A client that disconnects, streaming or not, has its request aborted, which frees its cache blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -67,14 +68,66 @@ class BodySizeLimit:
                 return messages
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that survives text echoed from a request: a lone surrogate ("\\ud800" in the request's JSON) is written
+    back as that escape instead of failing to encode (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
+
+
+class AuthAndLog:
+    """ASGI middleware: the API key on /v1 routes (a 401 without it), then a log line and a metrics count per
+    request. Plain ASGI rather than FastAPI's ``@app.middleware("http")``: under that one a handler's
+    ``request.is_disconnected()`` never sees the client leave, so an abandoned non-streaming request ran to its end."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), 500  # 500: no response started (an error answered further out)
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
+                denied = _answer(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                          type="authentication_error", code="invalid_api_key"))
+                await denied(scope, receive, send_noting_status)
+            else:
+                await self.app(scope, receive, send_noting_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"  # a bounded set of label values
+            self.metrics.requests.labels(endpoint=route, status=str(status)).inc()
+            client = scope.get("client")
+            log.info('%s "%s %s" %d %.1fms', client[0] if client else "-", scope["method"], scope["path"], status,
+                     (time.monotonic() - start) * 1e3)
+
+    def _authorized(self, scope) -> bool:
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
+
+
+def _answer(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error JSON for ``error``, with its status."""
+    return SafeJSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(APIError(413, f"request body is larger than {limit} bytes", code="request_too_large").body(),
-                        status_code=413)
+    return _answer(APIError(413, f"request body is larger than {limit} bytes", code="request_too_large"))
 
 
 def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 4 * 2**20) -> FastAPI:
-    app = FastAPI(title="dsv2", description="OpenAI-compatible API over dsv2's engine", docs_url=None, redoc_url=None)
+    app = FastAPI(title="dsv2", description="OpenAI-compatible API over dsv2's engine", docs_url=None, redoc_url=None,
+                  default_response_class=SafeJSONResponse)
     metrics = Metrics()
     max_model_len = engine.engine.config.max_model_len
     created = int(time.time())
@@ -82,53 +135,36 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
     # ------------------------------------------------------------------------------------ errors, auth, logging
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _answer(e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, f"malformed JSON body: {first.get('msg')}").body(), status_code=400)
+            return _answer(APIError(400, f"malformed JSON body: {first.get('msg')}"))
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return JSONResponse(APIError(400, message, param=param, code="invalid_value").body(), status_code=400)
+        return _answer(APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                     code=kind).body(), status_code=e.status_code, headers=e.headers)
+        return _answer(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=kind),
+                       headers=e.headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, e: EngineDeadError):
-        return JSONResponse(APIError(503, str(e), type="server_error", code="engine_unavailable").body(),
-                            status_code=503)
+        return _answer(APIError(503, str(e), type="server_error", code="engine_unavailable"))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         log.exception("error answering %s %s", request.method, request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
-                            status_code=500)
+        return _answer(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
-    @app.middleware("http")
-    async def auth_and_log(request: Request, call_next):
-        start = time.monotonic()
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                                 type="authentication_error", code="invalid_api_key").body(),
-                                        status_code=401)
-                _log_line(request, response.status_code, start)
-                return response
-        response = await call_next(request)
-        metrics.requests.labels(endpoint=_route_path(request), status=str(response.status_code)).inc()
-        _log_line(request, response.status_code, start)
-        return response
+    app.add_middleware(AuthAndLog, api_key=api_key, metrics=metrics)
 
     # --------------------------------------------------------------------------------------------- endpoints
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not engine.is_alive:
             raise EngineDeadError("the engine is not running")
@@ -138,10 +174,17 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
     async def prometheus_metrics():
         return PlainTextResponse(metrics.render(engine.stats()), media_type=Metrics.CONTENT_TYPE)
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "dsv2",
+                  "max_model_len": max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "dsv2", "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        check_model(name)
+        return model_card
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -175,7 +218,9 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         check_model(req.model)
         if (problem := req.unsupported()) is not None:
             raise problem
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+        # OpenAI's newer models take "developer" messages where older ones took "system": the template knows those
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                    for i, m in enumerate(req.messages)]
         try:
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
@@ -205,7 +250,10 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         params = params_or_400(req, req.max_tokens, req.logprobs)
         prompts = []
         for i, prompt in enumerate(req.prompts()):
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            try:
+                ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            except ValueError as e:
+                raise APIError(400, f"prompt {i}: {e}", param="prompt") from None
             check_length(len(ids), req.max_tokens, "prompt")
             check_request(ids, params, "prompt", f"prompt {i}")
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
@@ -238,18 +286,6 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _log_line(request: Request, status: int, start: float) -> None:
-    client = request.client.host if request.client else "-"
-    log.info('%s "%s %s" %d %.1fms', client, request.method, request.url.path, status,
-             (time.monotonic() - start) * 1e3)
-
-
-def _route_path(request: Request) -> str:
-    """The matched route's template ("/v1/completions"), or "other": a metrics label with a bounded set of values."""
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "other"
-
-
 async def _finals(streams: list[AsyncIterator[RequestOutput]], request: Request) -> list[RequestOutput]:
     """The final output of every stream, all running at once; gives up (aborting every request) if the client goes
     away meanwhile."""

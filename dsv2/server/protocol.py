@@ -180,6 +180,20 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        """One message for every wrong shape (the union's own errors name its members), and token ids that are
+        integers: not true/false, not "5"."""
+        def token_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+        if isinstance(prompt, str) or (isinstance(prompt, list) and (
+                all(isinstance(p, str) for p in prompt) or token_ids(prompt) or all(token_ids(p) for p in prompt))):
+            return prompt
+        raise ValueError("must be a string, a list of strings, a list of token ids (integers) or a list of lists of "
+                         "token ids")
+
     def unsupported(self) -> APIError | None:
         if self.suffix:
             return APIError(400, "'suffix' is not supported by this server", param="suffix",
