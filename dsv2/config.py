@@ -9,19 +9,28 @@ written back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsv2.json_files import read_json, type_mismatch
+
 MODEL_TYPE = "deepseek_v2"
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # transformers 5 adds these to config.json; they are derived from the fields below, so they are not carried along.
 DERIVED_KEYS = ("head_dim", "qk_head_dim", "rope_parameters", "dtype")
+# sizes (and rope_theta, a logarithm's base) that must be > 0 when set
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "n_routed_experts", "moe_layer_freq", "ep_size",
+                   "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                   "rope_theta")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
 
@@ -140,30 +149,28 @@ class ModelConfig:
         def fail(name: str, message: str) -> None:
             raise ConfigError(f"config field {name!r} = {getattr(self, name)!r}: {message}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        for name, hint in _field_types().items():  # first, so that the checks below compare numbers with numbers
+            if name != "extra" and (problem := type_mismatch(getattr(self, name), hint)):
+                fail(name, problem)
+        for name in POSITIVE_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, "must be a positive integer")
-        if self.qk_nope_head_dim < 0:
-            fail("qk_nope_head_dim", "must be >= 0")
+            if value is not None and value <= 0:
+                fail(name, "must be positive")
+        for name in ("qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                fail(name, "must be >= 0")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            fail("q_lora_rank", "must be a positive integer, or null for no query compression")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' is implemented")
         if self.scoring_func != "softmax":
             fail("scoring_func", "only 'softmax' is implemented (DeepSeek-V2); 'sigmoid' is DeepSeek-V3's gate")
         if self.topk_method not in TOPK_METHODS:
             fail("topk_method", f"expected one of {TOPK_METHODS}")
-        if self.moe_layer_freq < 1:
-            fail("moe_layer_freq", "must be >= 1")
         if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
             fail("torch_dtype", f"expected one of {sorted(DTYPES)}")
         if self.n_routed_experts is not None:
-            if self.n_routed_experts <= 0:
-                fail("n_routed_experts", "must be positive, or null for a dense model")
             if not self.num_experts_per_tok or not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                 fail("num_experts_per_tok", f"must be between 1 and n_routed_experts = {self.n_routed_experts}")
             if self.topk_method == "group_limited_greedy":
@@ -182,6 +189,12 @@ class ModelConfig:
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     raise ConfigError(f"config field 'rope_scaling' lacks {key!r}, which YaRN needs")
+            for key in ROPE_SCALING_KEYS:
+                value = self.rope_scaling.get(key, 1)
+                if problem := type_mismatch(value, float):
+                    raise ConfigError(f"config field 'rope_scaling' has {key!r} = {value!r}: {problem}")
+                if key in ("factor", "original_max_position_embeddings") and value <= 0:
+                    raise ConfigError(f"config field 'rope_scaling' has {key!r} = {value!r}: must be positive")
 
     # ----------------------------------------------------------------------------------------- config.json format
     @classmethod
@@ -192,6 +205,8 @@ class ModelConfig:
         if model_type != MODEL_TYPE:
             raise ConfigError(f"config field 'model_type' = {model_type!r}: dsv2 implements {MODEL_TYPE!r} only")
         rope_parameters = data.pop("rope_parameters", None)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise ConfigError(f"config field 'rope_parameters' = {rope_parameters!r}: expected an object or null")
         if rope_parameters:  # transformers 5: rope_theta and the scaling settings live in one dict
             rope = dict(rope_parameters)
             data.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
@@ -220,11 +235,9 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json(path, ConfigError)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such file (a checkpoint folder needs a config.json)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         try:
@@ -257,6 +270,12 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """ModelConfig's field name → declared type (the annotations, evaluated)."""
+    return typing.get_type_hints(ModelConfig)
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:

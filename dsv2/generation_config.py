@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dsv2.json_files import read_json, type_mismatch
 
 
 @dataclass
@@ -33,12 +35,14 @@ class GenerationConfig:
         file = Path(path) / "generation_config.json"
         if not file.exists():
             return cls()
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        data = read_json(file)
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if name in hints and (problem := type_mismatch(value, hints[name])):
+                raise ValueError(f"{file}: field {name!r} = {value!r}: {problem}")
+        return cls(**{k: v for k, v in data.items() if k in hints})
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The fields that are set, as keyword arguments of `generate`."""

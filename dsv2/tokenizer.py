@@ -18,6 +18,8 @@ import jinja2.sandbox
 import tokenizers
 import torch
 
+from dsv2.json_files import read_json, read_text, type_mismatch
+
 BOS_TOKEN, EOS_TOKEN = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 ROLES = ("system", "user", "assistant")
 # The chat template of DeepSeek-V2, V2-Chat and V2-Lite-Chat, exactly as published.
@@ -31,10 +33,23 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
 )
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: Any, file: Path, field: str) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as {"__type": "AddedToken", "content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
+    if value is None:
+        return None
+    text = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise ValueError(f"{file}: {field} = {value!r}: expected a string, an AddedToken object or null")
+    return text
+
+
+def _chat_template(value: Any, file: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, null, or a list of {"name", "template"} (→ the default one)."""
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+        value = next((t["template"] for t in value if t.get("name") == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{file}: chat_template = {value!r:.80}: expected a string, a list of "
+                         "{'name', 'template'} objects or null")
     return value
 
 
@@ -49,7 +64,10 @@ def _compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent, **kw)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template is not a valid Jinja2 template: {e.message} (line {e.lineno})") from None
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
@@ -64,6 +82,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             raise ValueError(f"messages[{i}]['role'] = {role!r}: expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")
+        _check_unicode(content, f"messages[{i}]['content']")
     return list(messages)
 
 
@@ -111,21 +130,26 @@ class Tokenizer:
         config_file = folder / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_file.exists():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            config = read_json(config_file)
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        for name, hint in (("add_bos_token", bool), ("add_eos_token", bool), ("model_max_length", float | None)):
+            if name in config and (problem := type_mismatch(config[name], hint)):
+                raise ValueError(f"{config_file}: {name} = {config[name]!r}: {problem}")
+        template, template_source = _chat_template(config.get("chat_template"), config_file), config_file
         template_file = folder / "chat_template.jinja"  # where transformers 5 saves it; it wins, as there
         if template_file.exists():
-            template = template_file.read_text(encoding="utf-8")
+            template, template_source = read_text(template_file), template_file
+        if template is not None:  # compiled here too, so that a syntax error names its file
+            try:
+                _compile_template(template)
+            except ValueError as e:
+                raise ValueError(f"{template_source}: {e}") from None
         return cls(
             backend,
-            bos_token=_token_text(config.get("bos_token", BOS_TOKEN)),
-            eos_token=_token_text(config.get("eos_token", EOS_TOKEN)),
-            pad_token=_token_text(config.get("pad_token")),
+            bos_token=_token_text(config.get("bos_token", BOS_TOKEN), config_file, "bos_token"),
+            eos_token=_token_text(config.get("eos_token", EOS_TOKEN), config_file, "eos_token"),
+            pad_token=_token_text(config.get("pad_token"), config_file, "pad_token"),
             add_bos_token=config.get("add_bos_token", True),
             add_eos_token=config.get("add_eos_token", False),
             chat_template=template,
@@ -138,6 +162,7 @@ class Tokenizer:
         when the text already starts with one)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
+        _check_unicode(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
@@ -197,6 +222,16 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _check_unicode(text: str, what: str = "text") -> None:
+    """A ValueError for a str that is not valid Unicode (a lone surrogate, as JSON's "\\ud800" gives), which the
+    tokenizers library rejects with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at index "
+                         f"{e.start}") from None
 
 
 class Encoding(dict):

@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from dsv2.json_files import read_json
+
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 STACKED_EXPERTS = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
@@ -80,10 +82,7 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
                                "unpickling can run arbitrary code, so pass allow_pickle=True only if you trust them")
         if not index.exists():
             return [single]
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a valid index file (expected a 'weight_map' object): {e}") from None
+        weight_map = _read_weight_map(index)
         shards = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [s.name for s in shards if not s.exists()]
         if missing:
@@ -91,6 +90,20 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
         return shards
     raise FileNotFoundError(f"{folder}: no weights found (expected {SAFETENSORS_SINGLE}, or shards listed in "
                             f"{SAFETENSORS_INDEX})")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name → shard file name), checked: every shard a plain name in the folder."""
+    data = read_json(index, WeightsError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: not a valid index file (expected an object with a 'weight_map' object of "
+                           f"tensor name → file name)")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise WeightsError(f"{index}: weight_map[{key!r}] = {name!r}: expected the name of a file in "
+                               f"{index.parent}")
+    return weight_map
 
 
 class _SafetensorsFile:
@@ -108,6 +121,8 @@ class _SafetensorsFile:
             return safe_open(self.path, framework="pt", device="cpu")
         except SafetensorError as e:
             raise WeightsError(f"{self.path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        except OSError as e:
+            raise WeightsError(f"{self.path}: cannot be opened ({e})") from None
 
     def get(self, key: str, index: tuple | None = None) -> torch.Tensor:
         """The tensor, or only its ``index`` slice (read without reading the rest)."""

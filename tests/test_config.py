@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 import torch
 
-from dsv2 import ConfigError, ModelConfig
+from dsv2 import ConfigError, GenerationConfig, ModelConfig
 
 # config.json of deepseek-ai/DeepSeek-V2-Lite as published (remote-code era layout).
 OFFICIAL_LITE = {
@@ -164,3 +165,83 @@ def test_dtype_names_as_vllm_and_transformers_take_them():
     assert parse_dtype("auto") is None and parse_dtype(None) is None and parse_dtype(torch.float32) is torch.float32
     with pytest.raises(ValueError, match="dtype='bfloat61' is not one of auto, float32"):
         parse_dtype("bfloat61")
+
+
+YARN_LITE = OFFICIAL_LITE["rope_scaling"]
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({"rms_norm_eps": "1e-6"}, "'rms_norm_eps' = '1e-6': expected a number, got str"),
+    ({"rope_theta": "10000"}, "'rope_theta' = '10000': expected a number"),
+    ({"rope_scaling": {**YARN_LITE, "factor": "4"}}, "'rope_scaling' has 'factor' = '4': expected a number"),
+    ({"rope_scaling": {**YARN_LITE, "mscale": True}}, "'rope_scaling' has 'mscale' = True: expected a number"),
+    ({"rope_scaling": {**YARN_LITE, "factor": 0}}, "'rope_scaling' has 'factor' = 0: must be positive"),
+    ({"first_k_dense_replace": "1"}, "'first_k_dense_replace' = '1': expected an integer, got str"),
+    ({"first_k_dense_replace": -1}, "'first_k_dense_replace' = -1: must be >= 0"),
+    ({"intermediate_size": "10944"}, "'intermediate_size' = '10944': expected an integer"),
+    ({"intermediate_size": 10944.0}, "'intermediate_size' = 10944.0: expected an integer, got float"),
+    ({"intermediate_size": -1}, "'intermediate_size' = -1: must be positive"),
+    ({"moe_intermediate_size": "1408"}, "'moe_intermediate_size' = '1408': expected an integer"),
+    ({"moe_intermediate_size": 0}, "'moe_intermediate_size' = 0: must be positive"),
+    ({"n_shared_experts": "2"}, "'n_shared_experts' = '2': expected an integer or null, got str"),
+    ({"n_shared_experts": -2}, "'n_shared_experts' = -2: must be >= 0"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' = 'false': expected true or false, got str"),
+    ({"attention_bias": 0}, "'attention_bias' = 0: expected true or false, got int"),
+    ({"qk_nope_head_dim": "128"}, "'qk_nope_head_dim' = '128': expected an integer"),
+    ({"n_routed_experts": "64"}, "'n_routed_experts' = '64': expected an integer or null"),
+    ({"num_experts_per_tok": "6"}, "'num_experts_per_tok' = '6': expected an integer or null"),
+    ({"num_key_value_heads": True}, "'num_key_value_heads' = True: expected an integer or null, got bool"),
+    ({"eos_token_id": "100001"}, "'eos_token_id' = '100001': expected an integer, a list of integers or null"),
+    ({"eos_token_id": [100001, None]}, r"'eos_token_id' = \[100001, None\]: expected an integer, a list of integers"),
+    ({"torch_dtype": 16}, "'torch_dtype' = 16: expected a string or null, got int"),
+    ({"rope_parameters": "yarn"}, "'rope_parameters' = 'yarn': expected an object or null"),
+])
+def test_wrong_typed_fields_name_the_file_field_and_value(tmp_path, change, error):
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_LITE, **change}))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path / 'config.json'))}: config field {error}"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+def test_json_numbers_and_nulls_the_official_files_use_are_accepted():
+    config = ModelConfig.from_dict({**OFFICIAL_LITE, "rms_norm_eps": 1, "routed_scaling_factor": 16, "rope_theta": 1e4,
+                                    "n_shared_experts": None, "num_key_value_heads": None, "eos_token_id": [1, 2],
+                                    "pad_token_id": None, "torch_dtype": None, "rope_scaling": None})
+    assert (config.rms_norm_eps, config.routed_scaling_factor, config.num_key_value_heads) == (1, 16, 16)
+    assert ModelConfig.from_dict({**OFFICIAL_LITE, "n_shared_experts": 0}).n_shared_experts == 0
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(json.dumps({**OFFICIAL_LITE, "architectures": ["é"]}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not UTF-8 text \(.*byte 0xe9"):
+        ModelConfig.from_pretrained(tmp_path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: is a folder, not a file"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    ("[]", "expected a JSON object, got list"),
+    ('{"temperature": "hot"}', "field 'temperature' = 'hot': expected a number or null, got str"),
+    ('{"top_k": 5.5}', "field 'top_k' = 5.5: expected an integer, got float"),
+    ('{"do_sample": "true"}', "field 'do_sample' = 'true': expected true or false or null, got str"),
+    ('{"eos_token_id": ["1"]}', r"field 'eos_token_id' = \['1'\]: expected an integer, a list of integers or null"),
+    ("{not json", "not valid JSON"),
+    (b'{"temperature": "\xe9"}', "not UTF-8 text"),
+])
+def test_bad_generation_config_names_the_file_and_field(tmp_path, content, error):
+    path = tmp_path / "generation_config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {error}"):
+        GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_generation_config_accepts_what_the_official_file_holds(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "_from_model_config": True, "bos_token_id": 100000, "eos_token_id": 100001, "do_sample": True,
+        "temperature": 0.3, "top_p": 0.95, "transformers_version": "4.39.3"}))
+    config = GenerationConfig.from_pretrained(tmp_path)
+    assert (config.do_sample, config.temperature, config.top_p, config.eos_token_id) == (True, 0.3, 0.95, 100001)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 1, "eos_token_id": [1, 2], "top_k": 0}')
+    assert GenerationConfig.from_pretrained(tmp_path).temperature == 1

@@ -1,3 +1,7 @@
+import json
+import re
+import shutil
+
 import pytest
 import torch
 
@@ -106,3 +110,63 @@ def test_bad_folders(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match=r"not a valid tokenizer\.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.fixture
+def broken(folder, tmp_path):
+    """A copy of the test tokenizer folder, to break."""
+    return shutil.copytree(folder, tmp_path / "tokenizer")
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ("[]", "expected a JSON object, got list"),
+    ("{not json", "not valid JSON"),
+    (b'{"bos_token": "\xe9"}', r"not UTF-8 text \(.*byte 0xe9"),
+    ({"chat_template": "{% for %}"}, r"chat_template is not a valid Jinja2 template: .* \(line 1\)"),
+    ({"chat_template": 5}, "chat_template = 5: expected a string, a list of {'name', 'template'} objects or null"),
+    ({"chat_template": [{"name": "default"}]}, r"chat_template = \[{'name': 'default'}\]: expected a string"),
+    ({"bos_token": 5}, "bos_token = 5: expected a string, an AddedToken object or null"),
+    ({"eos_token": {"content": None}}, r"eos_token = {'content': None}: expected a string"),
+    ({"pad_token": ["x"]}, r"pad_token = \['x'\]: expected a string"),
+    ({"add_bos_token": "false"}, "add_bos_token = 'false': expected true or false, got str"),
+    ({"model_max_length": "16384"}, "model_max_length = '16384': expected a number or null, got str"),
+])
+def test_bad_tokenizer_config_names_the_file_and_field(broken, change, error):
+    path = broken / "tokenizer_config.json"
+    if isinstance(change, dict):
+        change = json.dumps({**json.loads(path.read_text(encoding="utf-8")), **change})
+    path.write_bytes(change if isinstance(change, bytes) else change.encode())
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {error}"):
+        Tokenizer.from_pretrained(broken)
+
+
+def test_a_bad_chat_template_file_or_argument_is_a_value_error(broken, tok):
+    path = broken / "chat_template.jinja"
+    path.write_text("{% if %}")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: chat_template is not a valid Jinja2 template"):
+        Tokenizer.from_pretrained(broken)
+    path.write_bytes(b"\xe9")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not UTF-8 text"):
+        Tokenizer.from_pretrained(broken)
+    with pytest.raises(ValueError, match="chat_template is not a valid Jinja2 template"):
+        tok.with_chat_template("{% for %}")
+
+
+def test_named_templates_and_big_model_max_length_still_load(broken):
+    path = broken / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}]
+    path.write_text(json.dumps({**config, "chat_template": named, "model_max_length": 1e30, "pad_token": None}))
+    tok = Tokenizer.from_pretrained(broken)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == f"{BOS_TOKEN}D"
+
+
+def test_lone_surrogates_are_a_value_error(tok):
+    text = json.loads('"a\\ud800b"')  # what a JSON request with an unpaired escape decodes to
+    with pytest.raises(ValueError, match=r"text is not valid Unicode: a lone surrogate \(U\+D800\) at index 1"):
+        tok.encode(text)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok([text, "fine"])
+    with pytest.raises(ValueError, match=r"messages\[1\]\['content'\] is not valid Unicode: a lone surrogate"):
+        tok.apply_chat_template([*TURN1, {"role": "assistant", "content": text}])
+    assert tok.decode(tok.encode("🚀 ok"), skip_special_tokens=True) == "🚀 ok"  # real astral characters are fine

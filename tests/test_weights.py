@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -115,6 +116,31 @@ def test_missing_truncated_and_corrupt_files_are_named(model, tmp_path):
         DeepseekV2ForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint folder"):
         DeepseekV2ForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("index", "error"), [
+    (b'{"weight_map": []}', "not a valid index file"),
+    (b'{"weight_map": {"lm_head.weight": 5}}', r"weight_map\['lm_head\.weight'\] = 5: expected the name of a file in"),
+    (b'{"weight_map": {"lm_head.weight": null}}', r"weight_map\['lm_head\.weight'\] = None: expected the name"),
+    (b'{"weight_map": {"lm_head.weight": "."}}', r"weight_map\['lm_head\.weight'\] = '\.': expected the name"),
+    (b'{"weight_map": {"lm_head.weight": "../x.safetensors"}}', r".* = '\.\./x\.safetensors': expected the name"),
+    (b'{"weight_map": {"lm_head.weight": "\xe9.safetensors"}}', r"not UTF-8 text \(.*byte 0xe9"),
+])
+def test_bad_index_files_are_named(model, tmp_path, index, error):
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(index)
+    with pytest.raises(WeightsError, match=rf"{re.escape(str(path))}: {error}"):
+        DeepseekV2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_shard_that_cannot_be_opened_is_named(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(WeightsError, match=rf"{re.escape(str(shard))}: cannot be opened \("):
+        DeepseekV2ForCausalLM.from_pretrained(tmp_path)
 
 
 def mapped(folder) -> bool:
