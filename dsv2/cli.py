@@ -96,6 +96,26 @@ def engine_arguments(args: argparse.Namespace) -> dict:
             "data_parallel_size": args.data_parallel_size, "enable_expert_parallel": args.expert_parallel}
 
 
+def check_device(device: str) -> None:
+    """--device names a device this machine has ("auto" always does); else a ValueError that says what is missing."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ..., or auto)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA device is visible" if torch.version.cuda else "this PyTorch build has no CUDA support"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu, or leave --device "
+                             "out to use CUDA when there is one")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available; use --device cpu")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
@@ -154,20 +174,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.command == "sft":
         overrides["sft_data"] = overrides.pop("data", None)
     defaults = SFT_DEFAULTS if args.command == "sft" else None  # below the --config file and the flags
-    summary = run_training(TrainConfig.load(args.config, defaults=defaults, **overrides))
+    config = TrainConfig.load(args.config, defaults=defaults, **overrides)
+    if config.sft_data:  # now, not after the model is built
+        from dsv2.train.sft import require_chat_file
+
+        require_chat_file(config.sft_data)
+    summary = run_training(config)
     if "val_loss" in summary:
         print(f"validation loss {summary['val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})")
 
 
 # The paper's SFT: learning rate 5e-6, 2 epochs; short sequences and a small warm-up suit chat data.
+# its own --out too: run in runs/train, it would resume a pre-training run's checkpoint there
 SFT_DEFAULTS = {"lr": 5e-6, "epochs": 2.0, "warmup_steps": 10, "seq_len": 2048, "batch_size": 16, "eval_every": 50,
-                "save_every": 200}
+                "save_every": 200, "out": "runs/sft"}
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--seq-len, --batch-size, ...); given flags override the --config file."""
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per TrainConfig field (--seq-len, --batch-size, ...); given flags override the --config file. The
+    help shows the command's own ``defaults`` (SFT_DEFAULTS for sft) where it has them, else TrainConfig's."""
     from dsv2.train.config import TrainConfig
 
+    defaults = defaults or {}
     parser.add_argument("--config", default=None, help="a TOML file of training settings")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -181,7 +209,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), type(default))
             kind = str if kind is type(None) else kind
-            parser.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, type=kind, default=None, help=f"(default: {defaults.get(f.name, default)})")
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -271,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="questions per task at most")
     evaluate.add_argument("--shots", type=int, default=None,
                           help="few-shot examples per question (default: each benchmark's protocol: MMLU, C-Eval, "
-                               "CMMLU 5, BBH 3, GSM8K 8, MATH 4, HumanEval 0, MBPP 3)")
+                               "CMMLU 5, BBH 3, GSM8K 8, MATH 4, HumanEval 0, MBPP 3); every selected task must allow "
+                               "it (MMLU, C-Eval, CMMLU 0-5, BBH 0 or 3, GSM8K, MATH 0-8, HumanEval 0, MBPP 0-3)")
     evaluate.add_argument("--chat", action="store_true", help="prompt through the chat template (chat models)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="sequences the engine runs together")
     evaluate.add_argument("--out", default="results", help="folder for results.md and results.json")
@@ -306,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     sft = commands.add_parser("sft", help="chat fine-tuning on {'messages': [...]} JSONL, loss on assistant turns")
-    add_train_arguments(sft)
+    add_train_arguments(sft, SFT_DEFAULTS)
     sft.set_defaults(func=cmd_train)
     return parser
 
@@ -328,6 +357,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)  # before a model is loaded
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: config/weights problems name the file and field
         print(f"dsv2 {args.command}: {e}", file=sys.stderr)

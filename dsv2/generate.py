@@ -165,18 +165,21 @@ def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | 
     ``num_beams=1`` are accepted; other names that `sampling_params` lacks get an error that lists the ones it has."""
     kwargs = dict(kwargs)
     kwargs.pop("use_cache", None)
-    if kwargs.pop("num_beams", 1) != 1:
-        raise ValueError("num_beams > 1: beam search is not supported (greedy or sampling only)")
+    names = list(inspect.signature(sampling_params).parameters)
+    supported = (f"supported: {', '.join(names)}, max_length, eos_token_id, pad_token_id, attention_mask, tokenizer, "
+                 "streamer, use_cache, num_beams=1")
+    num_beams = kwargs.pop("num_beams", None)
+    if num_beams not in (None, 1):
+        raise ValueError(f"num_beams={num_beams}: beam search is not supported, only greedy decoding or sampling "
+                         f"({supported})")
     max_length = kwargs.pop("max_length", None)
     if max_length is not None and kwargs.get("max_new_tokens") is None:  # as in transformers, max_new_tokens wins
         if max_length <= prompt_length:
             raise ValueError(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt")
         kwargs["max_new_tokens"] = max_length - prompt_length
-    names = list(inspect.signature(sampling_params).parameters)
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
-        raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)} (supported: {', '.join(names)}, "
-                        "max_length, eos_token_id, pad_token_id, attention_mask, tokenizer, streamer, use_cache)")
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)} ({supported})")
     defaults = model.generation_config.generate_kwargs()
     default_eos, default_pad = defaults.pop("eos_token_id", None), defaults.pop("pad_token_id", None)
     if default_eos is None:  # a generation_config.json without one: the model's own EOS still ends a reply

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -110,3 +111,59 @@ def test_training_commands_tokenize_train_and_sft(corpus, tmp_path, capsys):  # 
     main(["sft", "--model", str(out / "model"), "--data", str(chats), "--out", str(tmp_path / "sft"), "--steps", "2",
           "--seq-len", "32", "--batch-size", "2", "--micro-batch-size", "1", "--precision", "float32"])
     assert (tmp_path / "sft" / "model" / "config.json").exists()
+
+
+def test_sft_help_shows_the_defaults_sft_uses(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one flag per line
+    with pytest.raises(SystemExit) as done:
+        main(["sft", "--help"])
+    assert done.value.code == 0
+    sft = capsys.readouterr().out
+    for flag, value in [("--lr LR", "5e-06"), ("--seq-len SEQ_LEN", "2048"), ("--warmup-steps WARMUP_STEPS", "10"),
+                        ("--epochs EPOCHS", "2.0"), ("--batch-size BATCH_SIZE", "16"), ("--model MODEL", "nano"),
+                        ("--out OUT", "runs/sft")]:  # not train's runs/train, whose checkpoint it would resume
+        assert re.search(rf"{flag}\s+\(default: {re.escape(value)}\)", sft), flag
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert re.search(r"--lr LR\s+\(default: 0.00042\)", capsys.readouterr().out)  # train's own, unchanged
+
+
+def test_a_missing_sft_data_file_is_named_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    import dsv2.train.trainer
+
+    def no_run(config):
+        raise AssertionError("training started before the data file was checked")
+
+    monkeypatch.setattr(dsv2.train.trainer, "run_training", no_run)
+    missing = tmp_path / "nonexist.jsonl"
+    with pytest.raises(SystemExit) as failed:
+        main(["sft", "--data", str(missing), "--steps", "1"])
+    assert failed.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f'dsv2 sft: {missing}: no such chat data file (JSONL, one {{"messages": [...]}} per line)\n'
+
+
+@pytest.mark.parametrize("command", [["generate", "Hi"], ["chat"], ["serve"], ["eval", "--data-dir", "x"], ["bench"]])
+def test_a_device_this_machine_lacks_is_a_clear_error_before_any_work(command, monkeypatch, capsys):
+    import torch
+
+    import dsv2.bundled
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was looked for before --device was checked")
+
+    monkeypatch.setattr(dsv2.bundled, "resolve_model", no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [("cuda", "--device cuda: CUDA is not available"),
+                            ("cuda:0", "--device cuda:0: CUDA is not available"),
+                            ("gpu", "--device 'gpu' is not a device (cpu, cuda, cuda:1, ..., or auto)")]:
+        with pytest.raises(SystemExit) as failed:
+            main([*command, "--model", "no-such-model", "--device", device])
+        err = capsys.readouterr().err
+        assert failed.value.code == 2 and err.startswith(f"dsv2 {command[0]}: {message}"), err
+        assert "Traceback" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        main([*command, "--model", "no-such-model", "--device", "cuda:1"])
+    assert "--device cuda:1: this machine has 1 CUDA device(s) (cuda:0 to cuda:0)" in capsys.readouterr().err

@@ -49,10 +49,41 @@ def test_shots_change_the_prompts_and_bad_counts_are_named():
     assert BENCHMARKS["mmlu"].load(DATA, 1, 0)[0].prompt.count("Answer: ") == 0
     assert BENCHMARKS["gsm8k"].load(DATA, 1, 1)[0].prompt.count("Question: ") == 2  # one example + the question
     assert BENCHMARKS["mbpp"].load(DATA, 1, 0)[0].prompt.count("[BEGIN]") == 1  # the task alone
-    with pytest.raises(ValueError, match="humaneval: --shots 2: between 0 and 0"):
+    with pytest.raises(ValueError, match=r"humaneval: --shots 2 is not allowed \(allowed: 0 only; the protocol uses 0"):
         BENCHMARKS["humaneval"].load(DATA, 1, 2)
     with pytest.raises(ValueError, match="bbh: --shots 2"):
         BENCHMARKS["bbh"].load(DATA, 1, 2)
+
+
+def test_a_shot_count_some_task_refuses_is_named_for_every_such_task_before_any_runs(tmp_path, monkeypatch):
+    import dsv2.eval.runner as runner
+
+    def no_model(**kwargs):
+        raise AssertionError("the model was loaded before the shot counts were checked")
+
+    monkeypatch.setattr(runner, "LLM", no_model)
+    with pytest.raises(ValueError) as refused:
+        evaluate(None, list(BENCHMARKS), DATA, tmp_path / "out", shots=1)
+    message = str(refused.value)
+    assert message.startswith("--shots 1 is not allowed by bbh (allowed: 0 or 3), humaneval (allowed: 0 only); ")
+    assert "--tasks (here: mmlu,ceval,cmmlu,mbpp,gsm8k,math)" in message and "leave --shots out" in message
+    with pytest.raises(ValueError, match=r"by mmlu \(allowed: 0–5\), bbh \(allowed: 0 or 3\), ceval \(allowed: "
+                                         r"0–5\), cmmlu \(allowed: 0–5\), humaneval \(allowed: 0 only\), mbpp "
+                                         r"\(allowed: 0–3\); select tasks that allow it with --tasks \(here: "
+                                         r"gsm8k,math\)"):
+        evaluate(None, list(BENCHMARKS), DATA, tmp_path / "out", shots=6)
+    with pytest.raises(ValueError, match=r"--shots 9 is not allowed by gsm8k \(allowed: 0–8\); no task allows it"):
+        evaluate(None, ["gsm8k"], DATA, tmp_path / "out", shots=9)
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(None, ["gsm8k", "nope"], DATA, tmp_path / "out", shots=0)
+    assert not (tmp_path / "out").exists()
+    for name, benchmark in BENCHMARKS.items():  # the loaders allow exactly what the check allows
+        for shots in range(-1, 10):
+            if shots in benchmark.allowed_shots:
+                assert benchmark.load(DATA, 1, shots), (name, shots)
+            else:
+                with pytest.raises(ValueError, match=f"{name}: --shots {shots} is not allowed"):
+                    benchmark.load(DATA, 1, shots)
 
 
 def test_malformed_files_name_the_file_and_the_format(tmp_path):
@@ -394,3 +425,39 @@ def test_results_table_layout(tmp_path):
     results = [TaskResult(BENCHMARKS["gsm8k"], 41.1, [{"correct": True}], 1.0)]
     table, audit = write_results(results, tmp_path, "m", {})
     assert "| GSM8K | Math | 41.1 | 1 |" in table.read_text() and json.loads(audit.read_text())["scores"]["gsm8k"]
+
+
+def test_lm_eval_adapter_as_lm_evals_command_line_calls_it_on_a_machine_without_cuda(checkpoint, monkeypatch, caplog):
+    """lm-eval's CLI passes device="cuda:0" and batch_size=1 unless told otherwise: without CUDA the model runs on
+    the CPU (with a warning, as lm-eval's HFLM falls back), and the engine keeps its default batch."""
+    pytest.importorskip("lm_eval")
+    from dsv2.eval.lm_eval import DSV2LM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        lm = DSV2LM.create_from_arg_string(f"pretrained={checkpoint},kv_cache_memory=8000000",
+                                           {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+    assert lm.llm.model.device.type == "cpu" and "CUDA is not available: using the CPU" in caplog.text
+    assert lm.llm.engine.config.max_num_seqs == 64
+    lm = DSV2LM.create_from_arg_string(f"pretrained={checkpoint},kv_cache_memory=8000000,max_num_seqs=1",
+                                       {"batch_size": 1, "device": "cpu"})
+    assert lm.llm.engine.config.max_num_seqs == 1
+
+
+def test_lm_eval_batch_sizes_and_bad_ones_refused_before_loading(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import dsv2.eval.lm_eval as adapter
+
+    size = adapter.engine_batch_size
+    assert size() == size(1) == size("1") == size("auto") == size("auto:4") == 64
+    assert size(8) == size("8") == 8 and size("auto", max_batch_size=16) == 16 and size(8, max_num_seqs=1) == 1
+
+    def no_model(**kwargs):
+        raise AssertionError("the model was loaded before its arguments were checked")
+
+    monkeypatch.setattr(adapter, "LLM", no_model)
+    for bad in ("abc", 0, "-3", "2.5"):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} is not a positive integer or 'auto'"):
+            adapter.DSV2LM(batch_size=bad)
+    with pytest.raises(ValueError, match="max_num_seqs=0 is not a positive integer"):
+        adapter.DSV2LM(max_num_seqs=0)

@@ -159,6 +159,13 @@ def test_generate_rejects_bad_input(model):
         model.generate(torch.tensor([[1, 2]]), num_beams=4)
 
 
+def test_beam_search_is_refused_with_the_supported_arguments_listed(model):
+    with pytest.raises(ValueError, match=r"num_beams=2: beam search is not supported, only greedy decoding or "
+                                         r"sampling \(supported: max_new_tokens, .*top_p.*, use_cache, num_beams=1\)"):
+        model.generate(torch.tensor([[1, 2]]), num_beams=2)
+    assert model.generate(torch.tensor([[1, 2]]), num_beams=None, max_new_tokens=1).shape == (1, 3)
+
+
 def test_transformers_keywords_max_length_use_cache_and_return_dict(model):
     prompt = torch.tensor([[0, 5, 6, 7]])
     want = model.generate(prompt, max_new_tokens=3, ignore_eos=True)

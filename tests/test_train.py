@@ -379,3 +379,10 @@ def test_a_commands_defaults_sit_below_the_config_file_and_the_flags(tmp_path):
     config = TrainConfig.load(tmp_path / "sft.toml", defaults=SFT_DEFAULTS, seq_len=256)
     assert config.lr == 5e-4 and config.seq_len == 256  # the file over the defaults, a flag over the file
     assert config.epochs == SFT_DEFAULTS["epochs"] and config.batch_size == SFT_DEFAULTS["batch_size"]
+
+
+def test_a_missing_or_folder_sft_data_path_is_named(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nonexist\.jsonl: no such chat data file \(JSONL, one "):
+        ChatDataset.from_jsonl(tmp_path / "nonexist.jsonl", corpus, seq_len=16)
+    with pytest.raises(FileNotFoundError, match="a folder, not a chat data file"):
+        ChatDataset.from_jsonl(tmp_path, corpus, seq_len=16)

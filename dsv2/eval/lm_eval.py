@@ -12,8 +12,10 @@ From the shell, the harness's own command line with the model registered first::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -22,18 +24,60 @@ from dsv2.engine.llm import LLM
 from dsv2.eval.runner import loglikelihoods
 from dsv2.sampling import SamplingParams
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64  # sequences the engine runs together unless asked otherwise
+
+
+def engine_batch_size(batch_size: int | str | None = None, max_batch_size: int | str | None = None,
+                      max_num_seqs: int | str | None = None) -> int:
+    """The engine's max_num_seqs for lm-eval's batch settings. The engine batches continuously (requests join and
+    leave the running batch at every step), so a batch size is a cap on the sequences run together, never a
+    chunking of the requests: ``max_num_seqs`` if given; else lm-eval's ``max_batch_size`` if given; else
+    ``batch_size`` when it is 2 or more; else (``"auto"``, ``"auto:N"``, None, or 1, the value lm-eval's command
+    line passes when --batch_size is left out) ``DEFAULT_BATCH_SIZE``. ``max_num_seqs=1`` runs one at a time."""
+    def count(name: str, value: int | str) -> int:
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"the dsv2 lm-eval model: {name}={value!r} is not a positive integer"
+                             + (" or 'auto'" if name == "batch_size" else ""))
+        return int(text)
+
+    if max_num_seqs is not None:
+        return count("max_num_seqs", max_num_seqs)
+    if max_batch_size is not None:
+        return count("max_batch_size", max_batch_size)
+    if batch_size is None or str(batch_size).strip().startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    size = count("batch_size", batch_size)
+    return size if size > 1 else DEFAULT_BATCH_SIZE
+
+
+def engine_device(device: str | None) -> str | None:
+    """As lm-eval's HFLM does: a CUDA device asked for (lm-eval's default is "cuda:0") where CUDA is not available
+    falls back to the CPU, with a warning. None: the engine's choice (CUDA when available)."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("dsv2 lm-eval model: device %r asked for, but CUDA is not available: using the CPU", device)
+        return "cpu"
+    return device
+
 
 @register_model("dsv2")
 class DSV2LM(LM):
     """``model_args``: pretrained (a checkpoint folder; default the bundled model), dtype, max_model_len,
-    kv_cache_memory, batch_size (sequences in a batch), device."""
+    kv_cache_memory, max_num_seqs, device. lm-eval's own --batch_size, --max_batch_size and --device arrive as
+    batch_size, max_batch_size and device: see `engine_batch_size` (lm-eval's default batch size of 1 and "auto"
+    mean the adapter's default, 64 sequences run together; ``max_num_seqs=1`` runs one at a time) and
+    `engine_device` (a CUDA device without CUDA means the CPU)."""
 
     def __init__(self, pretrained: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 kv_cache_memory: int | None = None, batch_size: int | str = 64, device: str | None = None,
-                 **ignored: Any) -> None:
+                 kv_cache_memory: int | None = None, batch_size: int | str | None = None,
+                 max_batch_size: int | str | None = None, max_num_seqs: int | str | None = None,
+                 device: str | None = None, **ignored: Any) -> None:
         super().__init__()
+        max_num_seqs = engine_batch_size(batch_size, max_batch_size, max_num_seqs)  # bad values: before loading
         self.llm = LLM(model=pretrained, dtype=dtype, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                       max_num_seqs=int(batch_size) if str(batch_size).isdigit() else 64, device=device)
+                       max_num_seqs=max_num_seqs, device=engine_device(device))
         if self.llm.tokenizer is None:
             raise ValueError("the dsv2 lm-eval model needs the checkpoint's tokenizer.json")
         self.tokenizer = self.llm.tokenizer

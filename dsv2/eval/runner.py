@@ -16,7 +16,7 @@ from typing import Any
 
 from dsv2.engine.llm import LLM
 from dsv2.eval.sandbox import run_programs
-from dsv2.eval.tasks import BENCHMARKS, Benchmark, Item
+from dsv2.eval.tasks import BENCHMARKS, Benchmark, Item, check_tasks
 from dsv2.sampling import SamplingParams
 
 
@@ -160,10 +160,9 @@ def evaluate(model: str | Path | None, tasks: list[str], data_dir: str | Path, o
              limit: int | None = None, chat: bool = False, batch_size: int = 64, use_tqdm: bool = True,
              shots: int | None = None, **engine_args: Any) -> list[TaskResult]:
     """`dsv2 eval`: every task in turn through one engine; writes OUT/results.md and OUT/results.json after each
-    task, so that a task that fails (a malformed file, an interrupt) leaves the finished ones on disk."""
-    unknown = [t for t in tasks if t not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    task, so that a task that fails (a malformed file, an interrupt) leaves the finished ones on disk. Unknown tasks
+    and a ``shots`` count that a task does not allow are refused before the model is loaded."""
+    check_tasks(tasks, shots)
     llm = LLM(model=model, max_num_seqs=batch_size, **engine_args)
     evaluator = Evaluator(EngineBackend(llm, use_tqdm), chat=chat)
     settings = {"tasks": tasks, "limit": limit, "chat": chat, "shots": shots}

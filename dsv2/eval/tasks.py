@@ -53,6 +53,17 @@ class Benchmark:
     kind: str  # "choice" | "generate" | "code"
     load: Callable[[Path, int | None, int | None], list[Item]]  # (data dir, limit, shots: None = the protocol's)
     check: Callable[[str, str], tuple[str | None, bool]] | None = None  # (completion, reference) → (answer, ok)
+    shots: int = 0  # the protocol's few-shot example count
+    allowed_shots: tuple[int, ...] = (0,)  # the counts --shots may ask for
+
+    def describe_shots(self) -> str:
+        """The allowed counts in words: "0–5", "0 or 3", "0 only"."""
+        allowed = sorted(self.allowed_shots)
+        if len(allowed) == 1:
+            return f"{allowed[0]} only"
+        if allowed == list(range(allowed[0], allowed[-1] + 1)):
+            return f"{allowed[0]}–{allowed[-1]}"
+        return ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
 
 
 class MissingData(FileNotFoundError):
@@ -81,12 +92,33 @@ def _require(record: dict, *fields: str) -> None:
         raise KeyError(f"a record lacks {', '.join(missing)}")
 
 
-def _shot_count(name: str, shots: int | None, default: int, most: int) -> int:
+def _shot_count(name: str, shots: int | None) -> int:
+    """The example count for benchmark ``name``: its protocol's (None) or ``shots`` if the benchmark allows it."""
+    benchmark = BENCHMARKS[name]
     if shots is None:
-        return default
-    if not 0 <= shots <= most:
-        raise ValueError(f"{name}: --shots {shots}: between 0 and {most} examples (the protocol uses {default})")
+        return benchmark.shots
+    if shots not in benchmark.allowed_shots:
+        raise ValueError(f"{name}: --shots {shots} is not allowed (allowed: {benchmark.describe_shots()}; the "
+                         f"protocol uses {benchmark.shots})")
     return shots
+
+
+def check_tasks(tasks: list[str], shots: int | None = None) -> None:
+    """Before any task runs: every name in ``tasks`` is a benchmark, and every one allows ``shots`` examples (None:
+    each protocol's count); else one ValueError that names every unknown task, or every task that refuses
+    ``shots`` with the counts it allows."""
+    unknown = [t for t in tasks if t not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if shots is None:
+        return
+    refusing = [BENCHMARKS[t] for t in dict.fromkeys(tasks) if shots not in BENCHMARKS[t].allowed_shots]
+    if refusing:
+        suited = [name for name, b in BENCHMARKS.items() if shots in b.allowed_shots]
+        hint = f"select tasks that allow it with --tasks (here: {','.join(suited)})" if suited else "no task allows it"
+        raise ValueError(f"--shots {shots} is not allowed by "
+                         + ", ".join(f"{b.name} (allowed: {b.describe_shots()})" for b in refusing)
+                         + f"; {hint}, or leave --shots out for each task's protocol count")
 
 
 def _need(path: Path, layout: str) -> Path:
@@ -152,7 +184,7 @@ def load_mmlu(data: Path, limit: int | None, shots: int | None = None) -> list[I
     def header(subject: str) -> str:
         return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
-    return _mc_items("mmlu", subjects, header, "Answer:", limit, _shot_count("mmlu", shots, 5, 5))
+    return _mc_items("mmlu", subjects, header, "Answer:", limit, _shot_count("mmlu", shots))
 
 
 def load_ceval(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
@@ -166,7 +198,7 @@ def load_ceval(data: Path, limit: int | None, shots: int | None = None) -> list[
     if not subjects:
         raise MissingData(f"{root / 'val'} holds no <subject>_val.csv files")
     return _mc_items("ceval", subjects, lambda s: f"以下是中国关于{s}考试的单项选择题，请选出其中的正确答案。\n\n",
-                     "答案：", limit, _shot_count("ceval", shots, 5, 5))
+                     "答案：", limit, _shot_count("ceval", shots))
 
 
 def load_cmmlu(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
@@ -179,13 +211,12 @@ def load_cmmlu(data: Path, limit: int | None, shots: int | None = None) -> list[
     if not subjects:
         raise MissingData(f"{root / 'test'} holds no <subject>.csv files")
     return _mc_items("cmmlu", subjects, lambda s: f"以下是关于{s}的单项选择题，请直接给出正确答案的选项。\n\n",
-                     "答案：", limit, _shot_count("cmmlu", shots, 5, 5))
+                     "答案：", limit, _shot_count("cmmlu", shots))
 
 
 # -------------------------------------------------------------------------------------------------- generation
 def load_bbh(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
-    if shots not in (None, 0, 3):
-        raise ValueError(f"bbh: --shots {shots}: the release's chain-of-thought prompts hold 3 examples (0 or 3)")
+    _shot_count("bbh", shots)  # 0 or 3: the release's chain-of-thought prompts hold 3 examples
     root = _need(data / "bbh", "bbh/bbh/<task>.json and bbh/cot-prompts/<task>.txt")
     items = []
     for path in sorted(_need(root / "bbh", "bbh/bbh/<task>.json").glob("*.json")):
@@ -203,7 +234,7 @@ def load_gsm8k(data: Path, limit: int | None, shots: int | None = None) -> list[
     root = _need(data / "gsm8k", "gsm8k/train.jsonl and gsm8k/test.jsonl")
     train_path, test_path = _need(root / "train.jsonl", "gsm8k/train.jsonl (the examples come from it)"), _need(
         root / "test.jsonl", "gsm8k/test.jsonl")
-    train = _read_jsonl(train_path)[:_shot_count("gsm8k", shots, 8, 8)]
+    train = _read_jsonl(train_path)[:_shot_count("gsm8k", shots)]
     test = _read_jsonl(test_path)
 
     def solution(answer: str) -> str:
@@ -234,7 +265,7 @@ def load_math(data: Path, limit: int | None, shots: int | None = None) -> list[I
                             "id": f"{p.parent.name}/{p.stem}"})
         return out
 
-    count = _shot_count("math", shots, 4, 8)
+    count = _shot_count("math", shots)
     shots = "".join(f"Problem:\n{ex['problem']}\n\nSolution:\n{ex['solution']}\n\n"
                     for ex in problems("train")[:count])
     items = []
@@ -252,7 +283,7 @@ CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\n#", "\nprint(", "\nassert
 
 
 def load_humaneval(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
-    _shot_count("humaneval", shots, 0, 0)  # 0-shot only: the prompt is the function to complete
+    _shot_count("humaneval", shots)  # 0-shot only: the prompt is the function to complete
     root = _need(data / "humaneval", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
     path = root / "HumanEval.jsonl"
     path = path if path.exists() else _need(root / "HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
@@ -279,7 +310,7 @@ def load_mbpp(data: Path, limit: int | None, shots: int | None = None) -> list[I
     path = _need(data / "mbpp" / "mbpp.jsonl", "mbpp/mbpp.jsonl")
     with _reading(path, 'objects with "task_id", "text", "code" and "test_list"'):
         tasks = {t["task_id"]: t for t in _read_jsonl(path)}
-        examples = (2, 3, 4)[:_shot_count("mbpp", shots, 3, 3)]
+        examples = (2, 3, 4)[:_shot_count("mbpp", shots)]
         missing = [i for i in examples if i not in tasks]
         if missing:
             raise MissingData(f"mbpp/mbpp.jsonl lacks the example tasks {missing} (the 3-shot prompt uses tasks 2–4)")
@@ -314,12 +345,12 @@ def _check_bbh(completion: str, reference: str) -> tuple[str | None, bool]:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("mmlu", "MMLU", "English", "choice", load_mmlu),
-    Benchmark("bbh", "BBH", "English", "generate", load_bbh, _check_bbh),
-    Benchmark("ceval", "C-Eval", "Chinese", "choice", load_ceval),
-    Benchmark("cmmlu", "CMMLU", "Chinese", "choice", load_cmmlu),
-    Benchmark("humaneval", "HumanEval", "Code", "code", load_humaneval),
-    Benchmark("mbpp", "MBPP", "Code", "code", load_mbpp),
-    Benchmark("gsm8k", "GSM8K", "Math", "generate", load_gsm8k, _check_number),
-    Benchmark("math", "MATH", "Math", "generate", load_math, _check_math),
+    Benchmark("mmlu", "MMLU", "English", "choice", load_mmlu, shots=5, allowed_shots=tuple(range(6))),
+    Benchmark("bbh", "BBH", "English", "generate", load_bbh, _check_bbh, shots=3, allowed_shots=(0, 3)),
+    Benchmark("ceval", "C-Eval", "Chinese", "choice", load_ceval, shots=5, allowed_shots=tuple(range(6))),
+    Benchmark("cmmlu", "CMMLU", "Chinese", "choice", load_cmmlu, shots=5, allowed_shots=tuple(range(6))),
+    Benchmark("humaneval", "HumanEval", "Code", "code", load_humaneval, shots=0, allowed_shots=(0,)),
+    Benchmark("mbpp", "MBPP", "Code", "code", load_mbpp, shots=3, allowed_shots=tuple(range(4))),
+    Benchmark("gsm8k", "GSM8K", "Math", "generate", load_gsm8k, _check_number, shots=8, allowed_shots=tuple(range(9))),
+    Benchmark("math", "MATH", "Math", "generate", load_math, _check_math, shots=4, allowed_shots=tuple(range(9))),
 ]}

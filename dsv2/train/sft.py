@@ -48,6 +48,15 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
     return ids, targets
 
 
+def require_chat_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a file, else a FileNotFoundError that says what SFT data should be."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder, not a" if path.is_dir() else "no such"
+        raise FileNotFoundError(f"{path}: {what} chat data file (JSONL, one {{\"messages\": [...]}} per line)")
+    return path
+
+
 class ChatDataset:
     """One conversation per sequence (truncated to seq_len + 1, padded), the same interface as PackedDataset."""
 
@@ -70,11 +79,12 @@ class ChatDataset:
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer_dir: str | Path | None, seq_len: int, val_fraction: float = 0.01,
                    seed: int = 0) -> ChatDataset:
+        path = require_chat_file(path)
         if tokenizer_dir is None:
             raise ValueError("SFT needs a tokenizer (the model folder's, or tokenizer=...)")
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
         conversations = []
-        with Path(path).open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
