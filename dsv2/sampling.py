@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+class SamplingParamsError(ValueError):
+    """A SamplingParams field out of its range; ``field`` names it (the server's error names the request field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -51,7 +59,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def fail(name: str, rule: str) -> None:
-            raise ValueError(f"SamplingParams.{name} = {getattr(self, name)!r}: {rule}")
+            raise SamplingParamsError(name, f"SamplingParams.{name} = {getattr(self, name)!r}: {rule}")
 
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", "must be an integer >= 1")

@@ -439,9 +439,12 @@ def test_lm_eval_adapter_as_lm_evals_command_line_calls_it_on_a_machine_without_
                                            {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
     assert lm.llm.model.device.type == "cpu" and "CUDA is not available: using the CPU" in caplog.text
     assert lm.llm.engine.config.max_num_seqs == 64
-    lm = DSV2LM.create_from_arg_string(f"pretrained={checkpoint},kv_cache_memory=8000000,max_num_seqs=1",
-                                       {"batch_size": 1, "device": "cpu"})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        lm = DSV2LM.create_from_arg_string(f"pretrained={checkpoint},kv_cache_memory=8000000,max_num_seqs=1,"
+                                           "max_model_lenn=64", {"batch_size": 1, "device": "cpu"})
     assert lm.llm.engine.config.max_num_seqs == 1
+    assert "ignoring model_args it does not take: max_model_lenn" in caplog.text
 
 
 def test_lm_eval_batch_sizes_and_bad_ones_refused_before_loading(monkeypatch):

@@ -75,6 +75,8 @@ class DSV2LM(LM):
                  max_batch_size: int | str | None = None, max_num_seqs: int | str | None = None,
                  device: str | None = None, **ignored: Any) -> None:
         super().__init__()
+        if ignored:  # a misspelt model_arg would otherwise pass unnoticed
+            logger.warning("dsv2 lm-eval model: ignoring model_args it does not take: %s", ", ".join(sorted(ignored)))
         max_num_seqs = engine_batch_size(batch_size, max_batch_size, max_num_seqs)  # bad values: before loading
         self.llm = LLM(model=pretrained, dtype=dtype, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                        max_num_seqs=max_num_seqs, device=engine_device(device))

@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv2.engine.async_engine import AsyncEngine, EngineDeadError
 from dsv2.engine.engine import CompletionOutput, RequestOutput
+from dsv2.sampling import SamplingParamsError
 from dsv2.server.metrics import Metrics
 from dsv2.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from dsv2.server.streams import merge, sse
@@ -203,6 +205,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
     def params_or_400(req, max_tokens, logprobs):
         try:
             return req.sampling_params(max_tokens, logprobs)
+        except SamplingParamsError as e:  # the request's field of the same name
+            raise APIError(400, str(e).removeprefix("SamplingParams."), param=e.field, code="invalid_value") from None
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -223,8 +227,9 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
                     for i, m in enumerate(req.messages)]
         try:
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        except ValueError as e:  # "messages[1]['role'] = ...": the param names the message and its field
+            place = re.match(r"messages\[(\d+)\]\['(\w+)'\]", str(e))
+            raise APIError(400, str(e), param=f"messages[{place[1]}].{place[2]}" if place else "messages") from None
         check_length(len(prompt_ids), req.output_limit(), "messages")
         params = params_or_400(req, req.output_limit(), req.logprob_count())
         check_request(prompt_ids, params, "messages", "the rendered messages")

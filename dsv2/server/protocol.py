@@ -165,6 +165,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):  # as OpenAI and vLLM answer
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top_logprobs
+
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
