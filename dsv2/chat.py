@@ -69,30 +69,40 @@ def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: Text
     print(HELP, file=out)
     while True:
         try:
-            line = read(">>> ").strip()
-        except KeyboardInterrupt:
+            if not _turn(session, read, out):
+                return
+        except KeyboardInterrupt:  # a second Ctrl-C while the first one's answer was being stopped
             print(file=out)
-            continue
-        except EOFError:
-            print(file=out)
-            return
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            session.reset()
-            print("(conversation cleared)", file=out)
-            continue
-        if not line:
-            continue
-        try:
-            started = False
-            for delta in session.respond(line):
-                delta = delta if started else delta.lstrip()  # the template puts a space before the answer
-                started = started or bool(delta)
-                out.write(delta)
-                out.flush()
-            print(file=out)
-        except KeyboardInterrupt:
-            print(" [stopped]", file=out)
-        except ValueError as e:
-            print(f"error: {e}", file=out)
+
+
+def _turn(session: ChatSession, read: Callable[[str], str], out: TextIO) -> bool:
+    """One line read and answered (or a command run); False once the user leaves."""
+    try:
+        line = read(">>> ").strip()
+    except KeyboardInterrupt:
+        print(file=out)
+        return True
+    except EOFError:
+        print(file=out)
+        return False
+    if line in ("/exit", "/quit"):
+        return False
+    if line == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=out)
+        return True
+    if not line:
+        return True
+    try:
+        started = False
+        for delta in session.respond(line):
+            delta = delta if started else delta.lstrip()  # the template puts a space before the answer
+            started = started or bool(delta)
+            out.write(delta)
+            out.flush()
+        print(file=out)
+    except KeyboardInterrupt:
+        print(" [stopped]", file=out)
+    except ValueError as e:
+        print(f"error: {e}", file=out)
+    return True

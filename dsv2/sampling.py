@@ -21,6 +21,9 @@ class SamplingParamsError(ValueError):
         self.field = field
 
 
+GREEDY_BELOW = 1e-5  # temperatures below it sample greedily (vLLM's _SAMPLING_EPS)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -51,6 +54,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):  # a list (or another collection) of them, or None
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple, set, frozenset)):
+                raise SamplingParamsError(name, f"SamplingParams.{name} = {value!r}: must be a list (or None)")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -61,10 +68,17 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise SamplingParamsError(name, f"SamplingParams.{name} = {getattr(self, name)!r}: {rule}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                fail(name, "must be a number")
+        if not integer(self.n) or self.n < 1:
             fail("n", "must be an integer >= 1")
         if not self.temperature >= 0:
-            fail("temperature", "must be >= 0 (0 is greedy)")
+            fail("temperature", f"must be >= 0 (below {GREEDY_BELOW} is greedy)")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -82,7 +96,7 @@ class SamplingParams:
             fail("max_tokens", "must be an integer >= 1")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not integer(value) or value < 0):
                 fail(name, "must be an integer >= 0")
         if self.prompt_logprobs_start < 1:
             fail("prompt_logprobs_start", "must be >= 1 (the first prompt token has no log-probability)")
@@ -115,7 +129,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # as vLLM: a temperature this small is greedy (logits / 1e-38 overflow to inf, and softmax gives NaN)
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:
@@ -179,7 +194,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         return best
     device = logits.device
     greedy = torch.tensor([row.params.greedy for row in rows], device=device)  # [B]
-    temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)[:, None]  # [B, 1]
+    temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows],
+                               device=device)[:, None]  # [B, 1]: greedy rows take `best` below
     probs = filtered_probs(logits / temperature, rows)  # [B, V]
     # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p; a seeded row draws from its own generator.
     race = torch.empty_like(probs)

@@ -74,6 +74,28 @@ def test_repl_commands(model):
     assert session.messages == []
 
 
+def test_a_second_ctrl_c_while_an_answer_is_being_stopped_keeps_the_repl(model):
+    """Ctrl-C pressed twice: the second lands while the first one's " [stopped]" is printed, outside the answer's
+    own handler; the REPL goes on to the next line (it died with a traceback)."""
+    class Session:
+        def respond(self, line):
+            yield "a"
+            raise KeyboardInterrupt  # the first Ctrl-C, mid-answer
+
+    class Out(io.StringIO):
+        pressed = False
+
+        def write(self, text):
+            if "[stopped]" in text and not Out.pressed:
+                Out.pressed = True
+                raise KeyboardInterrupt  # the second
+            return super().write(text)
+
+    lines, out = iter(["hello", "again", "/exit"]), Out()
+    run_repl(Session(), read=lambda prompt: next(lines), out=out)
+    assert Out.pressed and out.getvalue().count("[stopped]") == 1  # the second answer, stopped too
+
+
 def test_ctrl_c_stops_the_answer_not_the_program(tmp_path):
     # an answer of up to 16,000 tokens: long enough that Ctrl-C always comes while it streams (2,400 random
     # single-byte tokens of the tiny model can be done in a second, before a loaded machine sends the signal)

@@ -268,3 +268,53 @@ def test_prompts_of_one_step_share_their_common_blocks_and_a_failed_step_shares_
     together = fresh.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in together] == alone
     assert prefill_tokens(batches)[0] == 67 + 3 * 3  # the common 64 tokens once, then each prompt's own 3
+
+
+def test_default_sampling_params_come_from_the_checkpoints_generation_config(tmp_path):
+    """As vLLM: generate() without SamplingParams samples with generation_config.json's settings (those that differ
+    from transformers' defaults; max_new_tokens as max_tokens), unless LLM(generation_config="vllm")."""
+    folder = tiny_checkpoint(tmp_path, TINY_LITE)
+    (folder / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": 0.3, "top_p": 0.95, "top_k": 50, "max_new_tokens": 5}')
+    llm = LLM(model=folder, kv_cache_memory=4_000_000, max_model_len=128)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.3, 0.95, 0, 5)
+    out = llm.generate(prompt_token_ids=[PROMPT], use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 or out.finish_reason == "stop"
+    assert llm.get_default_sampling_params() is not llm.get_default_sampling_params()  # a copy each time
+    plain = LLM(model=folder, kv_cache_memory=4_000_000, max_model_len=128, generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
+
+
+def test_a_tiny_temperature_is_greedy_and_eos_ends_before_stop_token_ids(llm):
+    greedy = one(llm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    tiny = one(llm, SamplingParams(temperature=1e-38, max_tokens=8, ignore_eos=True, logprobs=1))
+    assert tiny.token_ids == greedy.token_ids  # logits / 1e-38 overflowed: NaN probabilities drew token 0
+    eos = llm.get_tokenizer().eos_token_id
+    ended = one(llm, SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100}, stop_token_ids=[eos]))
+    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)  # as vLLM
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"block_size": 0}, "block_size=0 must be an integer >= 1"),
+    ({"max_num_seqs": 0}, "max_num_seqs=0 must be an integer >= 1"),
+    ({"max_model_len": 0}, "max_model_len=0 must be an integer >= 1"),
+])
+def test_engine_sizes_are_checked_before_use(settings, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model="unused", **settings)
+
+
+@pytest.mark.parametrize(("settings", "field"), [
+    ({"temperature": "0.5"}, "temperature"), ({"stop": 5}, "stop"), ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"n": True}, "n"), ({"logprobs": True}, "logprobs"), ({"top_p": None}, "top_p"),
+])
+def test_wrongly_typed_sampling_params_name_their_field(settings, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} = ") as error:
+        SamplingParams(**settings)
+    assert error.value.field == field
+
+
+def test_prompts_of_the_wrong_type_are_named(llm):
+    with pytest.raises(TypeError, match="prompts must be a string, a dict or a list of them, got int"):
+        llm.generate(5, use_tqdm=False)

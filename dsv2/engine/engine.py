@@ -291,10 +291,10 @@ class LLMEngine:
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         params = seq.params
-        if token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif token in self.eos_token_ids and not params.ignore_eos:
+        if token in self.eos_token_ids and not params.ignore_eos:  # EOS first, as vLLM: no stop_reason
             seq.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.detokenizer is not None and seq.detokenizer.stopped:
             seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_string
         elif len(seq.output_ids) >= seq.max_tokens:

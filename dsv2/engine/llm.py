@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import numbers
@@ -29,8 +30,12 @@ CPU_CACHE_CAP = 4 * 2**30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_S
 IGNORED = {"trust_remote_code", "enforce_eager", "tokenizer_mode", "swap_space", "cpu_offload_gb", "quantization",
            "revision", "tokenizer_revision", "download_dir", "load_format", "disable_custom_all_reduce",
            "distributed_executor_backend", "max_seq_len_to_capture", "disable_log_stats", "compilation_config",
-           "hf_overrides", "served_model_name", "skip_tokenizer_init", "task", "generation_config",
-           "disable_async_output_proc", "tokenizer_pool_size"}
+           "hf_overrides", "served_model_name", "skip_tokenizer_init", "task", "disable_async_output_proc",
+           "tokenizer_pool_size"}
+# The checkpoint's generation_config.json fields that vLLM takes as the default SamplingParams (where they differ
+# from transformers' defaults), with SamplingParams' names.
+DEFAULT_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 # vLLM arguments accepted with only the value that means what dsv2 does; another value raises.
 ONLY = {"pipeline_parallel_size": (1,), "kv_cache_dtype": ("auto",), "enable_lora": (False,),
         "speculative_config": (None,)}
@@ -93,7 +98,7 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  device: str | torch.device | None = None, enable_expert_parallel: bool = False,
                  data_parallel_size: int = 1, seed: int | None = None, max_logprobs: int = 20,
-                 **kwargs: Any) -> None:
+                 generation_config: str | Path = "auto", **kwargs: Any) -> None:
         unknown = set(kwargs) - IGNORED - set(ONLY)
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -115,9 +120,13 @@ class LLM:
             useful = max_num_seqs * -(-max_model_len // block_size)  # more blocks than this would never be used
             return max(1, min(capacity, useful))
 
-        for name, size in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name}={size!r} must be an integer >= 1")
+        sizes = {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": data_parallel_size,
+                 "max_num_seqs": max_num_seqs, "block_size": block_size, "max_logprobs": max_logprobs}
+        if max_model_len is not None:
+            sizes["max_model_len"] = max_model_len
+        for name, size in sizes.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < (0 if name == "max_logprobs" else 1):
+                raise ValueError(f"{name}={size!r} must be an integer >= {0 if name == 'max_logprobs' else 1}")
         if tensor_parallel_size > 1 and data_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with data_parallel_size="
                              f"{data_parallel_size}: combining the two is not supported; choose one")
@@ -136,6 +145,7 @@ class LLM:
             self.model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
             num_blocks = num_blocks_for(self.model.config, self.model.dtype)
         self.tokenizer = Tokenizer.from_pretrained(tokenizer) if tokenizer else self.model.tokenizer
+        self.default_sampling_params = self._sampling_defaults(generation_config)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 4096 if enable_chunked_prefill else max(4096, max_model_len)
         engine_config = EngineConfig(
@@ -168,6 +178,26 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` sample with when given no SamplingParams: vLLM's defaults, with the
+        checkpoint's generation_config.json settings (temperature, top_p, top_k, min_p, repetition_penalty, and
+        max_new_tokens as max_tokens) where they differ from transformers' defaults, as vLLM takes them; plain
+        SamplingParams() with ``LLM(generation_config="vllm")``."""
+        return dataclasses.replace(self.default_sampling_params)
+
+    def _sampling_defaults(self, generation_config: str | Path) -> SamplingParams:
+        if generation_config == "vllm":
+            return SamplingParams()
+        config = (self.model.generation_config if generation_config == "auto"
+                  else GenerationConfig.from_pretrained(generation_config))
+        plain = GenerationConfig()
+        changes = {ours: getattr(config, theirs) for theirs, ours in DEFAULT_SAMPLING_FIELDS.items()
+                   if getattr(config, theirs) != getattr(plain, theirs)}
+        try:
+            return SamplingParams(**changes)
+        except ValueError as e:
+            raise ValueError(f"generation_config.json's sampling defaults {changes}: {e}") from None
+
     # ------------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | Sequence[int] | None = None, use_tqdm: bool = True,
@@ -184,10 +214,11 @@ class LLM:
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              lora_request: None = None, chat_template: str | None = None, chat_template_content_format: str = "auto",
-             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
-             ) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, rendered with the model's chat template (or
-        ``chat_template``, given ``chat_template_kwargs`` as extra template variables). Messages hold strings, so
+        ``chat_template``, given ``chat_template_kwargs`` as extra template variables); ``continue_final_message``
+        leaves the last (assistant) message open, to be continued. Messages hold strings, so
         ``chat_template_content_format`` has nothing to choose."""
         _no_lora(lora_request)
         tokenizer = self._require_tokenizer("chat()")
@@ -195,6 +226,7 @@ class LLM:
             tokenizer = tokenizer.with_chat_template(chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         requests = [(None, tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt,
+                                                         continue_final_message=continue_final_message,
                                                          **(chat_template_kwargs or {})))
                     for c in conversations]
         return self._run(requests, self._normalize_params(sampling_params, len(requests)), use_tqdm)
@@ -212,6 +244,8 @@ class LLM:
             raise ValueError("generate() needs prompts or prompt_token_ids")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a string, a dict or a list of them, got {type(prompts).__name__}")
         requests = []
         for prompt in prompts:
             if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -225,10 +259,10 @@ class LLM:
                                 f"{type(prompt).__name__}")
         return requests
 
-    @staticmethod
-    def _normalize_params(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    def _normalize_params(self, params: SamplingParams | Sequence[SamplingParams] | None,
+                          count: int) -> list[SamplingParams]:
         if params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(params, SamplingParams):
             return [params] * count
         params = list(params)
