@@ -2,12 +2,15 @@
 
 BOS/EOS follow ``add_bos_token``/``add_eos_token`` of tokenizer_config.json (the LlamaTokenizerFast semantics the
 official checkpoints declare), whatever post-processor tokenizer.json carries. Chat templates are rendered with Jinja2
-the way transformers renders them; the DeepSeek-V2 template is built in for folders without one.
+the way transformers renders them; the DeepSeek-V2 template is built in for folders without one. Batches are padded on
+the left (the layout `generate` expects) where transformers pads these files on the right; set ``padding_side``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +34,11 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# transformers' marker for continue_final_message: appended to the final message, the rendered text is cut where it is
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# transformers' clean_up_tokenization: the spaces a WordPiece detokenization leaves before punctuation and contractions
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def _token_text(value: Any, file: Path, field: str) -> str | None:
@@ -90,13 +98,17 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, bos_token: str | None = BOS_TOKEN,
                  eos_token: str | None = EOS_TOKEN, pad_token: str | None = None, add_bos_token: bool = True,
                  add_eos_token: bool = False, chat_template: str | None = None,
-                 model_max_length: int | None = None) -> None:
+                 model_max_length: int | None = None, clean_up_tokenization_spaces: bool = False,
+                 clean_up_bpe: bool = False) -> None:
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token or eos_token
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.chat_template = chat_template or DEEPSEEK_V2_CHAT_TEMPLATE
         self.model_max_length = model_max_length
+        self.padding_side = "left"  # transformers' attribute: "left" or "right"
+        # transformers skips the clean-up for BPE models unless tokenizer_config.json forces it (clean_up_bpe)
+        self.clean_up_tokenization_spaces, self.clean_up_bpe = clean_up_tokenization_spaces, clean_up_bpe
         self._template = _compile_template(self.chat_template)
         self.bos_token_id = self._token_id(bos_token, "bos_token")
         self.eos_token_id = self._token_id(eos_token, "eos_token")
@@ -133,7 +145,9 @@ class Tokenizer:
             config = read_json(config_file)
             if not isinstance(config, dict):
                 raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
-        for name, hint in (("add_bos_token", bool), ("add_eos_token", bool), ("model_max_length", float | None)):
+        bpe_clean_up = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+        for name, hint in (("add_bos_token", bool), ("add_eos_token", bool), ("model_max_length", float | None),
+                           ("clean_up_tokenization_spaces", bool), (bpe_clean_up, bool)):
             if name in config and (problem := type_mismatch(config[name], hint)):
                 raise ValueError(f"{config_file}: {name} = {config[name]!r}: {problem}")
         template, template_source = _chat_template(config.get("chat_template"), config_file), config_file
@@ -154,71 +168,199 @@ class Tokenizer:
             add_eos_token=config.get("add_eos_token", False),
             chat_template=template,
             model_max_length=config.get("model_max_length"),
+            clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
+            clean_up_bpe=config.get(bpe_clean_up, False),
         )
 
     # --------------------------------------------------------------------------------------------------- encoding
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens``, BOS/EOS as tokenizer_config.json asks (no second BOS
-        when the text already starts with one)."""
+        when the text already starts with one). ``max_length`` truncates the text's ids on the right, keeping
+        BOS/EOS."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         _check_unicode(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-                ids = [self.bos_token_id, *ids]
-            if self.add_eos_token and self.eos_token_id is not None:
-                ids = [*ids, self.eos_token_id]
-        return ids
+        bos = [self.bos_token_id] if add_special_tokens and self.add_bos_token and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if add_special_tokens and self.add_eos_token and self.eos_token_id is not None else []
+        if ids[:1] == bos:  # the text starts with BOS already
+            bos = []
+        if max_length is not None:
+            ids = ids[:max(0, max_length - len(bos) - len(eos))]
+        return [*bos, *ids, *eos]
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (a list or a 1-d tensor); ids past the real vocabulary (the model's padding) give ""."""
-        ids = [int(i) for i in ids]
-        ids = [i for i in ids if 0 <= i < self.vocab_size and not (skip_special_tokens and i in self.special_ids)]
-        return self.backend.decode(ids, skip_special_tokens=False)
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The token strings of ``text`` (byte-level: "Ġ" for a space), without BOS/EOS by default, as in
+        transformers."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens))
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list | None:
+        """The token string of an id, or the list of them for several ids (None for an id past the vocabulary)."""
+        ids = _to_list(ids)
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        skip = self.special_ids if skip_special_tokens else frozenset()
+        return [self.backend.id_to_token(i) for i in map(int, ids) if i not in skip]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int | None] | None:
+        """The id of a token string, or the list of them for several tokens (None for a token not in the vocabulary:
+        the DeepSeek tokenizers have no unknown token)."""
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(token) for token in tokens]
+
+    def decode(self, ids: int | Iterable[int] | Iterable[Iterable[int]] | torch.Tensor,
+               skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
+        """Text of ``ids`` (an id, a list or a 1-d tensor); a batch (a list of lists, a 2-d tensor) gives a list of
+        texts, as in transformers. Ids past the real vocabulary (the model's padding) give "".
+
+        ``clean_up_tokenization_spaces`` (default: tokenizer_config.json's, else False) removes spaces before
+        punctuation and contractions; like transformers, a BPE tokenizer (DeepSeek's) skips it, with a warning,
+        unless tokenizer_config.json sets clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output."""
+        ids = _to_list(ids)
+        ids = [ids] if isinstance(ids, int) else [_to_list(i) for i in ids]
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in ids]
+        skip = self.special_ids if skip_special_tokens else frozenset()
+        text = self.backend.decode([i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in skip],
+                                   skip_special_tokens=False)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:
+            if type(self.backend.model).__name__ == "BPE" and not self.clean_up_bpe:
+                warnings.warn("clean_up_tokenization_spaces is ignored for a BPE tokenizer, as in transformers (it "
+                              "would strip real spaces before punctuation)", stacklevel=2)
+            else:
+                for old, new in CLEAN_UP:
+                    text = text.replace(old, new)
+        return text
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]] | torch.Tensor, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """The text of each sequence of ids (a list of lists or a 2-d tensor)."""
+        sequences = list(_to_list(sequences))
+        if not sequences:
+            return []
+        texts = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
+        return [texts] if isinstance(texts, str) else texts  # a single sequence: a batch of one, as in transformers
 
     def with_chat_template(self, chat_template: str) -> Tokenizer:
         """A tokenizer like this one that renders conversations with ``chat_template`` (Jinja2 source)."""
-        return Tokenizer(self.backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
-                         add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token,
-                         chat_template=chat_template, model_max_length=self.model_max_length)
+        other = copy.copy(self)
+        other.chat_template, other._template = chat_template, _compile_template(chat_template)
+        return other
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-                    **kwargs: Any) -> str:
-        """The chat template's text for ``messages``, with transformers' variables."""
+                    continue_final_message: bool | str = False, **kwargs: Any) -> str:
+        """The chat template's text for ``messages``, with transformers' variables. ``continue_final_message`` leaves
+        the final message open (the text ends right after its content, or the field it names) for the model to
+        continue, as in transformers."""
         messages = validate_messages(messages)
-        return self._template.render(messages=messages, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt are not compatible: the first "
+                                 "continues the final message, the second starts a new assistant message")
+            final = messages[-1].get(field)
+            if not isinstance(final, str):
+                raise ValueError(f"continue_final_message is set but the final message has no {field!r} to continue")
+            if field not in self.chat_template:
+                raise ValueError(f"continue_final_message is set to {field!r} but the chat template does not use "
+                                 "that field")
+            messages = [*messages[:-1], {**messages[-1], field: final + CONTINUE_TAG}]
+        text = self._template.render(messages=messages, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        if continue_final_message:
+            if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+                raise ValueError("continue_final_message is set but the final message does not appear in the chat "
+                                 f"the template renders (it drops or changes part of it): {final.strip()!r:.80}")
+            cut = text.rindex(CONTINUE_TAG.strip())  # a template that strips the content loses the tag's space
+            text = text[:cut] if text.startswith(CONTINUE_TAG, cut) else text[:cut].rstrip()
+        return text
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = False,
-                            **kwargs: Any) -> list[int] | str | torch.Tensor | Encoding:
-        """Token ids (or, with ``tokenize=False``, the text) of a conversation in the model's chat format;
-        ``return_tensors="pt"`` gives a [1, T] tensor, ``return_dict=True`` an Encoding (input_ids and
-        attention_mask), as in transformers. Other keyword arguments are the template's variables.
+    def apply_chat_template(self, messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
+                            add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+                            tokenize: bool = True, padding: bool | str | None = None,
+                            truncation: bool | str = False, max_length: int | None = None,
+                            return_tensors: str | None = None, return_dict: bool = False,
+                            **kwargs: Any) -> list[int] | list[list[int]] | str | list[str] | torch.Tensor | Encoding:
+        """Token ids (or, with ``tokenize=False``, the text) of a conversation in the model's chat format, or of each
+        conversation of a batch (a list of them). ``return_tensors="pt"`` gives a [B, T] tensor (B = 1 for one
+        conversation), ``return_dict=True`` an Encoding (input_ids and attention_mask), as in transformers;
+        ``padding``, ``truncation`` and ``max_length`` as in ``__call__`` (but, as in transformers, ``max_length``
+        truncates only with ``truncation=True``). Other keyword arguments are the template's variables.
 
         The template writes BOS itself, so the text is tokenized without adding special tokens (no double BOS).
         """
-        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+        texts = [self.render_chat(m, add_generation_prompt, continue_final_message, **kwargs)
+                 for m in (messages if batched else [messages])]
         if not tokenize:
-            return text
-        ids = self.encode(text, add_special_tokens=False)
-        if return_dict:
-            return _as_tensors([ids], return_tensors) if return_tensors else Encoding(
-                input_ids=ids, attention_mask=[1] * len(ids))
-        return _as_tensors([ids], return_tensors)["input_ids"] if return_tensors else ids
+            return texts if batched else texts[0]
+        encoding = self(texts if batched else texts[0], return_tensors, add_special_tokens=False, padding=padding,
+                        truncation=truncation, max_length=max_length)
+        return encoding if return_dict else encoding["input_ids"]
 
-    def __call__(self, text: str | Sequence[str], return_tensors: str | None = None,
-                 add_special_tokens: bool = True) -> Encoding:
-        """transformers-style batch encoding: {"input_ids", "attention_mask"}, left-padded with the pad token when
-        several texts differ in length (the layout `generate` expects)."""
+    def __call__(self, text: str | Sequence[str], return_tensors: str | None = None, add_special_tokens: bool = True,
+                 padding: bool | str | None = None, truncation: bool | str | None = None,
+                 max_length: int | None = None) -> Encoding:
+        """transformers-style batch encoding: {"input_ids", "attention_mask"}.
+
+        ``padding``: True or "longest" pads to the longest text, "max_length" to ``max_length``, False leaves the
+        lengths as they are (texts of different lengths then cannot make a tensor); the default pads when
+        ``return_tensors`` is set. Padding uses the pad token on ``padding_side`` ("left" by default, the layout
+        `generate` expects). ``truncation`` (True, or the default when ``max_length`` is given without padding) cuts
+        each text's ids on the right to ``max_length`` (default ``model_max_length``), keeping BOS/EOS."""
         texts = [text] if isinstance(text, str) else list(text)
-        batch = [self.encode(t, add_special_tokens) for t in texts]
+        if not texts:
+            raise ValueError("no text to encode: pass a string or a non-empty list of strings")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side = {self.padding_side!r}: expected 'left' or 'right'")
+        limit = self._truncation_length(truncation, max_length, padding)
+        batch = [self.encode(t, add_special_tokens, limit) for t in texts]
+        width = self._padding_length(padding, max_length, batch, return_tensors)
+        input_ids, masks = [], []
+        for ids in batch:
+            pads, ones = [self.pad_token_id or 0] * max(0, width - len(ids)), [1] * len(ids)
+            left = self.padding_side == "left"
+            input_ids.append([*pads, *ids] if left else [*ids, *pads])
+            masks.append([0] * len(pads) + ones if left else ones + [0] * len(pads))
         if return_tensors:
-            return _as_tensors(batch, return_tensors, self.pad_token_id or 0)
+            if len(lengths := sorted({len(ids) for ids in input_ids})) > 1:
+                raise ValueError(f"Unable to create a tensor from texts of different lengths ({lengths[0]} to "
+                                 f"{lengths[-1]} tokens): pass padding=True (or truncation=True and a max_length)")
+            return Encoding(input_ids=torch.tensor(input_ids, dtype=torch.long),
+                            attention_mask=torch.tensor(masks, dtype=torch.long))
         if isinstance(text, str):
-            return Encoding(input_ids=batch[0], attention_mask=[1] * len(batch[0]))
-        return Encoding(input_ids=batch, attention_mask=[[1] * len(ids) for ids in batch])
+            return Encoding(input_ids=input_ids[0], attention_mask=masks[0])
+        return Encoding(input_ids=input_ids, attention_mask=masks)
+
+    def _truncation_length(self, truncation: bool | str | None, max_length: int | None,
+                           padding: bool | str | None) -> int | None:
+        """transformers' rules: a max_length without padding truncates; True truncates to max_length, else to
+        model_max_length (none when that is unset or huge)."""
+        if truncation is None:
+            truncation = max_length is not None and padding in (None, False)
+        if truncation in (False, "do_not_truncate"):
+            return None
+        if truncation not in (True, "longest_first", "only_first"):
+            raise ValueError(f"truncation={truncation!r}: expected True, False, 'longest_first', 'only_first' or "
+                             "'do_not_truncate'")
+        return _length(max_length if max_length is not None else self.model_max_length)
+
+    def _padding_length(self, padding: bool | str | None, max_length: int | None, batch: list[list[int]],
+                        return_tensors: str | None) -> int:
+        if padding is None:
+            padding = return_tensors is not None  # dsv2's default: a tensor batch is padded to its longest text
+        if padding is True or padding == "longest":
+            return max(map(len, batch))
+        if padding == "max_length":
+            return _length(max_length if max_length is not None else self.model_max_length) or 0
+        if padding is False or padding == "do_not_pad":
+            return 0
+        raise ValueError(f"padding={padding!r}: expected True, 'longest', 'max_length', False or 'do_not_pad'")
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -247,14 +389,11 @@ class Encoding(dict):
             raise AttributeError(name) from None
 
 
-def _as_tensors(batch: list[list[int]], return_tensors: str, pad_id: int = 0) -> Encoding:
-    if return_tensors != "pt":
-        raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-    return Encoding(input_ids=input_ids, attention_mask=attention_mask)
+def _to_list(value: Any) -> Any:
+    """A tensor or NumPy array (or scalar) as Python lists (or an int); anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _length(limit: float | None) -> int | None:
+    """A length limit as an int; None for none, or for transformers' "no limit" (model_max_length ≥ 1e20)."""
+    return None if limit is None or limit >= 1e20 else int(limit)

@@ -318,3 +318,12 @@ def test_wrongly_typed_sampling_params_name_their_field(settings, field):
 def test_prompts_of_the_wrong_type_are_named(llm):
     with pytest.raises(TypeError, match="prompts must be a string, a dict or a list of them, got int"):
         llm.generate(5, use_tqdm=False)
+
+
+def test_chat_can_continue_the_final_assistant_message(llm):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I am"}]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    [out] = llm.chat(messages, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    tok = llm.get_tokenizer()
+    assert out.prompt_token_ids == tok.apply_chat_template(messages, continue_final_message=True)
+    assert tok.decode(out.prompt_token_ids).endswith("Assistant: I am")  # left open, no EOS after it
