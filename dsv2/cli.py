@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -141,13 +143,34 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "with -dp: instead of whole replicas)")
 
 
+@contextlib.contextmanager
+def reported_as_one_line(command: str, interrupted: str = "") -> Iterator[None]:
+    """A file error (a path that is a file, not writable, ...) or a Ctrl-C inside as one line on stderr, not a
+    traceback: ``dsv2 COMMAND: path: why``, exit status 1 (130 for Ctrl-C: the interrupt's message, else
+    ``interrupted``). Errors with our own message (no path attached) go on to main()."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        message = str(e) or ("interrupted; " + interrupted if interrupted else "interrupted")
+        print(f"dsv2 {command}: {message}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:
+        if e.filename is None:
+            raise
+        where = f"{e.filename} → {e.filename2}" if e.filename2 is not None else e.filename
+        print(f"dsv2 {command}: {where}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     try:
         from dsv2.train.data import tokenize_files
     except ImportError as e:
         raise SystemExit(f"dsv2 tokenize needs the train extra: pip install 'dsv2[train]' ({e})") from None
 
-    index = tokenize_files(args.tokenizer, [Path(p) for p in args.input], Path(args.output), workers=args.workers)
+    with reported_as_one_line("tokenize", interrupted="nothing was written"):
+        index = tokenize_files(args.tokenizer, [Path(p) for p in args.input], Path(args.output),
+                               workers=args.workers)
     print(f"{index['num_documents']} documents, {index['num_tokens']:,} tokens → {args.output}")
 
 
@@ -159,13 +182,20 @@ def train_overrides(args: argparse.Namespace) -> dict:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
-            overrides[f.name] = json.loads(value) if f.name == "model_overrides" else value
+            overrides[f.name] = parse_json_flag("--model-overrides", value) if f.name == "model_overrides" else value
     return overrides
+
+
+def parse_json_flag(flag: str, value: str) -> object:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {value!r}: not valid JSON ({e})") from None
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     try:
-        from dsv2.train.trainer import run_training
+        from dsv2.train.trainer import TrainingStopped, run_training
     except ImportError as e:
         raise SystemExit(f"dsv2 {args.command} needs the train extra: pip install 'dsv2[train]' ({e})") from None
     from dsv2.train.config import TrainConfig
@@ -179,7 +209,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         from dsv2.train.sft import require_chat_file
 
         require_chat_file(config.sft_data)
-    summary = run_training(config)
+    with reported_as_one_line(args.command):
+        try:
+            summary = run_training(config)
+        except TrainingStopped as e:
+            print(f"dsv2 {args.command}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
     if "val_loss" in summary:
         print(f"validation loss {summary['val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f})")
 
@@ -203,7 +238,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
         if f.name == "decay_at":
             parser.add_argument(flag, type=float, nargs="+", default=None, help="fractions of training (0.8 0.9)")
         elif f.name == "model_overrides":
-            parser.add_argument(flag, default=None, help="config.json fields as JSON: '{\"num_hidden_layers\": 2}'")
+            parser.add_argument(flag, default=None,
+                                help="config.json fields as JSON (presets only): '{\"num_hidden_layers\": 2}'")
         elif f.name == "sft_data":
             continue
         else:

@@ -167,3 +167,69 @@ def test_a_device_this_machine_lacks_is_a_clear_error_before_any_work(command, m
     with pytest.raises(SystemExit):
         main([*command, "--model", "no-such-model", "--device", "cuda:1"])
     assert "--device cuda:1: this machine has 1 CUDA device(s) (cuda:0 to cuda:0)" in capsys.readouterr().err
+
+
+def test_training_failures_are_one_line_errors(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A bad out path, a run stopped by non-finite losses, Ctrl-C and a malformed flag: `dsv2 train: ...` on one
+    line, no traceback, a non-zero exit status."""
+    import json
+    import math
+
+    from dsv2.train.trainer import Trainer
+
+    def train(*flags: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as failed:
+            main(["train", "--model-overrides", json.dumps(TINY), "--tokenizer", str(corpus), "--data",
+                  str(corpus / "data/train.bin"), "--seq-len", "16", "--batch-size", "2", "--micro-batch-size", "2",
+                  "--steps", "4", "--precision", "float32", "--out", str(tmp_path / "run"), *flags])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("dsv2 train:") == 1, err
+        return failed.value.code, err.splitlines()[-1]
+
+    (tmp_path / "afile").write_text("")
+    assert train("--out", str(tmp_path / "afile")) == (
+        2, f"dsv2 train: out = {tmp_path / 'afile'}: is a file, not a folder for the run's checkpoints and logs")
+    assert train("--out", str(tmp_path / "afile" / "run")) == (1, f"dsv2 train: {tmp_path / 'afile' / 'run'}: Not a "
+                                                                 "directory")
+    assert train("--model-overrides", "{num_hidden_layers: 2}")[1].startswith(
+        "dsv2 train: --model-overrides '{num_hidden_layers: 2}': not valid JSON (Expecting property name")
+    assert train("--grad-clip", "-1") == (2, "dsv2 train: train config grad_clip = -1.0: must be > 0 (the maximum "
+                                             "gradient norm; the paper uses 1.0)")
+    real_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, step: {**real_step(self, step), "loss": math.nan})
+    code, message = train("--max-bad-steps", "2")
+    assert code == 1 and message.startswith("dsv2 train: 2 non-finite losses in a row (the last at step 2)")
+
+    def interrupted(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    assert train("--save-every", "2", "--out", str(tmp_path / "run2")) == (
+        130, f"dsv2 train: interrupted after 2 of 4 steps; re-running the same command resumes from the last "
+             f"checkpoint, step 2 ({tmp_path / 'run2' / 'checkpoints' / 'step-00000002'})")
+
+
+def test_tokenize_errors_name_the_path(corpus, tmp_path, capsys):  # noqa: F811
+    def tokenize(inputs: list[str], output: str, *flags: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as failed:
+            main(["tokenize", "--tokenizer", str(corpus), "--input", *inputs, "--output", output, *flags])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return failed.value.code, err.strip()
+
+    good = str(corpus / "doc00.txt")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text, then \xf0\x28\x8c\x28")
+    code, err = tokenize([good, str(binary)], str(tmp_path / "out.bin"), "--workers", "1")
+    assert code == 2 and err.startswith(f"dsv2 tokenize: {binary}: not UTF-8 text ('utf-8' codec can't decode byte "
+                                        "0xf0 in position 11")
+    assert not list(tmp_path.glob("out*"))  # no out.bin.tmp left behind
+    assert tokenize([good], str(tmp_path)) == (2, f"dsv2 tokenize: {tmp_path}: is a folder; --output names the .bin "
+                                                  "file to write (its index goes next to it)")
+    assert tokenize([good], str(tmp_path / "x.bin"), "--workers", "-1") == (
+        2, "dsv2 tokenize: workers = -1: the number of tokenizer processes must be >= 1")
+    assert tokenize([good], str(binary / "x.bin")) == (2, f"dsv2 tokenize: {binary}: is a file, not a folder for "
+                                                          f"--output {binary / 'x.bin'}")
+    assert tokenize([good], str(binary / "x" / "y.bin")) == (1, f"dsv2 tokenize: {binary / 'x'}: Not a directory")

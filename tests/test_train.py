@@ -4,6 +4,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,12 @@ from dsv2 import DeepseekV2ForCausalLM, ModelConfig, Tokenizer
 from dsv2.model.moe import Routing
 from dsv2.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from dsv2.train.config import TrainConfig
-from dsv2.train.data import PackedDataset, TokenFile
+from dsv2.train.data import PackedDataset, TokenFile, tokenize_files
 from dsv2.train.losses import device_balance_losses
+from dsv2.train.metrics import MetricsLog
 from dsv2.train.optim import learning_rate, make_optimizer, parameter_groups
 from dsv2.train.sft import ChatDataset, encode_conversation
-from dsv2.train.trainer import Trainer, TrainingStopped, build_model
+from dsv2.train.trainer import Trainer, TrainingInterrupted, TrainingStopped, build_model
 
 from helpers import TRAIN_TINY as TINY
 from helpers import make_corpus
@@ -181,6 +183,86 @@ def test_a_single_text_file_still_gets_a_validation_split(tmp_path):
     assert PackedDataset(TokenFile(tokens[:20], [0], 1), seq_len=16).num_val == 0  # too small for both: all trains
 
 
+def copy_token_file(corpus, folder, **index_changes):
+    """The corpus's token file in ``folder`` (train.bin), its index's fields changed (None: removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(corpus / "data/train.bin", folder / "train.bin")
+    index = json.loads((corpus / "data/train.idx.json").read_text())
+    index.update(index_changes)
+    (folder / "train.idx.json").write_text(json.dumps({k: v for k, v in index.items() if v is not None}))
+    return folder / "train.bin"
+
+
+def test_data_from_a_larger_vocabulary_is_refused_before_the_model_is_built(corpus, tmp_path, monkeypatch):
+    import dsv2.train.trainer
+
+    index = json.loads((corpus / "data/train.idx.json").read_text())
+    assert index["vocab_size"] == 400 and 300 < index["max_token_id"] < 400
+    assert index["tokenizer"] == str(corpus.resolve())
+    monkeypatch.setattr(dsv2.train.trainer, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    small = {**TINY, "vocab_size": 300}
+    with pytest.raises(ValueError, match=rf"train.bin \(its index .*train.idx.json\) holds token id "
+                                         rf"{index['max_token_id']}, but the model \(preset nano\) has vocab_size "
+                                         r"300: tokenize the data with the model's tokenizer, or set "
+                                         r"model_overrides' vocab_size to 400 or more"):
+        Trainer(config(corpus, tmp_path, model_overrides=small))
+    old_index = copy_token_file(corpus, tmp_path / "old", max_token_id=None)  # written before max_token_id was
+    with pytest.raises(ValueError, match=rf"was tokenized with {corpus.resolve()}, of 400 ids, but the model"):
+        Trainer(config(corpus, tmp_path, model_overrides=small, data=str(old_index)))
+    with pytest.raises(ValueError, match=r"model \(.*config.json\) has vocab_size 300: tokenize the data with the "
+                                         r"model's tokenizer$"):
+        small_model = tmp_path / "small"
+        DeepseekV2ForCausalLM.from_config(ModelConfig.from_dict({**ModelConfig.preset("nano").to_dict(), **small})
+                                          ).save_pretrained(small_model)
+        Trainer(config(corpus, tmp_path, model=str(small_model), model_overrides={}))
+
+
+def test_a_preset_run_takes_the_token_files_tokenizer_and_exports_in_an_aliased_dtype(corpus, tmp_path, caplog):
+    Trainer(config(corpus, tmp_path / "run", tokenizer=None, steps=1, export_dtype="fp16")).train()
+    model = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "run/model")
+    assert model.tokenizer is not None and model.dtype == torch.float16
+    gone = copy_token_file(corpus, tmp_path / "moved", tokenizer=str(tmp_path / "deleted-tokenizer"))
+    Trainer(config(corpus, tmp_path / "run2", tokenizer=None, data=str(gone), steps=1)).train()
+    assert f"the tokenizer {tmp_path / 'deleted-tokenizer'} that {gone} was made with no longer exists: " \
+           f"{tmp_path / 'run2'}/model will have no tokenizer files" in caplog.text
+    assert not (tmp_path / "run2/model/tokenizer.json").exists()
+
+
+def test_a_malformed_token_index_is_named(corpus, tmp_path):
+    data = copy_token_file(corpus, tmp_path)
+    (tmp_path / "train.idx.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=r"train\.idx\.json: not valid JSON"):
+        TokenFile.open(data)
+    copy_token_file(corpus, tmp_path, num_tokens="many")
+    with pytest.raises(ValueError, match=r"train\.idx\.json: field 'num_tokens' = 'many': expected an integer"):
+        TokenFile.open(data)
+    copy_token_file(corpus, tmp_path, document_offsets=None)
+    with pytest.raises(ValueError, match=r"field 'document_offsets' = None: expected a list of integers"):
+        TokenFile.open(data)
+
+
+def test_tokenize_names_bad_input_before_the_work_and_leaves_no_partial_files(corpus, tmp_path):
+    out = tmp_path / "out" / "train.bin"
+    good = corpus / "doc00.txt"
+    out.parent.mkdir()
+    with pytest.raises(ValueError, match=r"out: is a folder; --output names the \.bin file"):
+        tokenize_files(corpus, [good], tmp_path / "out", workers=1)
+    with pytest.raises(ValueError, match="workers = -1: the number of tokenizer processes must be >= 1"):
+        tokenize_files(corpus, [good], out, workers=-1)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    lines = tmp_path / "docs.jsonl"
+    lines.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    for inputs, message in [([good, latin1], rf"{latin1}: not UTF-8 text \('utf-8' codec can't decode"),
+                            ([lines], rf"{lines}:2: not UTF-8 text"),
+                            ([blank], rf"no documents in {blank} \(blank \.jsonl lines are skipped\)")]:
+        with pytest.raises(ValueError, match=message):
+            tokenize_files(corpus, inputs, out, workers=1)
+        assert sorted(p.name for p in out.parent.iterdir()) == []  # no train.bin.tmp, no index
+
+
 # ------------------------------------------------------------------------------------------ runs and checkpoints
 def test_training_learns_and_writes_everything(corpus, tmp_path):
     summary = Trainer(config(corpus, tmp_path, steps=30, save_every=10, eval_every=10, warmup_steps=3,
@@ -286,7 +368,7 @@ def test_a_killed_save_leaves_the_last_checkpoint(corpus, tmp_path):
 
 
 def test_non_finite_losses_skip_steps_then_stop(corpus, tmp_path, caplog):
-    trainer = Trainer(config(corpus, tmp_path, steps=10, max_bad_steps=3))
+    trainer = Trainer(config(corpus, tmp_path, steps=10, max_bad_steps=3, keep_last=1))
     real_step = trainer.train_step
     calls = []
 
@@ -298,10 +380,16 @@ def test_non_finite_losses_skip_steps_then_stop(corpus, tmp_path, caplog):
         return record
 
     trainer.train_step = poisoned
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match=r"3 non-finite losses in a row \(the last at step 7\): .* resumes "
+                                              r"from the last checkpoint, step 3 \(.*step-00000003\)"):
         trainer.train()
     assert calls == [0, 1, 2, 3, 4, 5, 6]  # one bad step was skipped and training went on
-    assert "non-finite loss" in caplog.text
+    # counted from 1, as in metrics.jsonl and the checkpoints' names
+    assert "step 2: non-finite loss (nan); step skipped (1 in a row)" in caplog.text
+    assert "step 7: non-finite loss (nan); step skipped (3 in a row)" in caplog.text
+    # step 6 fell in the streak: not saved, so keep_last=1 did not prune step 3, the last one from before it
+    assert "step 6: no checkpoint saved during non-finite losses" in caplog.text
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000003"]
     strict = lambda token: pytest.fail(f"metrics.jsonl holds {token}, which is not JSON")  # noqa: E731
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=strict) for line in lines]
@@ -318,6 +406,74 @@ def test_poisoned_gradients_do_not_touch_the_weights(corpus, tmp_path):
     assert record["loss"] != record["loss"]  # NaN
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == ["lm_head.weight"]  # only our poke: the optimizer did not step
+
+
+def test_a_non_finite_last_step_is_still_saved(corpus, tmp_path):
+    """The run's end is saved whatever the loss (a skipped step leaves the weights as they were): a re-run finds
+    the run complete."""
+    trainer = Trainer(config(corpus, tmp_path, steps=4, save_every=2, max_bad_steps=5))
+    real_step = trainer.train_step
+    trainer.train_step = lambda step: {**real_step(step), **({"loss": float("nan")} if step >= 1 else {})}
+    trainer.train()
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004"]  # not step 2 (in the streak)
+
+
+def test_ctrl_c_says_where_a_rerun_resumes_and_saves_nothing(corpus, tmp_path):
+    trainer = Trainer(config(corpus, tmp_path))
+    real_step, saved = trainer.train_step, []
+    save = trainer.save
+    trainer.save = lambda: (saved.append(trainer.position.step), save())
+
+    def interrupted_at_the_fifth(step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    trainer.train_step = interrupted_at_the_fifth
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted after 4 of 6 steps; re-running the same command "
+                                                  r"resumes from the last checkpoint, step 3 \("):
+        trainer.train()
+    assert saved == [3]  # no save on Ctrl-C (ranks could deadlock in a collective save)
+    fresh = Trainer(config(corpus, tmp_path / "fresh"))
+    fresh.train_step = lambda step: (_ for _ in ()).throw(KeyboardInterrupt)
+    with pytest.raises(TrainingInterrupted, match="after 0 of 6 steps; no checkpoint was saved yet: re-running the "
+                                                  "same command starts over"):
+        fresh.train()
+
+
+def test_a_torn_or_missing_checkpoint_file_is_named_with_what_to_do(corpus, tmp_path):
+    Trainer(config(corpus, tmp_path, steps=3)).train()
+    step_dir = latest_checkpoint(tmp_path)
+    state = step_dir / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # a crash mid-copy
+    with pytest.raises(ValueError, match=rf"{state}: not a readable checkpoint file \(PytorchStreamReader failed "
+                                         rf".*\); remove {step_dir} to resume from the checkpoint before it"):
+        Trainer(config(corpus, tmp_path, steps=3))
+    shutil.rmtree(step_dir)
+    Trainer(config(corpus, tmp_path, steps=6)).train()  # from scratch: no checkpoint left
+    step_dir = latest_checkpoint(tmp_path)
+    (step_dir / "rank-00000.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"rank-00000.pt: missing from the checkpoint; remove {step_dir}"):
+        Trainer(config(corpus, tmp_path, steps=6))
+    (step_dir / "model.safetensors").write_bytes(b"torn")
+    (tmp_path / "checkpoints" / "step-00000003" / "model.safetensors").write_bytes(b"torn")
+    shutil.rmtree(step_dir)
+    with pytest.raises(ValueError, match=r"cannot resume from .*step-00000003: .*model.safetensors.*; remove "):
+        Trainer(config(corpus, tmp_path, steps=6))
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 6.0}\n{"step": 2, "loss": null}\n{"step": 3, "val_loss": 5.0}\n'
+                    '{"step": 4, "lo')  # a crash mid-write
+    log = MetricsLog(path, resume_step=3)
+    assert "metrics.jsonl:4: dropping a torn last line" in caplog.text
+    assert path.read_text() == '{"step": 1, "loss": 6.0}\n{"step": 2, "loss": null}\n{"step": 3, "val_loss": 5.0}\n'
+    assert [r["step"] for r in log.read()] == [1, 2, 3] and not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not valid JSON"):
+        MetricsLog(path, resume_step=3)
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n'  # untouched
 
 
 # ------------------------------------------------------------------------------------------------------------ SFT
@@ -370,6 +526,56 @@ def test_bad_settings_are_named(tmp_path):
         TrainConfig.load(None, data="x", steps=1, batch_size=5, micro_batch_size=2)
     (tmp_path / "c.toml").write_text("[optim]\nlr = 1e-3\n[data]\ndata = 'x'\nsteps = 2\n")
     assert TrainConfig.load(tmp_path / "c.toml", steps=5).steps == 5
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"seq_len": "64"}, "seq_len = '64': expected an integer, got str"),
+    ({"seq_len": True}, "seq_len = True: expected an integer, got bool"),
+    ({"steps": "2"}, "steps = '2': expected an integer or null, got str"),
+    ({"lr": "fast"}, "lr = 'fast': expected a number, got str"),
+    ({"decay_at": 0.5}, "decay_at = 0.5: expected a list of numbers, got float"),
+    ({"model_overrides": 3}, "model_overrides = 3: expected an object, got int"),
+    ({"grad_clip": -1.0}, r"grad_clip = -1.0: must be > 0"),
+    ({"grad_clip": 0.0}, r"grad_clip = 0.0: must be > 0"),
+    ({"decay_factor": -1.0}, "decay_factor = -1.0: must be a positive number"),
+    ({"lr": -1e-3}, "lr = -0.001: must be a positive number"),
+    ({"lr": float("nan")}, "lr = nan: must be a positive number"),
+    ({"steps": 0}, "steps = 0: must be >= 1"),
+    ({"steps": -3}, "steps = -3: must be >= 1"),
+    ({"epochs": 0.0, "steps": None}, "epochs = 0.0: must be a positive number"),
+    ({"warmup_steps": -1}, "warmup_steps = -1: must be >= 0"),
+    ({"beta2": 1.0}, r"beta2 = 1.0: must be in \[0, 1\)"),
+    ({"weight_decay": -0.1}, "weight_decay = -0.1: must be >= 0"),
+    ({"export_dtype": "fp17"}, "export_dtype = 'fp17': one of float32, bfloat16, float16, float, fp32, bf16, half"),
+    ({"model_overrides": {"num_layers": 2}}, r"model_overrides = \{'num_layers': 2\}: 'num_layers' is not a model "
+                                             r"config field: did you mean 'num_hidden_layers'\?"),
+    ({"model": "runs/x/model", "model_overrides": {"vocab_size": 1000}},
+     r"model_overrides = \{'vocab_size': 1000\}: apply to a preset \(v2-lite, v2, nano\) only; model = "
+     r"'runs/x/model' is a checkpoint"),
+])
+def test_settings_are_type_and_range_checked(setting, message):
+    with pytest.raises(ValueError, match=f"^train config {message}"):
+        TrainConfig.load(None, **{"data": "x", "steps": 1, **setting})
+
+
+def test_a_bad_setting_from_a_toml_file_names_the_file(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "x"\nsteps = 2\n[sequences]\nseq_len = "64"\n')
+    with pytest.raises(ValueError, match=rf"^{toml}: train config seq_len = '64': expected an integer"):
+        TrainConfig.load(toml)
+    with pytest.raises(ValueError, match=r"^train config seq_len = -1: must be >= 1"):  # the flag's fault
+        TrainConfig.load(toml, seq_len=-1)
+    ok = TrainConfig.load(toml, seq_len=64, lr=1, export_dtype="bf16", grad_clip=5)  # ints where floats go
+    assert (ok.lr, ok.grad_clip, ok.tokenizer) == (1, 5, None)
+
+
+def test_a_model_override_of_the_wrong_type_is_named_before_any_work(corpus, tmp_path, monkeypatch):
+    import dsv2.train.trainer
+
+    monkeypatch.setattr(dsv2.train.trainer, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=r"^train config model_overrides: config field 'hidden_size' = '64': "
+                                         "expected an integer"):
+        Trainer(config(corpus, tmp_path, model_overrides={**TINY, "hidden_size": "64"}))
 
 
 def test_a_commands_defaults_sit_below_the_config_file_and_the_flags(tmp_path):

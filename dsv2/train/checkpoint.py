@@ -9,6 +9,7 @@ mid-save leaves the previous checkpoints as they were; only the newest ``keep_la
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,18 @@ import torch
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def resume_hint(checkpoint: Path) -> str:
+    """What to do about a checkpoint that cannot be read."""
+    return f"remove {checkpoint} to resume from the checkpoint before it (or give another --out to start over)"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of a checkpoint folder, from its name."""
+    match = STEP_DIR.match(checkpoint.name)
+    assert match, f"{checkpoint} is not a checkpoint folder"
+    return int(match.group(1))
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -70,6 +83,17 @@ def commit(out: Path, staging: Path, step: int, keep_last: int) -> Path:
 
 
 def load_state(checkpoint: Path, rank: int | None = None) -> dict[str, Any]:
-    """The trainer's state, or (with ``rank``) that rank's optimizer and random state."""
+    """The trainer's state, or (with ``rank``) that rank's optimizer and random state; a missing or unreadable file
+    is named, with what to do about it."""
     path = checkpoint / STATE_FILE if rank is None else rank_file(checkpoint, rank)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint; {resume_hint(checkpoint)}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torn or not a torch file
+        why = str(e).split(". ")[0]  # torch's first sentence: "PytorchStreamReader failed reading zip archive: ..."
+        raise ValueError(f"{path}: not a readable checkpoint file ({why}); {resume_hint(checkpoint)}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint file (it holds a {type(state).__name__}); "
+                         f"{resume_hint(checkpoint)}")
+    return state

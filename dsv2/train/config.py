@@ -8,15 +8,29 @@ sequence length 4K, expert-level balance loss α1 = 0.001.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsv2.config import DTYPE_ALIASES, DTYPES, PRESETS, ModelConfig
+from dsv2.json_files import type_mismatch
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+
+class TrainConfigError(ValueError):
+    """A training setting of the wrong type or out of range; ``name`` is the setting."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
@@ -75,21 +89,46 @@ class TrainConfig:
     sft_data: str | None = None
 
     def validate(self) -> None:
-        def fail(name: str, rule: str) -> None:
-            raise ValueError(f"train config {name} = {getattr(self, name)!r}: {rule}")
+        """Every field against its declared type, then the ranges and combinations; a `TrainConfigError` naming the
+        first setting that is wrong."""
 
+        def fail(name: str, rule: str) -> None:
+            raise TrainConfigError(name, f"train config {name} = {getattr(self, name)!r}: {rule}")
+
+        for name, hint in _field_types().items():  # first, so that the checks below compare numbers with numbers
+            if problem := type_mismatch(getattr(self, name), hint):
+                fail(name, problem)
         if not self.data and not self.sft_data:
             fail("data", "give a token file from `dsv2 tokenize` (or chat JSONL for sft)")
         if self.steps is None and self.train_tokens is None and self.epochs is None:
             fail("steps", "give steps, train_tokens or epochs")
         for name in ("seq_len", "batch_size", "micro_batch_size", "save_every", "eval_every", "log_every",
-                     "keep_last", "max_bad_steps"):
-            if getattr(self, name) < 1:
+                     "keep_last", "max_bad_steps", "expert_parallel", "steps", "train_tokens", "device_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 fail(name, "must be >= 1")
+        for name in ("warmup_steps", "eval_sequences"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        for name in ("lr", "init_std", "decay_factor", "epochs"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                fail(name, "must be a positive number")
+        if not self.grad_clip > 0:  # clipping at 0 would zero every gradient, below 0 flip them
+            fail("grad_clip", "must be > 0 (the maximum gradient norm; the paper uses 1.0)")
+        for name in ("weight_decay", "aux_loss_alpha", "device_balance_alpha", "comm_balance_alpha"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                fail(name, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1)")
         if self.batch_size % self.micro_batch_size:
             fail("batch_size", f"must be a multiple of micro_batch_size = {self.micro_batch_size}")
         if self.precision not in ("bfloat16", "float32"):
             fail("precision", "'bfloat16' (autocast, fp32 master weights) or 'float32'")
+        if self.export_dtype not in DTYPES and self.export_dtype not in DTYPE_ALIASES:
+            fail("export_dtype", f"one of {', '.join([*DTYPES, *DTYPE_ALIASES])}")
         if self.data_parallel not in ("ddp", "fsdp"):
             fail("data_parallel", "'ddp' or 'fsdp'")
         if not 0 <= self.val_fraction < 1:
@@ -106,6 +145,15 @@ class TrainConfig:
                 fail(name, "device-limited routing and the device-level losses need expert_parallel >= 2")
         if not 0 <= self.token_drop_protected <= 1:
             fail("token_drop_protected", "a fraction of the sequences in [0, 1]")
+        if self.model_overrides and self.model not in PRESETS:
+            fail("model_overrides", f"apply to a preset ({', '.join(PRESETS)}) only; model = {self.model!r} is a "
+                 "checkpoint, whose config.json decides the model (and its weights fit only that config)")
+        model_fields = sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra")
+        for key in self.model_overrides:
+            if key not in model_fields:
+                close = difflib.get_close_matches(key, model_fields, n=3)
+                hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see a config.json for them"
+                fail("model_overrides", f"{key!r} is not a model config field: {hint}")
 
     def total_steps(self, num_train_sequences: int) -> int:
         if self.steps is not None:
@@ -120,6 +168,7 @@ class TrainConfig:
         """``defaults`` (a command's own, e.g. SFT's), then a TOML file's settings (flat keys, or grouped in
         tables), then ``overrides`` (flags that were given): each layer wins over the one before."""
         values: dict[str, Any] = dict(defaults or {})
+        from_file: set[str] = set()
         if path is not None:
             try:
                 raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -130,16 +179,29 @@ class TrainConfig:
             for key, value in raw.items():
                 if isinstance(value, dict) and key != "model_overrides":
                     values.update(value)  # [model], [data], [optim] ... tables are for readability only
+                    from_file.update(value)
                 else:
                     values[key] = value
+                    from_file.add(key)
         values.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
         config = cls(**values)
-        config.validate()
+        try:
+            config.validate()
+        except TrainConfigError as e:  # a setting from the file (no flag over it): name the file too
+            if path is not None and e.name in from_file and overrides.get(e.name) is None:
+                raise TrainConfigError(e.name, f"{path}: {e}") from None
+            raise
         return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """TrainConfig's field name → declared type (the annotations, evaluated)."""
+    return typing.get_type_hints(TrainConfig)

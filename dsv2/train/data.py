@@ -20,16 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsv2.json_files import read_json, read_text, type_mismatch
 from dsv2.tokenizer import Tokenizer
 
 DTYPE = np.uint32
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """A .txt file is one document; a .jsonl file holds one {"text": ...} document per line."""
+    """A .txt file is one document; a .jsonl file holds one {"text": ...} document per line. Text that is not UTF-8
+    raises a ValueError naming the file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with path.open("rb") as f:  # decoded line by line, so that an error names its line
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 text ({e})") from None
                 if not line.strip():
                     continue
                 try:
@@ -40,7 +46,7 @@ def read_documents(path: Path) -> Iterator[str]:
                     raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
                 yield record["text"]
     elif path.suffix in (".txt", ".md", ""):
-        yield path.read_text(encoding="utf-8")
+        yield read_text(path)
     else:
         raise ValueError(f"{path}: unsupported input ({path.suffix}); use .txt files or .jsonl with a 'text' field")
 
@@ -72,33 +78,56 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def tokenize_files(tokenizer_path: str | Path, inputs: list[Path], output: Path, workers: int | None = None,
                    batch_size: int = 64) -> dict:
-    """Tokenize every document of ``inputs`` (in order) into ``output`` (.bin) and its index (.idx.json)."""
+    """Tokenize every document of ``inputs`` (in order) into ``output`` (.bin) and its index (.idx.json). The inputs,
+    the output path and ``workers`` are checked before any work; a run that fails leaves no partial files."""
     if not inputs:
         raise ValueError("no input files")
     for path in inputs:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such input file")
+            raise FileNotFoundError(f"{path}: {'a folder, not an' if path.is_dir() else 'no such'} input file")
+    for path in (output, index_path(output)):
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder; --output names the .bin file to write (its index goes next to it)")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise ValueError(f"{output.parent}: is a file, not a folder for --output {output}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers = {workers!r}: the number of tokenizer processes must be >= 1")
     tokenizer = Tokenizer.from_pretrained(tokenizer_path)  # fail early, here, on a bad tokenizer folder
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{tokenizer_path}: the tokenizer has no EOS token to separate documents")
     output.parent.mkdir(parents=True, exist_ok=True)
     documents = (text for path in inputs for text in read_documents(path))
-    offsets, total = [], 0
+    offsets, total, largest = [], 0, 0
     workers = workers or min(4, multiprocessing.cpu_count())
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    with tmp.open("wb") as out, multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
-        for encoded in pool.imap(_encode_batch, _batches(documents, batch_size)):
-            for ids in encoded:
-                offsets.append(total)
-                total += len(ids)
-                out.write(ids.tobytes())
-    tmp.replace(output)
-    index = {"tokenizer": str(tokenizer_path), "vocab_size": tokenizer.vocab_size, "eos_token_id":
-             tokenizer.eos_token_id, "num_tokens": total, "num_documents": len(offsets), "dtype": "uint32",
-             "document_offsets": offsets}
-    index_path(output).write_text(json.dumps(index), encoding="utf-8")
+    tmp, index_tmp = (path.with_name(path.name + ".tmp") for path in (output, index_path(output)))
+    try:
+        with tmp.open("wb") as out, multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+            for encoded in pool.imap(_encode_batch, _batches(documents, batch_size)):
+                for ids in encoded:
+                    offsets.append(total)
+                    total += len(ids)
+                    largest = max(largest, int(ids.max()))
+                    out.write(ids.tobytes())
+        if not offsets:
+            raise ValueError(f"no documents in {', '.join(map(str, inputs))} (blank .jsonl lines are skipped): "
+                             "nothing to write")
+        index = {"tokenizer": str(Path(tokenizer_path).resolve()), "vocab_size": tokenizer.vocab_size,
+                 "eos_token_id": tokenizer.eos_token_id, "max_token_id": largest, "num_tokens": total,
+                 "num_documents": len(offsets), "dtype": "uint32", "document_offsets": offsets}
+        index_tmp.write_text(json.dumps(index), encoding="utf-8")
+        tmp.replace(output)
+        index_tmp.replace(index_path(output))
+    finally:  # after a failure (or a Ctrl-C): no partial files
+        tmp.unlink(missing_ok=True)
+        index_tmp.unlink(missing_ok=True)
     return index
+
+
+# the index's fields that training reads, and their types
+INDEX_FIELDS = {"num_tokens": int, "document_offsets": list[int], "eos_token_id": int, "tokenizer": str,
+                "vocab_size": int, "max_token_id": int}
+REQUIRED_INDEX_FIELDS = ("num_tokens", "document_offsets", "eos_token_id")
 
 
 def index_path(data: Path) -> Path:
@@ -136,21 +165,34 @@ class TokenFile:
     tokens: np.ndarray  # uint32 [num_tokens], memory-mapped
     document_offsets: list[int]
     eos_token_id: int
+    # from the index, where it records them: the tokenizer folder, its number of ids, the largest id in the file
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    max_token_id: int | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> TokenFile:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such token file (make one with `dsv2 tokenize`)")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} token file (make "
+                                    "one with `dsv2 tokenize`)")
         try:
-            index = json.loads(index_path(path).read_text(encoding="utf-8"))
+            index = read_json(index_path(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"{index_path(path)}: the index of {path} is missing") from None
+        if not isinstance(index, dict):
+            raise ValueError(f"{index_path(path)}: expected a JSON object, got {type(index).__name__}")
+        for key, hint in INDEX_FIELDS.items():
+            if (key in index or key in REQUIRED_INDEX_FIELDS) and (problem := type_mismatch(index.get(key), hint)):
+                raise ValueError(f"{index_path(path)}: field {key!r} = {index.get(key)!r}: {problem}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: empty token file (no documents were tokenized)")
         tokens = np.memmap(path, dtype=DTYPE, mode="r")
         if len(tokens) != index["num_tokens"]:
             raise ValueError(f"{path} holds {len(tokens)} tokens but its index says {index['num_tokens']}: "
                              "the files do not belong together (or the write was cut short)")
-        return cls(tokens, index["document_offsets"], index["eos_token_id"])
+        return cls(tokens, index["document_offsets"], index["eos_token_id"], index.get("tokenizer"),
+                   index.get("vocab_size"), index.get("max_token_id"))
 
 
 def validation_split(data: TokenFile, seq_len: int, val_fraction: float) -> int:

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from dsv2.json_files import read_text
+
+log = logging.getLogger("dsv2.train")
 
 
 class MetricsLog:
     """Appends one JSON object per line to OUT/metrics.jsonl; a resumed run keeps appending (and on resume, lines
-    beyond the checkpoint's step are dropped, so the log matches the run that is continued)."""
+    beyond the checkpoint's step are dropped, so the log matches the run that is continued: the file is rewritten
+    atomically, and a torn last line, from a crash mid-write, is dropped with a warning)."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [json.dumps(r) for r in self.read(drop_torn_end=True) if r.get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
         elif resume_step is None and path.exists():
             path.unlink()
 
@@ -28,10 +36,30 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(finite, allow_nan=False) + "\n")
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self, drop_torn_end: bool = False) -> list[dict[str, Any]]:
+        """The records; a line that is not a JSON object raises a ValueError naming the file and line, except (with
+        ``drop_torn_end``) a last one, which is dropped with a warning."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+        lines = read_text(self.path).splitlines()
+        records = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record, problem = None, f"not valid JSON ({e})"
+            else:
+                problem = None if isinstance(record, dict) else f"expected an object, got {type(record).__name__}"
+            if problem is None:
+                records.append(record)
+            elif drop_torn_end and n == len(lines):
+                log.warning("%s:%d: dropping a torn last line (%s), left by a run that stopped mid-write",
+                            self.path, n, problem)
+            else:
+                raise ValueError(f"{self.path}:{n}: {problem}; fix or remove that line")
+        return records
 
 
 def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:

@@ -75,6 +75,8 @@ class ChatDataset:
         self.val = conversations[len(conversations) - n_val:]
         self.num_train, self.num_val = len(self.train), len(self.val)
         self.order = EpochOrder(self.num_train, seed)
+        self.max_token_id = max(max(ids, default=0) for ids, _ in conversations)
+        self.tokenizer_vocab_size: int | None = None  # the tokenizer's ids (from_jsonl knows it)
 
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer_dir: str | Path | None, seq_len: int, val_fraction: float = 0.01,
@@ -93,7 +95,9 @@ class ChatDataset:
                     conversations.append(encode_conversation(tokenizer, record["messages"]))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{path}:{n}: not a chat record {{\"messages\": [...]}} ({e})") from None
-        return cls(conversations, seq_len, tokenizer.pad_token_id or 0, val_fraction, seed)
+        dataset = cls(conversations, seq_len, tokenizer.pad_token_id or 0, val_fraction, seed)
+        dataset.tokenizer_vocab_size = tokenizer.vocab_size
+        return dataset
 
     def _row(self, conversation: tuple[list[int], list[bool]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, targets = conversation

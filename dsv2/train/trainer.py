@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dsv2.config import DTYPES, PRESETS, ModelConfig
+from dsv2.config import PRESETS, ModelConfig, parse_dtype
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.model.transformer import copy_whole_
@@ -35,19 +35,22 @@ from dsv2.parallel.expert_parallel import (
 )
 from dsv2.train.checkpoint import (
     STATE_FILE,
+    checkpoint_step,
     commit,
     copy_tokenizer,
     latest_checkpoint,
     load_state,
     rank_file,
+    resume_hint,
     staging_dir,
 )
 from dsv2.train.config import TrainConfig
-from dsv2.train.data import PackedDataset, TokenFile
+from dsv2.train.data import PackedDataset, TokenFile, index_path
 from dsv2.train.losses import add_device_balance_losses, limit_devices
 from dsv2.train.metrics import MetricsLog, plot_metrics
 from dsv2.train.optim import learning_rate, make_optimizer
 from dsv2.train.parallel import Distributed, gather_experts, init_distributed
+from dsv2.train.sft import ChatDataset
 
 log = logging.getLogger("dsv2.train")
 
@@ -56,11 +59,32 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (repeated non-finite losses); the message says why."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says at which step, and where a re-run resumes."""
+
+
 @dataclass
 class Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # data position: the next sequence is order(epoch)[index]
     index: int = 0
+
+
+def model_config_for(config: TrainConfig) -> ModelConfig:
+    """The config of the model a run trains: the preset's with ``model_overrides``, ``init_std`` and
+    ``aux_loss_alpha``, or the checkpoint folder's config.json (read only: no weights are loaded)."""
+    if config.model not in PRESETS:
+        return ModelConfig.from_pretrained(config.model)
+    model_config = ModelConfig.preset(config.model)
+    if config.model_overrides:
+        try:
+            model_config = ModelConfig.from_dict({**model_config.to_dict(), **config.model_overrides})
+        except ValueError as e:  # a value of the wrong type, or out of range
+            raise ValueError(f"train config model_overrides: {e}") from None
+    model_config = model_config.replace(initializer_range=config.init_std)
+    if config.aux_loss_alpha is not None:
+        model_config = model_config.replace(aux_loss_alpha=config.aux_loss_alpha)
+    return model_config
 
 
 def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1,
@@ -74,12 +98,7 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_
     expert), so no rank ever holds the whole model. A checkpoint is read as this rank's model (with expert
     parallelism, its own experts only), then ``shard`` is applied."""
     if config.model in PRESETS:
-        model_config = ModelConfig.preset(config.model)
-        if config.model_overrides:
-            model_config = ModelConfig.from_dict({**model_config.to_dict(), **config.model_overrides})
-        model_config = model_config.replace(initializer_range=config.init_std)
-        if config.aux_loss_alpha is not None:
-            model_config = model_config.replace(aux_loss_alpha=config.aux_loss_alpha)
+        model_config = model_config_for(config)
         with torch.device("meta"):
             model = DeepseekV2ForCausalLM(model_config)
         if config.expert_parallel > 1:
@@ -143,15 +162,24 @@ class Trainer:
             raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
                              f"{config.micro_batch_size * ranks}")
         self.out = Path(config.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out = {self.out}: is a file, not a folder for the run's checkpoints and logs")
+        if config.tokenizer is not None and not Path(config.tokenizer).is_dir():
+            raise FileNotFoundError(f"tokenizer = {config.tokenizer}: no such folder (one with tokenizer.json)")
         self.device = self.dist.device
         if self.device.type == "cpu":
             keep_freed_memory()  # steps reuse the last step's freed blocks instead of faulting in fresh pages
         if config.expert_parallel > 1 and config.expert_parallel != self.dist.world_size:
             raise ValueError(f"expert_parallel={config.expert_parallel} must equal the number of ranks "
                              f"({self.dist.world_size})")
+        # the data and its vocabulary first: a mismatch is found before the model is built
+        token_file = None if config.sft_data else TokenFile.open(config.data)
+        self.tokenizer_dir = self._tokenizer_dir(token_file)
+        self.dataset = self._dataset(token_file)
+        self._check_vocabulary(model_config_for(config).vocab_size)
         fsdp = self.dist.enabled and config.data_parallel == "fsdp"
-        self.model, self.tokenizer_dir = build_model(config, self.device, self.dist.rank, self.dist.world_size,
-                                                     shard=fully_shard_model if fsdp else None)
+        self.model, _ = build_model(config, self.device, self.dist.rank, self.dist.world_size,
+                                    shard=fully_shard_model if fsdp else None)
         self.model_config = self.model.config
         devices = config.expert_parallel
         if config.device_limit:
@@ -163,7 +191,6 @@ class Trainer:
             self.expert_params = expert_parameter_names(self.model)  # build_model sharded them
             assert self.expert_params, "build_model shards the experts under expert parallelism"
             set_token_dropping(self.model, config.token_drop_capacity)
-        self.dataset = self._dataset()
         self.position = Position()
         self.total_steps = config.total_steps(self.dataset.num_train)
         checkpoint = latest_checkpoint(self.out)
@@ -177,14 +204,48 @@ class Trainer:
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.position.step if checkpoint else None)
 
     # -------------------------------------------------------------------------------------------------- set-up
-    def _dataset(self):
-        if self.config.sft_data:
-            from dsv2.train.sft import ChatDataset
+    def _tokenizer_dir(self, token_file: TokenFile | None) -> Path | None:
+        """The tokenizer copied into checkpoints: ``tokenizer``, else a checkpoint's own folder, else (a preset) the
+        one the token file was made with, if it is still there."""
+        config = self.config
+        if config.tokenizer or config.model not in PRESETS:
+            return Path(config.tokenizer or config.model)
+        recorded = token_file.tokenizer if token_file is not None else None
+        if recorded and Path(recorded).is_dir():
+            return Path(recorded)
+        if self.dist.is_main:
+            why = f"the tokenizer {recorded} that {config.data} was made with no longer exists" if recorded else \
+                "no tokenizer was given"
+            log.warning("%s: %s/model will have no tokenizer files (which `dsv2 generate` needs); give --tokenizer",
+                        why, self.out)
+        return None
 
+    def _dataset(self, token_file: TokenFile | None) -> PackedDataset | ChatDataset:
+        if token_file is None:
             return ChatDataset.from_jsonl(self.config.sft_data, self.tokenizer_dir, self.config.seq_len,
                                           self.config.val_fraction, self.config.seed)
-        return PackedDataset(TokenFile.open(self.config.data), self.config.seq_len, self.config.val_fraction,
-                             self.config.seed)
+        return PackedDataset(token_file, self.config.seq_len, self.config.val_fraction, self.config.seed)
+
+    def _check_vocabulary(self, model_vocab: int) -> None:
+        """Every token id of the data, and of the tokenizer that made it, must have a row in the model's embedding."""
+        config, dataset = self.config, self.dataset
+        if isinstance(dataset, PackedDataset):
+            data = f"{config.data} (its index {index_path(Path(config.data))})"
+            tokenizer, tokenizer_vocab, largest = dataset.data.tokenizer, dataset.data.vocab_size, \
+                dataset.data.max_token_id
+        else:
+            data, tokenizer = config.sft_data, self.tokenizer_dir
+            tokenizer_vocab, largest = dataset.tokenizer_vocab_size, dataset.max_token_id
+        model = f"preset {config.model}" if config.model in PRESETS else str(Path(config.model) / "config.json")
+        needed = max(tokenizer_vocab or 0, (largest or -1) + 1)
+        if needed <= model_vocab:
+            return
+        what = f"holds token id {largest}" if largest is not None and largest >= model_vocab else \
+            f"was tokenized with {tokenizer}, of {tokenizer_vocab} ids"
+        fix = "tokenize the data with the model's tokenizer"
+        if config.model in PRESETS:
+            fix += f", or set model_overrides' vocab_size to {needed} or more"
+        raise ValueError(f"{data} {what}, but the model ({model}) has vocab_size {model_vocab}: {fix}")
 
     def _wrap_data_parallel(self) -> nn.Module:
         if not self.dist.enabled or self.config.data_parallel == "fsdp":  # build_model applied FSDP
@@ -198,6 +259,7 @@ class Trainer:
     def _load_weights(self, checkpoint: Path) -> None:
         """Model weights (this rank's expert slice), data position and random state of a checkpoint."""
         state = load_state(checkpoint)
+        rank_state = load_state(checkpoint, self.dist.rank)  # now: a missing or torn file is found before any work
         if state["world_size"] != self.dist.world_size or state["expert_parallel"] != self.config.expert_parallel:
             raise ValueError(f"{checkpoint} was written by {state['world_size']} rank(s) with expert_parallel="
                              f"{state['expert_parallel']}; resume it with the same layout")
@@ -209,8 +271,11 @@ class Trainer:
                              + ": resume with the same settings, or give another --out for a new run")
         # with expert parallelism: this rank's experts; under FSDP on the CPU, each shard's part then to the device
         device = torch.device("cpu") if self.config.data_parallel == "fsdp" and self.dist.enabled else self.device
-        full = _load_for_training(checkpoint, self.config.expert_parallel, device, self.dist.rank,
-                                  self.dist.world_size).state_dict()
+        try:
+            full = _load_for_training(checkpoint, self.config.expert_parallel, device, self.dist.rank,
+                                      self.dist.world_size).state_dict()
+        except (ValueError, OSError) as e:
+            raise ValueError(f"cannot resume from {checkpoint}: {e}; {resume_hint(checkpoint)}") from None
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
                 source = full.get(name)
@@ -220,7 +285,7 @@ class Trainer:
                                      "here; resume with the same model, or give another --out for a new run")
                 copy_whole_(tensor, source)  # under FSDP, its shard's part
         self.position = Position(**state["position"])
-        torch.set_rng_state(load_state(checkpoint, self.dist.rank)["rng"])
+        torch.set_rng_state(rank_state["rng"])
         if self.dist.is_main:
             log.info("resuming from %s (step %d)", checkpoint, self.position.step)
 
@@ -230,11 +295,40 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        config, position = self.config, self.position
+        position = self.position
         start_step = position.step
         bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not self.dist.is_main,
                    dynamic_ncols=True)
-        bad_steps, started = 0, time.monotonic()
+        started = time.monotonic()
+        try:
+            summary = self._loop(bar)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted after {position.step} of {self.total_steps} steps; "
+                                      f"{self._resume_note()}") from None
+        finally:
+            bar.close()
+        if self.dist.is_main:
+            plot_metrics(self.metrics.read(), self.out / "plots")
+            if start_step >= self.total_steps:
+                log.info("the checkpoint is at step %d, steps = %d: nothing to train", start_step, self.total_steps)
+            else:
+                log.info("done: %d steps in %.0f s", self.total_steps - start_step, time.monotonic() - started)
+        self.export()
+        return summary
+
+    def _resume_note(self) -> str:
+        """What re-running the same command does: resume from the newest checkpoint, or start over."""
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            return "no checkpoint was saved yet: re-running the same command starts over"
+        return (f"re-running the same command resumes from the last checkpoint, step {checkpoint_step(checkpoint)} "
+                f"({checkpoint})")
+
+    def _loop(self, bar: tqdm) -> dict:
+        """Steps until ``total_steps``; the last step's record. Steps count from 1 in logs, metrics and checkpoints
+        (``position.step`` is the number of steps done)."""
+        config, position = self.config, self.position
+        bad_steps = 0
         summary: dict = {}
         while position.step < self.total_steps:
             step_start = time.monotonic()
@@ -242,11 +336,13 @@ class Trainer:
             if not math.isfinite(record["loss"]):
                 bad_steps += 1
                 if self.dist.is_main:
-                    log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", position.step,
+                    log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", position.step + 1,
                                 record["loss"], bad_steps)
                 if bad_steps >= config.max_bad_steps:
-                    raise TrainingStopped(f"{bad_steps} non-finite losses in a row (last at step {position.step}): "
-                                          "lower the learning rate or check the data; the last checkpoint is intact")
+                    raise TrainingStopped(
+                        f"{bad_steps} non-finite losses in a row (the last at step {position.step + 1}): lower the "
+                        "learning rate or check the data (checkpoints are not saved while losses are non-finite); "
+                        f"{self._resume_note()}")
             else:
                 bad_steps = 0
             position.step += 1
@@ -263,13 +359,11 @@ class Trainer:
             if self.dist.is_main and (step % config.log_every == 0 or last or "val_loss" in record):
                 self.metrics.write({"step": step, **record})
             summary = record
-            if step % config.save_every == 0 or last:
+            # not during a streak of non-finite losses: keep_last would prune the checkpoints from before it
+            if last or (step % config.save_every == 0 and not bad_steps):
                 self.save()
-        bar.close()
-        if self.dist.is_main:
-            plot_metrics(self.metrics.read(), self.out / "plots")
-            log.info("done: %d steps in %.0f s", self.total_steps - start_step, time.monotonic() - started)
-        self.export()
+            elif step % config.save_every == 0 and self.dist.is_main:
+                log.warning("step %d: no checkpoint saved during non-finite losses", step)
         return summary
 
     def _autocast(self):
@@ -440,7 +534,7 @@ class Trainer:
         full = self._full_model()
         if self.dist.is_main:
             target = self.out / "model"
-            full.save_pretrained(target, dtype=DTYPES[self.config.export_dtype])
+            full.save_pretrained(target, dtype=parse_dtype(self.config.export_dtype))
             copy_tokenizer(self.tokenizer_dir, target)
         self.dist.barrier()
 
