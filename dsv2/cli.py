@@ -59,8 +59,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                                add_generation_prompt=True)
     else:
         prompt = tokenizer.encode(args.prompt)
+    started = not (args.chat or args.system)  # an answer's first text: without the space the template puts before it
     try:
         for delta in stream(model, tokenizer, prompt, **generate_kwargs(args)):
+            delta = delta if started else delta.lstrip()
+            started = started or bool(delta)
             print(delta, end="", flush=True)
     except KeyboardInterrupt:
         pass

@@ -56,6 +56,17 @@ def test_generate_command_streams_the_greedy_completion(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_generate_chat_prints_the_answer_without_the_templates_space(tmp_path, capsys, monkeypatch):
+    import dsv2.generate
+
+    tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(dsv2.generate, "stream", lambda *args, **kwargs: iter(["", " Hi", " there"]))
+    main(["generate", "--model", str(tmp_path), "Hello", "--chat"])
+    assert capsys.readouterr().out == "Hi there\n"  # as the chat REPL prints it
+    main(["generate", "--model", str(tmp_path), "Hello"])  # a plain completion keeps its text as generated
+    assert capsys.readouterr().out == " Hi there\n"
+
+
 def test_generate_without_a_model_uses_the_bundled_one():
     from dsv2.bundled import bundled_model
 
