@@ -5,13 +5,16 @@ Each program runs in its own Python process (``python -I -B``), in a fresh tempo
 - a wall-clock time limit, after which its whole process group is killed;
 - an audit hook (PEP 578, which code cannot remove) installed before the program runs, its state out of the
   program's reach, refusing: network access, starting processes (fork, exec, subprocess, os.system — a fork bomb
-  stops at its first fork), loading native code through ctypes, signalling other processes, changing directory,
-  making links, raw ``os.open``, and touching files outside the temporary directory (reading is allowed only there
-  and in the Python installation; writing, deleting, renaming only there);
+  stops at its first fork; _posixsubprocess, which could do it without an event of its own, cannot be imported),
+  loading native code through ctypes (nor importing it), signalling other processes, changing directory, making
+  links, raw ``os.open``, and touching files outside the temporary directory (reading is allowed only there and in
+  the Python installation; writing, deleting, renaming only there);
 - its output discarded, and its error output written to a file in that directory (so capped at the file-size
   limit);
 - a pass only when the program runs to its end: the guard then writes a marker (a nonce from the parent, out of
-  the environment before the program starts), so exit(), sys.exit(0) or os._exit(0) before the tests run fail.
+  the environment before the program starts and held by the audit hook alone, which writes it once, for the guard's
+  own call after the program), so exit(), sys.exit(0) or os._exit(0) before the tests run fail, and so does a program
+  that walks up the stack (sys._getframe, a traceback's frames) to forge the end.
 A program that loops, forks, allocates, floods its output or deletes files fails (or times out) on its own; it
 cannot take the evaluation, or the user's files, with it. Audit hooks are a guard, not an operating-system
 boundary: to run code from an untrusted source, run the whole evaluation in a container or VM as well.
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GUARD = r'''
-import os, resource, sys
+import _thread, os, resource, sys
 
 MEMORY, CPU = int(sys.argv[1]), int(sys.argv[2])
 for limit, value in ((resource.RLIMIT_AS, MEMORY), (resource.RLIMIT_CPU, CPU), (resource.RLIMIT_FSIZE, 16 << 20),
@@ -38,9 +41,12 @@ for limit, value in ((resource.RLIMIT_AS, MEMORY), (resource.RLIMIT_CPU, CPU), (
     resource.setrlimit(limit, (value, value))
 
 
-def install():
+def install(marker):
     # Everything the hook reads is bound here, before the program runs, as immutable values or local names:
     # nothing the program can reach (module globals, builtins, os.path, pathlib) changes what the hook decides.
+    # The marker too lives only here: not in any frame or global that the program could walk up to.
+    caller, run_code, main_thread = sys._getframe(1), run.__code__, _thread.get_ident()  # caller: main()'s frame
+    get_frame, get_ident, write, finished = sys._getframe, _thread.get_ident, os.write, []
     root = os.path.realpath(os.getcwd())
     readable = (root, *sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                                sys.base_exec_prefix)}), "/dev/null", "/dev/urandom")
@@ -50,7 +56,10 @@ def install():
               "signal.pthread_kill", "sys.remote_exec", "os.startfile", "webbrowser.",
               "sqlite3.", "dbm.",  # they open files from C, past the open event
               "gc.get_objects", "gc.get_referrers", "gc.get_referents",  # reaching the guard's state
-              "sys._current_frames", "sys.setprofile", "sys.settrace")
+              "sys._current_frames", "sys.setprofile", "sys.settrace", "sys.addaudithook")
+    # native modules that start processes or load native code without an audit event of their own
+    denied_imports = frozenset({"_posixsubprocess", "_ctypes", "ctypes", "_testcapi", "_testinternalcapi",
+                                "_xxsubinterpreters", "_xxinterpchannels"})
     one_path = frozenset({"os.remove", "os.rmdir", "os.chmod", "os.chown", "os.truncate", "os.mkdir",
                           "shutil.rmtree", "os.utime", "os.listdir", "os.scandir", "glob.glob"})
     two_paths = frozenset({"os.rename", "os.replace", "shutil.move", "shutil.copyfile"})
@@ -78,8 +87,15 @@ def install():
         return False
 
     def guard(event, args):
-        if event.startswith(denied):
-            raise error(f"sandbox: {event} is not allowed")
+        if event.startswith(denied) or (event == "import" and args[0] in denied_imports):
+            raise error(f"sandbox: {event} {args[0] + ' ' if event == 'import' else ''}is not allowed")
+        if event == "dsv2.sandbox.finished":  # run() after the program's end, and only it: then the marker
+            frame = get_frame(1)  # whoever called sys.audit
+            if finished or get_ident() != main_thread or frame.f_code is not run_code or frame.f_back is not caller:
+                raise error("sandbox: only the guard reports the program's end")
+            finished.append(True)
+            write(2, marker)
+            return
         roots = readable if event in listing else (root,)
         if event == "open":  # builtin open (mode: a str) or os.open (mode None)
             path, mode, flags = args
@@ -100,21 +116,21 @@ def install():
     sys.addaudithook(guard)
 
 
-def run(marker):
-    # The program passes only if it runs to its end: then this function writes the marker (a nonce the parent
-    # made, not in the environment any more) to fd 2. exit(), sys.exit() or os._exit() before the end leave it out.
+def run():
+    # The program passes only if it runs to its end: then this function asks the hook to write the marker (a nonce
+    # the parent made, out of the environment, held by the hook alone) to fd 2; the hook writes it once, for this
+    # function called from main() only. exit(), sys.exit() or os._exit() before the end leave it out.
     source = open("program.py", encoding="utf-8").read()
     try:
         exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
     except SystemExit as e:
         raise SystemExit(f"the program exited ({e.code!r}) before it finished") from None
-    os.write(2, marker)
+    sys.audit("dsv2.sandbox.finished")
 
 
 def main():
-    marker = ("\n" + os.environ.pop("DSV2_SANDBOX_MARKER")).encode()  # out of the environment before the program
-    install()
-    run(marker)
+    install(("\n" + os.environ.pop("DSV2_SANDBOX_MARKER")).encode())  # out of the environment before the program
+    run()
 
 
 main()
