@@ -151,11 +151,12 @@ class GreedyChunks:
 def _without_grad(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """model(input_ids, **kwargs) without autograd. Grad mode is switched only where it is on: `generate` runs the
     whole loop without it, and each switch costs ~50 µs of a decoding step once the weights' stream has emptied the
-    caches (a generator decorated with no_grad switches twice per step)."""
+    caches (a generator decorated with no_grad switches twice per step). ``return_aux=False``: logits even for a
+    model in training mode (whose forward would return a CausalLMOutput), as transformers' generate allows."""
     if torch.is_grad_enabled():
         with torch.no_grad():
-            return model(input_ids, **kwargs)
-    return model(input_ids, **kwargs)
+            return model(input_ids, return_aux=False, **kwargs)
+    return model(input_ids, return_aux=False, **kwargs)
 
 
 def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,

@@ -10,6 +10,7 @@ map is closed and reopened every `REMAP_BYTES` so the file pages it touched stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from dsv2.json_files import read_json
 
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 STACKED_EXPERTS = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")  # buffers some old exports saved; recomputed here
@@ -277,7 +279,7 @@ def _staging_dir(folder: Path) -> Iterator[Path]:
 
 def save_weights(model: nn.Module, folder: str | Path, max_shard_size: int | str = "5GB",
                  dtype: torch.dtype | None = None) -> None:
-    """Write config.json and the weights in the official layout.
+    """Write config.json, the model's generation_config.json and the weights in the official layout.
 
     Everything is written to a staging folder first and moved into place only when complete, so a failed save (full
     disk, interrupted process) leaves the previous checkpoint in ``folder`` intact.
@@ -309,8 +311,19 @@ def save_weights(model: nn.Module, folder: str | Path, max_shard_size: int | str
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             written.append(SAFETENSORS_INDEX)
         config.save_pretrained(staging)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:  # as transformers: always, the fields that differ from the defaults
+            (staging / GENERATION_CONFIG).write_text(
+                json.dumps(_non_default_fields(generation_config), indent=2) + "\n", encoding="utf-8")
+            written.append(GENERATION_CONFIG)
         stale = [p for p in folder.glob("model*.safetensors*") if p.name not in written]
         for name in written:
             os.replace(staging / name, folder / name)
         for path in stale:  # weight files of the checkpoint this one replaced
             path.unlink()
+
+
+def _non_default_fields(generation_config: object) -> dict:
+    """A GenerationConfig's fields whose values differ from the defaults, as transformers writes them."""
+    return {f.name: getattr(generation_config, f.name) for f in dataclasses.fields(generation_config)
+            if getattr(generation_config, f.name) != f.default}

@@ -88,6 +88,21 @@ def test_stream_leaves_out_the_stop_tokens_text_and_takes_one_prompt(model):
         next(model.stream(torch.tensor([prompt, prompt]), max_new_tokens=2))
 
 
+def test_generate_and_stream_in_training_mode_equal_eval_mode(model):
+    """As transformers' generate, a model left in training mode still generates (no dropout: the same tokens)."""
+    prompt = [0, 5, 6, 7]
+    ids = torch.tensor([prompt, [0, 9, 10, 11]])
+    ref = model.generate(ids, max_new_tokens=8, ignore_eos=True)
+    text = "".join(model.stream(prompt, max_new_tokens=8, ignore_eos=True))
+    model.train()
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=8, ignore_eos=True), ref)
+        assert "".join(model.stream(prompt, max_new_tokens=8, ignore_eos=True)) == text
+        assert model.training
+    finally:
+        model.eval()
+
+
 def test_seeded_sampling_repeats(model):
     prompt = torch.tensor([[0, 11, 12]])
     runs = [model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True) for _ in range(2)]

@@ -56,6 +56,26 @@ def test_cache_holds_only_the_latent_and_rope_key():
         model(torch.zeros(1, 1, dtype=torch.long), cache=small)
 
 
+@torch.no_grad()
+def test_a_cache_of_another_batch_size_or_dtype_is_named():
+    model = tiny_model()
+    ids = torch.randint(2, 128, (2, 4))
+    for batch in (1, 4):
+        with pytest.raises(ValueError, match=f"input has 2 rows but the latent cache was made for batch_size={batch}"):
+            model(ids, cache=LatentCache(model.config, batch_size=batch, max_len=8))
+    bf16 = tiny_model(dtype=torch.bfloat16)
+    for cache_model, other in ((bf16, torch.float32), (model, torch.bfloat16)):
+        for tokens in (4, 1):  # a prefill and a decoding step
+            cache = LatentCache(model.config, batch_size=1, max_len=8, dtype=other)
+            with pytest.raises(ValueError, match=f"latent cache holds {other} but the model computes in "
+                                                 f"{cache_model.dtype}"):
+                cache_model(ids[:1, :tokens], cache=cache)
+    cache = LatentCache(model.config, batch_size=1, max_len=8)  # float32 under bf16 autocast: the matmuls cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:1], cache=cache)
+        assert model(ids[:1, :1], cache=cache).shape == (1, 1, model.config.vocab_size)
+
+
 def test_training_mode_returns_balance_loss_and_expert_load():
     model = tiny_model(TINY_V2).train()
     ids = torch.randint(0, 128, (2, 24))

@@ -28,7 +28,7 @@ def assert_same_weights(a, b):
 
 def test_single_file_round_trip_with_official_key_names(model, tmp_path):
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     keys = set(safe_open(tmp_path / "model.safetensors", "pt").keys())
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in keys  # experts one by one, as published
     assert "model.layers.1.mlp.experts.down_proj" not in keys
@@ -42,7 +42,8 @@ def test_single_file_round_trip_with_official_key_names(model, tmp_path):
     finally:
         os.umask(umask)
     assert {(p.name, p.stat().st_mode & 0o777) for p in (tmp_path / "shared").iterdir()} == {
-        ("config.json", 0o644), ("model.safetensors", 0o644)}  # readable by others, like any file written
+        ("config.json", 0o644), ("generation_config.json", 0o644),
+        ("model.safetensors", 0o644)}  # readable by others, like any file written
 
 
 def test_sharded_round_trip(model, tmp_path):
@@ -222,9 +223,10 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(model, tmp_path, monkeypat
 
 def test_resaving_with_fewer_shards_removes_the_stale_ones(model, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="50KB")
-    (tmp_path / "generation_config.json").write_text("{}")  # other files of the folder are left alone
+    (tmp_path / "README.md").write_text("notes")  # other files of the folder are left alone
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "generation_config.json",
+                                            "model.safetensors"]
     assert_same_weights(DeepseekV2ForCausalLM.from_pretrained(tmp_path), model)
 
 
@@ -233,3 +235,48 @@ def test_parse_size():
     assert parse_size("1.5 MB") == 1_500_000
     with pytest.raises(ValueError, match="max_shard_size='lots'"):
         parse_size("lots")
+
+
+def test_device_map_names_one_device_and_unknown_keywords_warn(model, tmp_path, monkeypatch, recwarn):
+    from dsv2.model.transformer import device_from_map
+
+    model.save_pretrained(tmp_path)
+    for device_map in ("cpu", "auto", {"": "cpu"}, torch.device("cpu")):
+        assert DeepseekV2ForCausalLM.from_pretrained(tmp_path, device_map=device_map).device.type == "cpu"
+    assert device_from_map("cuda:1") == torch.device("cuda", 1) and device_from_map(0) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_from_map("auto") == torch.device("cuda")
+    monkeypatch.undo()
+    with pytest.raises(NotImplementedError, match=r"several devices.*dsv2\.engine"):
+        DeepseekV2ForCausalLM.from_pretrained(tmp_path, device_map={"model.embed_tokens": "cpu", "lm_head": "cuda"})
+    with pytest.raises(ValueError, match="disagree"):
+        DeepseekV2ForCausalLM.from_pretrained(tmp_path, device="cpu", device_map="meta")
+    with pytest.raises(ValueError, match="names no device"):
+        DeepseekV2ForCausalLM.from_pretrained(tmp_path, device_map="gpu0")
+    # transformers-only keywords are accepted quietly; anything else is named in a warning, not refused
+    DeepseekV2ForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=True,
+                                          attn_implementation="sdpa", revision="main")
+    assert not [w for w in recwarn if "ignores" in str(w.message)]
+    with pytest.warns(UserWarning, match="unknown keyword argument dtpye"):
+        loaded = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtpye=torch.bfloat16)
+    assert loaded.dtype == torch.float32
+
+
+def test_generation_config_survives_save_and_reload(model, tmp_path):
+    model.generation_config.temperature, model.generation_config.top_p = 0.6, 0.95
+    model.save_pretrained(tmp_path / "a")
+    reloaded = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "a")
+    assert reloaded.generation_config == model.generation_config
+    reloaded.save_pretrained(tmp_path / "b")  # and once more, from a folder that had one
+    again = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "b").generation_config
+    assert (again.temperature, again.top_p) == (0.6, 0.95)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path / "b")
+    assert (theirs.temperature, theirs.top_p, theirs.eos_token_id) == (0.6, 0.95, model.generation_config.eos_token_id)
+
+
+def test_only_safetensors_are_written(model, tmp_path):
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="safetensors only: safe_serialization=False"):
+        model.save_pretrained(tmp_path, safe_serialization=False)

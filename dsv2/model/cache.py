@@ -73,6 +73,11 @@ class LatentCache:
     def write(self, layer_idx: int, latent: torch.Tensor, positions: torch.Tensor) -> int:
         """Store latent [B, T, D] at positions [B, T]; → the slots in use once the step is done (seq_len + T)."""
         T = latent.shape[1]
+        self.check_batch(latent.shape[0])
+        if latent.dtype != self.data.dtype and not torch.is_autocast_enabled(latent.device.type):
+            # (under autocast the attention's matmuls cast both operands: a cache in another dtype works)
+            raise ValueError(f"the latent cache holds {self.data.dtype} but the model computes in {latent.dtype}: "
+                             f"make the cache with dtype={latent.dtype} (the model's dtype)")
         end = self.seq_len + T
         if end > self.max_len:
             raise ValueError(f"latent cache is full: {self.seq_len} cached + {T} new tokens > max_len={self.max_len}")
@@ -80,6 +85,17 @@ class LatentCache:
         # index_put_ copies T rows of D values; scatter_ over the expanded [B, T, D] index took 0.4-20 ms per call
         self.data[layer_idx].index_put_((rows, positions), latent.to(self.data.dtype))
         return end
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.shape[1]
+
+    def check_batch(self, batch: int) -> None:
+        """Raise where an input of ``batch`` rows does not match the cache's rows (row i of the input is sequence i
+        of the cache; ragged prompts are right-padded rows of one batch, not fewer rows)."""
+        if batch != self.batch_size:
+            raise ValueError(f"input has {batch} row{'s' if batch != 1 else ''} but the latent cache was made for "
+                             f"batch_size={self.batch_size}: make the cache with batch_size={batch}")
 
     def _step_indices(self, batch: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row numbers [B, 1] and every row's slots in data[layer].view(B·max_len, D) up to ``end`` [B, end]: made
@@ -103,6 +119,7 @@ class LatentCache:
         """`step_slots` for every layer at once: the cache as [layers, B·max_len, D]; the read
         slots are every row's whole range [B, max_len] (the kernels read a row's first `lengths` of them)."""
         B = positions.shape[0]
+        self.check_batch(B)
         self.check_room()
         if self._step_slots is None:  # every layer of a step passes the same positions; `advance` forgets them
             at = positions.view(B)  # [B] one token per row

@@ -106,7 +106,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     Under autocast both operands take the autocast dtype, as a linear layer's would."""
     dtype = matmul_dtype(weight)
     x, weight = x.to(dtype), weight.to(dtype)
-    if _grouped_mm_works(x.device.type, x.dtype):
+    # torch.compile's fake-tensor tracing of grouped_mm takes only bf16 (the eager CPU op takes float32 too)
+    traced_off = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
+    if not traced_off and _grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # host sync: fallback only
     rows = sum(counts)

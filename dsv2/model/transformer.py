@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,39 @@ class CausalLMOutput:
     token_loss: torch.Tensor | None = None  # [B, T] float32 cross-entropy of each target, detached
 
 
+# keywords of transformers' from_pretrained that mean nothing for a local checkpoint folder loaded here
+TRANSFORMERS_ONLY_ARGUMENTS = frozenset({
+    "trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "revision", "cache_dir", "local_files_only",
+    "use_safetensors", "token", "use_auth_token", "force_download", "resume_download", "proxies", "subfolder",
+    "variant", "code_revision", "_fast_init", "offload_folder", "offload_state_dict", "max_memory",
+})
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_from_map(device_map: str | int | torch.device | dict[str, Any]) -> torch.device:
+    """transformers' ``device_map`` → the one device it names ("auto": CUDA where available, else the CPU)."""
+    if isinstance(device_map, dict):
+        devices = {str(d) for d in device_map.values()}
+        if len(devices) != 1:
+            raise NotImplementedError(
+                f"device_map places layers on several devices ({', '.join(sorted(devices)) or 'none'}), which "
+                "from_pretrained does not do: load on one device, or use tensor/expert parallelism through "
+                "dsv2.engine")
+        device_map = next(iter(device_map.values()))
+    if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, str | torch.device):
+        try:
+            return torch.device(device_map)
+        except RuntimeError as e:
+            raise ValueError(f"device_map={device_map!r} names no device: expected 'auto', 'cpu', 'cuda', "
+                             "'cuda:N', an index or a torch.device") from e
+    raise TypeError(f"device_map must be a device name, index, torch.device or dict; got "
+                    f"{type(device_map).__name__}")
+
+
 class DeepseekV2ForCausalLM(nn.Module):
     """DeepSeek-V2 / V2-Lite. ``model(input_ids)`` → float32 logits; see ``forward`` for caches and training."""
 
@@ -188,6 +222,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache.seq_len
             positions = torch.arange(start, start + T, device=input_ids.device)
+        if isinstance(cache, LatentCache):
+            cache.check_batch(B)
         moe_stats = []
         decoding = T == 1 and cache is not None and not with_aux
         one_call = self._decode_step(input_ids, positions, cache, logits_at) if decoding else None
@@ -256,17 +292,32 @@ class DeepseekV2ForCausalLM(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, progress: bool | None = None,
                         allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
-                        **ignored) -> DeepseekV2ForCausalLM:
+                        device_map: str | int | torch.device | dict[str, Any] | None = None,
+                        **ignored: Any) -> DeepseekV2ForCausalLM:
         """Load an official checkpoint folder (config.json + safetensors, single file or shards with an index).
 
         Tensors are read one at a time from memory-mapped files straight into the target ``dtype`` (default: the
         checkpoint's ``torch_dtype``; ``torch_dtype`` is accepted as transformers' name for it) and ``device``.
         Pickled ``.bin`` weights are read only with ``allow_pickle``. The folder's tokenizer.json and
         generation_config.json, when present, become ``model.tokenizer`` and ``model.generation_config``.
-        transformers-only arguments such as ``trust_remote_code`` are accepted and ignored.
+        ``device_map`` (transformers' name) may name one device: "cpu", "cuda", "cuda:1", an index, a torch.device,
+        a dict placing everything on one device, or "auto" (CUDA where available, else the CPU); layers spread over
+        devices are refused (tensor or expert parallelism runs through `dsv2.engine`). transformers-only arguments
+        that mean nothing here (``TRANSFORMERS_ONLY_ARGUMENTS``: trust_remote_code, low_cpu_mem_usage,
+        attn_implementation, revision, ...) are accepted and ignored; any other keyword is ignored with a warning.
         """
         from dsv2.weights import load_weights
 
+        unknown = sorted(set(ignored) - TRANSFORMERS_ONLY_ARGUMENTS)
+        if unknown:
+            warnings.warn(f"from_pretrained ignores unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(unknown)}", stacklevel=2)
+        if device_map is not None:
+            mapped = device_from_map(device_map)
+            if device is not None and torch.device(device) != mapped:
+                raise ValueError(f"from_pretrained got device={device!r} and device_map={device_map!r}, which "
+                                 "disagree: pass one")
+            device = mapped
         config = ModelConfig.from_pretrained(path)
         model = cls.empty(config, parse_dtype(dtype or torch_dtype) or config.dtype, device)
         load_weights(model, path, progress=progress, allow_pickle=allow_pickle)
@@ -279,9 +330,15 @@ class DeepseekV2ForCausalLM(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | None = None) -> None:
-        """Write config.json + safetensors (sharded with an index beyond ``max_shard_size``), official key names."""
+                        dtype: torch.dtype | None = None, safe_serialization: bool = True) -> None:
+        """Write config.json, generation_config.json + safetensors (sharded with an index beyond
+        ``max_shard_size``), official key names. safetensors is the only format written: ``safe_serialization``
+        (transformers' switch) must stay True."""
         from dsv2.weights import save_weights
+
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only: safe_serialization=False (pickled "
+                             "pytorch_model.bin) is not supported")
 
         save_weights(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
