@@ -277,6 +277,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from dsv2.engine.llm import LLM
     from dsv2.sampling import SamplingParams
 
+    # before the model is loaded: a count below 1 would time nothing (and print a negative or infinite rate)
+    for flag in ("requests", "prompt_len", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     llm = LLM(model=args.model, dtype=args.dtype, device=None if args.device == "auto" else args.device,
               **engine_arguments(args))
     generator = torch.Generator().manual_seed(0)

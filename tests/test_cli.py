@@ -244,3 +244,17 @@ def test_tokenize_errors_name_the_path(corpus, tmp_path, capsys):  # noqa: F811
     assert tokenize([good], str(binary / "x.bin")) == (2, f"dsv2 tokenize: {binary}: is a file, not a folder for "
                                                           f"--output {binary / 'x.bin'}")
     assert tokenize([good], str(binary / "x" / "y.bin")) == (1, f"dsv2 tokenize: {binary / 'x'}: Not a directory")
+
+
+@pytest.mark.parametrize("flag", ["--requests", "--prompt-len", "--max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_bench_refuses_counts_below_one_before_loading_a_model(flag, value, capsys, monkeypatch):
+    import dsv2.engine.llm
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(dsv2.engine.llm, "LLM", no_model)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", flag, value])
+    assert exit_.value.code == 2 and f"{flag} {value}: must be at least 1" in capsys.readouterr().err

@@ -107,6 +107,62 @@ def test_malformed_files_name_the_file_and_the_format(tmp_path):
         BENCHMARKS["humaneval"].load(tmp_path, None, None)
 
 
+def _edit(root: Path, relative: str, text: str | bytes, append: bool = False) -> None:
+    path = root / relative
+    if append:
+        text = path.read_text(encoding="utf-8") + text
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+MBPP_TASK = '{"task_id": 11, "text": "t", "code": "c", "test_list": %s}\n'
+
+
+@pytest.mark.parametrize(("task", "relative", "text", "append", "message"), [
+    ("gsm8k", "gsm8k/test.jsonl", '{"question": "x", "answer": 5}\n', False,
+     r"gsm8k/test\.jsonl: not in the release's format at line 1: 'answer' is int 5, not a string"),
+    ("gsm8k", "gsm8k/test.jsonl", '{"question": "x", "answer": "5"}\n', False,
+     r"gsm8k/test\.jsonl: not in the release's format at line 1: the answer str '5' does not end in one \"####"),
+    ("gsm8k", "gsm8k/test.jsonl", "[1, 2]\n", False, r"test\.jsonl: .*line 1: a JSON list, not an object"),
+    ("ceval", "ceval/val/physics_val.csv", "id,question,A,B,C,D,answer\n0,q,a,b\n", False,
+     r"physics_val\.csv: a row with fewer than 6 cells at line 2"),
+    ("ceval", "ceval/val/physics_val.csv", "id,question,A,B,C,answer\n0,q,a,b,c,A\n", False,
+     r"physics_val\.csv: .*header: no column D"),
+    ("mmlu", "mmlu/test/astronomy_test.csv", "q,a,b,c,d,E\n", False,
+     r"astronomy_test\.csv: not in the release's format at line 1: the answer is 'E'"),
+    ("cmmlu", "cmmlu/test/agronomy.csv", "Question,A,B,C,D,Answer\nq,a,b,c,d,X\n", False,
+     r"agronomy\.csv: not in the release's format at line 2: the answer is 'X'"),
+    ("bbh", "bbh/cot-prompts/boolean_expressions.txt", b"\xff\xfe", False,
+     r"cot-prompts/boolean_expressions\.txt: not in the release's format, expected UTF-8 text"),
+    ("bbh", "bbh/bbh/boolean_expressions.json", '{"examples": [{"input": "1+1", "target": 2}]}', False,
+     r"boolean_expressions\.json: not in the release's format at example 0: 'target' is int 2, not a string"),
+    ("bbh", "bbh/bbh/boolean_expressions.json", '{"x": []}', False, r"boolean_expressions\.json: .*\"examples\" list"),
+    ("math", "math/test/prealgebra/1.json", "[1]", False, r"1\.json: .*a JSON list, not an object"),
+    ("humaneval", "humaneval/HumanEval.jsonl", '{"task_id": "a", "prompt": "p", "test": 1, "entry_point": "f"}\n',
+     False, r"HumanEval\.jsonl: .*line 1: 'test' is int 1, not a string"),
+    ("mbpp", "mbpp/mbpp.jsonl", MBPP_TASK.replace("11", '"12"') % '["assert f() == 1"]', True,
+     r"mbpp\.jsonl: not in the release's format at line \d+: 'task_id' is str '12', not an integer"),
+    ("mbpp", "mbpp/mbpp.jsonl", MBPP_TASK % '"assert f() == 1"', True,
+     r"mbpp\.jsonl: .*'test_list' is str 'assert f\(\) == 1', not a list"),
+    ("mbpp", "mbpp/mbpp.jsonl", MBPP_TASK % "[]", True, r"mbpp\.jsonl: .*'test_list' is list \[\], not a list of test"),
+])
+def test_records_of_the_wrong_shape_are_refused_at_load_naming_the_file_and_record(tmp_path, task, relative, text,
+                                                                                    append, message):
+    """Wrong types, short rows, answers outside A–D or without "####", undecodable text: a MalformedData that names
+    the file (and the line or record) when the task loads, not a traceback, nor a crash after the model answered."""
+    shutil.copytree(DATA, tmp_path / "data")
+    _edit(tmp_path / "data", relative, text, append)
+    with pytest.raises(MalformedData, match=message):
+        BENCHMARKS[task].load(tmp_path / "data", None, None)
+
+
+def test_a_humaneval_gz_that_is_not_gzip_names_the_file(tmp_path):
+    shutil.copytree(DATA, tmp_path / "data")
+    (tmp_path / "data" / "humaneval" / "HumanEval.jsonl").unlink()
+    (tmp_path / "data" / "humaneval" / "HumanEval.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(MalformedData, match=r"HumanEval\.jsonl\.gz: not in the release's format.*BadGzipFile"):
+        BENCHMARKS["humaneval"].load(tmp_path / "data", None, None)
+
+
 @pytest.mark.parametrize(("completion", "expected"), [
     ("He has 3 + 4 = 7 apples. The answer is 7.", "7"), ("So 1,200 * 2 = 2,400. The answer is $2,400.", "2400"),
     ("First 5, then 12 and finally 13", "13"), ("no digits here", None), ("The final answer is -3.5", "-3.5"),
@@ -158,12 +214,12 @@ def test_hostile_programs_fail_alone(tmp_path):
         "wiping a tree": (f"import shutil\nshutil.rmtree({str(tmp_path)!r})", "outside the working directory"),
         "reading user files": (f"open({str(precious)!r}).read()", "no access"),
         "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "not allowed"),
-        "subprocess": ("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen is not allowed"),
-        "native code": ("import ctypes\nctypes.CDLL(None)", "ctypes.dlopen is not allowed"),
+        "subprocess": ("import subprocess\nsubprocess.run(['true'])", "import _posixsubprocess is not allowed"),
+        "native code": ("import ctypes\nctypes.CDLL(None)", "import ctypes is not allowed"),
         "raising limits": ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "not allowed"),
         # the guard's own state and helpers are out of the program's reach
-        "re-arming the guard": ("import __main__, subprocess\nvars(__main__).clear()\nsubprocess.run(['true'])",
-                                "subprocess.Popen is not allowed"),
+        "re-arming the guard": ("import __main__, os\nvars(__main__).clear()\nos.system('true')",
+                                "os.system is not allowed"),
         "faking realpath": (f"import os\nr = os.getcwd()\nos.path.realpath = lambda *a, **k: r\n"
                             f"open({str(precious)!r}).read()", "no access"),
         "faking builtins": (f"import builtins\nbuiltins.any = lambda *a: True\nbuiltins.type = lambda x: int\n"
@@ -425,6 +481,26 @@ def test_results_table_layout(tmp_path):
     results = [TaskResult(BENCHMARKS["gsm8k"], 41.1, [{"correct": True}], 1.0)]
     table, audit = write_results(results, tmp_path, "m", {})
     assert "| GSM8K | Math | 41.1 | 1 |" in table.read_text() and json.loads(audit.read_text())["scores"]["gsm8k"]
+
+
+def test_results_files_are_replaced_whole_never_left_torn(tmp_path, monkeypatch):
+    from dsv2.eval.runner import TaskResult
+
+    results = [TaskResult(BENCHMARKS["gsm8k"], 41.1, [{"correct": True}], 1.0)]
+    table, audit = write_results(results, tmp_path, "m", {})
+    before = table.read_text(), audit.read_text()
+    plain_write = Path.write_text
+
+    def interrupted_midway(self, text, *args, **kwargs):  # half the text reaches the disk, then Ctrl-C
+        plain_write(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_results([TaskResult(BENCHMARKS["gsm8k"], 99.0, [{"correct": True}] * 3, 1.0)], tmp_path, "m2", {})
+    monkeypatch.undo()
+    assert (table.read_text(), audit.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left
 
 
 def test_lm_eval_adapter_as_lm_evals_command_line_calls_it_on_a_machine_without_cuda(checkpoint, monkeypatch, caplog):

@@ -7,7 +7,9 @@ computes each few-shot prefix once. Multiple choice scores each option by the lo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -139,20 +141,33 @@ class Evaluator:
         return completion
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file in the same folder and os.replace: an interrupt or a full
+    disk mid-write leaves the previous file (or none), never a torn one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the permissions a plain write would give
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+
+
 def write_results(results: list[TaskResult], out: Path, model: str, settings: dict[str, Any]) -> tuple[Path, Path]:
     """results.md: the model card's table (benchmark, domain, score); results.json: every sample, for auditing."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Model: `{model}`", "", "| Benchmark | Domain | Score | Questions |", "|---|---|---|---|"]
     lines += [f"| {r.benchmark.title} | {r.benchmark.domain} | {r.score:.1f} | {len(r.samples)} |" for r in results]
     table = out / "results.md"
-    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_atomically(table, "\n".join(lines) + "\n")
     audit = out / "results.json"
-    audit.write_text(json.dumps({
+    _write_atomically(audit, json.dumps({
         "model": model, "settings": settings,
         "scores": {r.benchmark.name: {"score": r.score, "questions": len(r.samples), "seconds": r.seconds}
                    for r in results},
         "samples": {r.benchmark.name: r.samples for r in results},
-    }, ensure_ascii=False, indent=1), encoding="utf-8")
+    }, ensure_ascii=False, indent=1))
     return table, audit
 
 

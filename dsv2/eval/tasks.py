@@ -23,6 +23,7 @@ import contextlib
 import csv
 import gzip
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,17 +80,46 @@ def _reading(path: Path, expected: str) -> Iterator[None]:
     """Parsing errors inside the block become a MalformedData that names ``path`` and what it should hold."""
     try:
         yield
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, csv.Error) as e:
-        if isinstance(e, MalformedData):
-            raise
+    except MalformedData:
+        raise
+    # a record of the wrong shape (a number where a string belongs, a list where an object does, ...), text that
+    # is not UTF-8 (a ValueError), a .gz file that is not gzip or is cut short
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError, csv.Error,
+            gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise MalformedData(f"{path}: not in the release's format, expected {expected} "
                             f"({type(e).__name__}: {e})") from None
 
 
-def _require(record: dict, *fields: str) -> None:
-    missing = [f for f in fields if f not in record]
+def _malformed(path: Path, where: str, problem: str, expected: str) -> MalformedData:
+    """The error for one record: ``PATH: not in the release's format at WHERE: PROBLEM; expected EXPECTED``."""
+    return MalformedData(f"{path}: not in the release's format at {where}: {problem}; expected {expected}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+TYPE_WORDS = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _fields(record: object, path: Path, where: str, expected: str, strings: tuple[str, ...] = (),
+            **types: type | tuple[type, ...]) -> dict:
+    """``record`` is a JSON object whose ``strings`` are strings and whose other named fields have the given
+    types (present fields only: list them in ``strings`` or ``types`` to require them); else a MalformedData that
+    names the file, the record and the field."""
+    if not isinstance(record, dict):
+        raise _malformed(path, where, f"a JSON {type(record).__name__}, not an object", expected)
+    wanted = {name: str for name in strings} | types
+    missing = [name for name in wanted if name not in record]
     if missing:
-        raise KeyError(f"a record lacks {', '.join(missing)}")
+        raise _malformed(path, where, f"the record lacks {', '.join(missing)}", expected)
+    for name, kind in wanted.items():
+        value = record[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = " or ".join(TYPE_WORDS.get(k, k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise _malformed(path, where, f"{name!r} is {_shown(value)}, not {names}", expected)
+    return record
 
 
 def _shot_count(name: str, shots: int | None) -> int:
@@ -127,10 +157,23 @@ def _need(path: Path, layout: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(\"line N\", the object) for every non-blank line."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with _reading(path, "one JSON object per line"), opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    expected = "one JSON object per line"
+    records = []
+    with _reading(path, expected), opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _malformed(path, f"line {n}", f"not JSON ({e})", expected) from None
+            if not isinstance(record, dict):
+                raise _malformed(path, f"line {n}", f"a JSON {type(record).__name__}, not an object", expected)
+            records.append((f"line {n}", record))
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice
@@ -148,26 +191,42 @@ def _mc_items(name: str, subjects: list[tuple[str, list[list[str]], list[list[st
     """subjects: (subject, dev rows, test rows), each row [question, A, B, C, D, answer letter]."""
     items = []
     for subject, dev, test in subjects:
-        examples = [(r[0], r[1:5], r[5].strip()) for r in dev[:shots]]
+        examples = [(r[0], r[1:5], r[5]) for r in dev[:shots]]
         if len(examples) < shots:
             raise MalformedData(f"{name}/{subject}: the dev split has {len(examples)} examples, {shots}-shot needs "
                                 f"{shots}")
         for n, row in enumerate(test):
             prompt = _choice_prompt(header(subject), examples, row[0], row[1:5], answer_word)
-            items.append(Item(f"{name}/{subject}/{n}", prompt, row[5].strip(), choices=[f" {c}" for c in LETTERS]))
+            items.append(Item(f"{name}/{subject}/{n}", prompt, row[5], choices=[f" {c}" for c in LETTERS]))
     return items[:limit] if limit else items
 
 
 def _csv_rows(path: Path, header: bool, columns: list[str] | None = None) -> list[list[str]]:
-    """Rows [question, A, B, C, D, answer]: the first six cells (no header) or the named ``columns``."""
-    expected = f"a header with {', '.join(columns)}" if header else "rows of question, A, B, C, D, answer"
-    with _reading(path, expected), path.open(encoding="utf-8") as f:
-        if not header:
-            rows = [row for row in csv.reader(f) if row]
-            if any(len(row) < 6 for row in rows):
-                raise MalformedData(f"{path}: a row with fewer than 6 cells; expected {expected}")
-            return rows
-        return [[row[c] for c in columns] for row in csv.DictReader(f)]
+    """Rows [question, A, B, C, D, answer letter]: the first six cells (no header) or the named ``columns``; a
+    short row or an answer that is not one of A–D is refused with the file and its line."""
+    expected = (f"a header with {', '.join(columns)}" if header else "rows of question, A, B, C, D, answer") + \
+        ", the answer one of A, B, C, D"
+    rows = []
+    with _reading(path, expected), path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        if header:
+            names = next(reader, None)
+            lacking = [c for c in columns if c not in (names or [])]
+            if lacking:
+                raise _malformed(path, "its header", f"no column {', '.join(lacking)}", expected)
+            at = [names.index(c) for c in columns]
+        for row in reader:
+            if not row:
+                continue
+            cells = [row[i] for i in at if i < len(row)] if header else row[:6]
+            if len(cells) < 6:
+                raise MalformedData(f"{path}: a row with fewer than 6 cells at line {reader.line_num}; "
+                                    f"expected {expected}")
+            cells[5] = cells[5].strip()
+            if cells[5] not in tuple(LETTERS):
+                raise _malformed(path, f"line {reader.line_num}", f"the answer is {cells[5]!r}", expected)
+            rows.append(cells)
+    return rows
 
 
 def load_mmlu(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
@@ -221,9 +280,17 @@ def load_bbh(data: Path, limit: int | None, shots: int | None = None) -> list[It
     items = []
     for path in sorted(_need(root / "bbh", "bbh/bbh/<task>.json").glob("*.json")):
         prompt_file = _need(root / "cot-prompts" / f"{path.stem}.txt", "bbh/cot-prompts/<task>.txt for every task")
-        cot = prompt_file.read_text(encoding="utf-8").split("-----", 1)[-1].strip() + "\n\n" if shots != 0 else ""
-        with _reading(path, '{"examples": [{"input": ..., "target": ...}, ...]}'):
-            for n, example in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
+        cot = ""
+        if shots != 0:
+            with _reading(prompt_file, "UTF-8 text: a header, -----, then the chain-of-thought examples"):
+                cot = prompt_file.read_text(encoding="utf-8").split("-----", 1)[-1].strip() + "\n\n"
+        expected = '{"examples": [{"input": "...", "target": "..."}, ...]} with string inputs and targets'
+        with _reading(path, expected):
+            examples = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(examples, dict) or not isinstance(examples.get("examples"), list):
+                raise _malformed(path, "the top level", f"{_shown(examples)} has no \"examples\" list", expected)
+            for n, example in enumerate(examples["examples"]):
+                _fields(example, path, f"example {n}", expected, ("input", "target"))
                 prompt = f"{cot}Q: {example['input']}\nA: Let's think step by step."
                 items.append(Item(f"bbh/{path.stem}/{n}", prompt, example["target"], stop=["\n\nQ:"],
                                   max_tokens=384))
@@ -234,20 +301,31 @@ def load_gsm8k(data: Path, limit: int | None, shots: int | None = None) -> list[
     root = _need(data / "gsm8k", "gsm8k/train.jsonl and gsm8k/test.jsonl")
     train_path, test_path = _need(root / "train.jsonl", "gsm8k/train.jsonl (the examples come from it)"), _need(
         root / "test.jsonl", "gsm8k/test.jsonl")
-    train = _read_jsonl(train_path)[:_shot_count("gsm8k", shots)]
-    test = _read_jsonl(test_path)
+    expected = 'objects with "question" and "answer" (a solution ending "#### <number>")'
+
+    def records(path: Path) -> list[dict]:
+        """Every record checked now, the test split's included: not after the model has answered it."""
+        out = []
+        for where, ex in _read_jsonl(path):
+            _fields(ex, path, where, expected, ("question", "answer"))
+            parts = ex["answer"].split("####")
+            if len(parts) != 2 or not parts[1].strip():
+                raise _malformed(path, where, f"the answer {_shown(ex['answer'])} does not end in one "
+                                 "\"#### <number>\"", expected)
+            out.append(ex)
+        return out
+
+    train = records(train_path)[:_shot_count("gsm8k", shots)]
+    test = records(test_path)
 
     def solution(answer: str) -> str:
         reasoning, final = answer.split("####")
         return f"{reasoning.strip()} The answer is {final.strip()}."
 
-    expected = 'objects with "question" and "answer" (a solution ending "#### <number>")'
-    with _reading(train_path, expected):
-        examples = "".join(f"Question: {ex['question']}\nAnswer: {solution(ex['answer'])}\n\n" for ex in train)
-    with _reading(test_path, expected):
-        items = [Item(f"gsm8k/{n}", f"{examples}Question: {ex['question']}\nAnswer:",
-                      scoring.gsm8k_reference(ex["answer"]), stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384)
-                 for n, ex in enumerate(test)]
+    examples = "".join(f"Question: {ex['question']}\nAnswer: {solution(ex['answer'])}\n\n" for ex in train)
+    items = [Item(f"gsm8k/{n}", f"{examples}Question: {ex['question']}\nAnswer:",
+                  scoring.gsm8k_reference(ex["answer"]), stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384)
+             for n, ex in enumerate(test)]
     return items[:limit] if limit else items
 
 
@@ -259,8 +337,10 @@ def load_math(data: Path, limit: int | None, shots: int | None = None) -> list[I
                        key=lambda p: (p.parent.name, (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem)))
         out = []
         for p in files:
-            with _reading(p, 'an object with "problem" and "solution"'):
-                record = json.loads(p.read_text(encoding="utf-8"))
+            expected = 'an object with "problem" and "solution" (strings)'
+            with _reading(p, expected):
+                record = _fields(json.loads(p.read_text(encoding="utf-8")), p, "the top level", expected,
+                                 ("problem", "solution"))
                 out.append({"problem": record["problem"], "solution": record["solution"],
                             "id": f"{p.parent.name}/{p.stem}"})
         return out
@@ -288,12 +368,14 @@ def load_humaneval(data: Path, limit: int | None, shots: int | None = None) -> l
     path = root / "HumanEval.jsonl"
     path = path if path.exists() else _need(root / "HumanEval.jsonl.gz", "humaneval/HumanEval.jsonl (or .jsonl.gz)")
     items = []
-    with _reading(path, 'objects with "task_id", "prompt", "test" and "entry_point"'):
-        for ex in _read_jsonl(path):
+    expected = 'objects with "task_id", "prompt", "test" and "entry_point" (strings)'
+    with _reading(path, expected):
+        for where, ex in _read_jsonl(path):
             def program(completion: str, ex: dict = ex) -> str:
                 return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
 
-            _require(ex, "task_id", "prompt", "test", "entry_point")  # now, not when the first program is built
+            # now, not when the first program is built
+            _fields(ex, path, where, expected, ("task_id", "prompt", "test", "entry_point"))
             items.append(Item(ex["task_id"], ex["prompt"], ex["test"], stop=CODE_STOP, max_tokens=512,
                               program=program))
     return items[:limit] if limit else items
@@ -308,15 +390,23 @@ def _mbpp_block(task: dict, with_code: bool) -> str:
 
 def load_mbpp(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
     path = _need(data / "mbpp" / "mbpp.jsonl", "mbpp/mbpp.jsonl")
-    with _reading(path, 'objects with "task_id", "text", "code" and "test_list"'):
-        tasks = {t["task_id"]: t for t in _read_jsonl(path)}
+    expected = 'objects with "task_id" (an integer), "text", "code" (strings) and "test_list" (a list of strings)'
+    with _reading(path, expected):
+        tasks = {}
+        for where, task in _read_jsonl(path):  # every record checked now, not when its prompt or program is built
+            _fields(task, path, where, expected, ("text", "code"), task_id=int, test_list=list)
+            if "test_setup_code" in task:
+                _fields(task, path, where, expected, ("test_setup_code",))
+            if not task["test_list"] or not all(isinstance(test, str) for test in task["test_list"]):
+                # no tests: any completion would pass
+                raise _malformed(path, where, f"'test_list' is {_shown(task['test_list'])}, not a list of test "
+                                 "strings", expected)
+            tasks[task["task_id"]] = task
         examples = (2, 3, 4)[:_shot_count("mbpp", shots)]
         missing = [i for i in examples if i not in tasks]
         if missing:
             raise MissingData(f"mbpp/mbpp.jsonl lacks the example tasks {missing} (the 3-shot prompt uses tasks 2–4)")
         shots = "".join(_mbpp_block(tasks[i], True) for i in examples)
-        for task in tasks.values():
-            _require(task, "text", "code", "test_list")  # now, not when its prompt is built
     items = []
     for task_id in sorted(t for t in tasks if 11 <= t <= 510):
         task = tasks[task_id]
