@@ -1,8 +1,11 @@
-"""The JSON files of a checkpoint folder: read with errors that name the file, values checked against declared types."""
+"""The JSON and text files dsv2 reads and writes: read with errors that name the file, values checked against
+declared types, written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -21,6 +24,19 @@ def read_text(path: Path, error: type[ValueError] = ValueError) -> str:
         raise error(f"{path}: is a folder, not a file") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from None
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file in the same folder and os.replace: an interrupt or a full
+    disk mid-write leaves the previous file (or none), never a torn one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the permissions a plain write would give
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
 
 
 def read_json(path: Path, error: type[ValueError] = ValueError) -> Any:

@@ -7,9 +7,7 @@ computes each few-shot prefix once. Multiple choice scores each option by the lo
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any
 from dsv2.engine.llm import LLM
 from dsv2.eval.sandbox import run_programs
 from dsv2.eval.tasks import BENCHMARKS, Benchmark, Item, check_tasks
+from dsv2.json_files import write_text_atomically
 from dsv2.sampling import SamplingParams
 
 
@@ -141,28 +140,15 @@ class Evaluator:
         return completion
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file in the same folder and os.replace: an interrupt or a full
-    disk mid-write leaves the previous file (or none), never a torn one."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the permissions a plain write would give
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-
-
 def write_results(results: list[TaskResult], out: Path, model: str, settings: dict[str, Any]) -> tuple[Path, Path]:
     """results.md: the model card's table (benchmark, domain, score); results.json: every sample, for auditing."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Model: `{model}`", "", "| Benchmark | Domain | Score | Questions |", "|---|---|---|---|"]
     lines += [f"| {r.benchmark.title} | {r.benchmark.domain} | {r.score:.1f} | {len(r.samples)} |" for r in results]
     table = out / "results.md"
-    _write_atomically(table, "\n".join(lines) + "\n")
+    write_text_atomically(table, "\n".join(lines) + "\n")
     audit = out / "results.json"
-    _write_atomically(audit, json.dumps({
+    write_text_atomically(audit, json.dumps({
         "model": model, "settings": settings,
         "scores": {r.benchmark.name: {"score": r.score, "questions": len(r.samples), "seconds": r.seconds}
                    for r in results},

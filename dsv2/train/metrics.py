@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from dsv2.json_files import read_text
+from dsv2.json_files import read_text, write_text_atomically
 
 log = logging.getLogger("dsv2.train")
 
@@ -24,9 +23,7 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
             kept = [json.dumps(r) for r in self.read(drop_torn_end=True) if r.get("step", 0) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
         elif resume_step is None and path.exists():
             path.unlink()
 
