@@ -288,7 +288,7 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 def _normalize_rope_scaling(rope_scaling: Any) -> dict[str, Any]:
     if not isinstance(rope_scaling, dict):
         raise ConfigError(f"config field 'rope_scaling' = {rope_scaling!r}: expected an object or null")
-    rope = dict(rope_scaling)
+    rope = {k: v for k, v in rope_scaling.items() if v is not None}  # null: unset, the setting's default
     kind = rope.pop("type", None) or rope.pop("rope_type", None)
     rope.pop("rope_type", None)
     rope.pop("rope_theta", None)

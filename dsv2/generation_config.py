@@ -38,6 +38,7 @@ class GenerationConfig:
         data = read_json(file)
         if not isinstance(data, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if v is not None}  # null: unset, the default (as transformers reads it)
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
             if name in hints and (problem := type_mismatch(value, hints[name])):

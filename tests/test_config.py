@@ -245,3 +245,14 @@ def test_generation_config_accepts_what_the_official_file_holds(tmp_path):
     assert (config.do_sample, config.temperature, config.top_p, config.eos_token_id) == (True, 0.3, 0.95, 100001)
     (tmp_path / "generation_config.json").write_text('{"temperature": 1, "eos_token_id": [1, 2], "top_k": 0}')
     assert GenerationConfig.from_pretrained(tmp_path).temperature == 1
+
+
+def test_nulls_mean_unset_in_rope_scaling_and_generation_config(tmp_path):
+    """A null there is transformers' "not set": the default, not an error."""
+    yarn = {**OFFICIAL_LITE["rope_scaling"], "mscale": None, "beta_fast": None}
+    config = ModelConfig.from_dict({**OFFICIAL_LITE, "rope_scaling": yarn})
+    assert "mscale" not in config.rope_scaling and "beta_fast" not in config.rope_scaling
+    assert config.rope_scaling["factor"] == OFFICIAL_LITE["rope_scaling"]["factor"]
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_p": null, "top_k": null}')
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.temperature, loaded.top_p, loaded.top_k) == (0.3, GenerationConfig().top_p, GenerationConfig().top_k)
