@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from dsv2.generate import stream
@@ -61,6 +61,15 @@ class ChatSession:
                 self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
+def without_leading_space(deltas: Iterable[str]) -> Iterator[str]:
+    """An answer's text deltas without the space the chat template puts before the answer."""
+    started = False
+    for delta in deltas:
+        delta = delta if started else delta.lstrip()
+        started = started or bool(delta)
+        yield delta
+
+
 def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """The read-eval-print loop; ``read`` is ``input`` (with readline history when available)."""
     if read is input:
@@ -94,10 +103,7 @@ def _turn(session: ChatSession, read: Callable[[str], str], out: TextIO) -> bool
     if not line:
         return True
     try:
-        started = False
-        for delta in session.respond(line):
-            delta = delta if started else delta.lstrip()  # the template puts a space before the answer
-            started = started or bool(delta)
+        for delta in without_leading_space(session.respond(line)):
             out.write(delta)
             out.flush()
         print(file=out)

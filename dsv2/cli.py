@@ -49,6 +49,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from dsv2.chat import without_leading_space
     from dsv2.generate import stream
 
     model = load_model(args)
@@ -59,11 +60,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                                add_generation_prompt=True)
     else:
         prompt = tokenizer.encode(args.prompt)
-    started = not (args.chat or args.system)  # an answer's first text: without the space the template puts before it
+    deltas = stream(model, tokenizer, prompt, **generate_kwargs(args))
     try:
-        for delta in stream(model, tokenizer, prompt, **generate_kwargs(args)):
-            delta = delta if started else delta.lstrip()
-            started = started or bool(delta)
+        for delta in without_leading_space(deltas) if args.chat or args.system else deltas:
             print(delta, end="", flush=True)
     except KeyboardInterrupt:
         pass

@@ -133,11 +133,11 @@ def test_a_sharded_preset_is_allocated_only_as_its_shards_with_the_whole_models_
     draw = transformer._seeded_normal_
     monkeypatch.setattr(transformer, "_seeded_normal_", lambda param, *args: (
         drawn.__setitem__(args[2], tuple(param.shape)), draw(param, *args)))
-    whole, _ = build_model(config(corpus, tmp_path / "one"), torch.device("cpu"))
+    whole = build_model(config(corpus, tmp_path / "one"), torch.device("cpu"))
     assert drawn["model.layers.1.mlp.experts.gate_proj"] == (8, 32, 64)
     drawn.clear()
-    rank_1, _ = build_model(config(corpus, tmp_path / "two", expert_parallel=2), torch.device("cpu"), rank=1,
-                            world_size=2)
+    rank_1 = build_model(config(corpus, tmp_path / "two", expert_parallel=2), torch.device("cpu"), rank=1,
+                         world_size=2)
     assert drawn["model.layers.1.mlp.experts.gate_proj"] == (4, 32, 64)  # never the whole stack
     whole_state, rank_state = whole.state_dict(), rank_1.state_dict()
     assert whole_state.keys() == rank_state.keys()
@@ -150,7 +150,7 @@ def test_a_sharded_preset_is_allocated_only_as_its_shards_with_the_whole_models_
     assert sharded_on == [{"meta"}]
     std = whole_state["model.layers.0.self_attn.q_proj.weight"].std().item()
     assert abs(std - 0.006) < 0.001 and (whole_state["model.norm.weight"] == 1).all()
-    reseeded, _ = build_model(config(corpus, tmp_path / "three", seed=1), torch.device("cpu"))
+    reseeded = build_model(config(corpus, tmp_path / "three", seed=1), torch.device("cpu"))
     assert not torch.equal(reseeded.model.embed_tokens.weight, whole.model.embed_tokens.weight)
 
 

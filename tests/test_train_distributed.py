@@ -158,8 +158,8 @@ def _rank_building_a_sharded_preset(rank: int, world: int, port: int, config: di
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model, _ = build_model(TrainConfig.load(None, **config), torch.device("cpu"), rank, world,
-                               shard=fully_shard_model)
+        model = build_model(TrainConfig.load(None, **config), torch.device("cpu"), rank, world,
+                            shard=fully_shard_model)
         whole = {name: p.full_tensor() for name, p in model.named_parameters()}  # every rank takes part
         if rank == 0:
             torch.save((whole, model.lm_head.weight is model.model.embed_tokens.weight), out)
@@ -176,7 +176,7 @@ def test_fsdp_shards_of_a_preset_over_3_ranks_hold_the_whole_models_values(corpu
     mp.spawn(_rank_building_a_sharded_preset, args=(3, free_port(), config, str(tmp_path / "whole.pt")), nprocs=3,
              join=True)
     gathered, still_tied = torch.load(tmp_path / "whole.pt")
-    one, _ = build_model(TrainConfig.load(None, **config), torch.device("cpu"))
+    one = build_model(TrainConfig.load(None, **config), torch.device("cpu"))
     expected = dict(one.named_parameters())
     assert gathered.keys() == expected.keys() and still_tied == tied
     for name, tensor in expected.items():

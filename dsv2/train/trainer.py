@@ -89,8 +89,8 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
 
 def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1,
                 shard: Callable[[DeepseekV2ForCausalLM], None] | None = None,
-                ) -> tuple[DeepseekV2ForCausalLM, Path | None]:
-    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder; and where its tokenizer is.
+                ) -> DeepseekV2ForCausalLM:
+    """A fresh model from a preset (init std ``init_std``) or a checkpoint folder (the Trainer finds the tokenizer).
 
     A preset is built on the meta device, its experts sharded (expert parallelism: each rank holds only its own; they
     are ~58 of V2-Lite's ~63 GB in float32) and ``shard`` applied (FSDP: `fully_shard_model`) before its weights are
@@ -111,7 +111,6 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_
         model.init_weights(seed=config.seed)
         if shard is not None and tied:
             shard(model)
-        tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
     else:
         model = _load_for_training(config.model, config.expert_parallel, device, rank, world_size)
         if shard is not None:
@@ -120,8 +119,7 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_
             for module in model.modules():
                 if hasattr(module, "aux_loss_alpha"):
                     module.aux_loss_alpha = config.aux_loss_alpha
-        tokenizer_dir = Path(config.tokenizer or config.model)
-    return model.train(), tokenizer_dir
+    return model.train()
 
 
 def _load_for_training(path: str | Path, expert_parallel: int, device: torch.device, rank: int,
@@ -178,8 +176,8 @@ class Trainer:
         self.dataset = self._dataset(token_file)
         self._check_vocabulary(model_config_for(config).vocab_size)
         fsdp = self.dist.enabled and config.data_parallel == "fsdp"
-        self.model, _ = build_model(config, self.device, self.dist.rank, self.dist.world_size,
-                                    shard=fully_shard_model if fsdp else None)
+        self.model = build_model(config, self.device, self.dist.rank, self.dist.world_size,
+                                 shard=fully_shard_model if fsdp else None)
         self.model_config = self.model.config
         devices = config.expert_parallel
         if config.device_limit:
