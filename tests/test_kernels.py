@@ -234,6 +234,8 @@ def test_fused_decoding_equals_the_gathered_path(monkeypatch, path, paged, dtype
     (1, 13, 21, 64),  # 8 rows, then 5
     (3, 16, 8, 32),  # per-head weights (MLA's W_UK / W_UV), 16 rows
     (2, 4, 130, 256),
+    (16, 1, 256, 64),  # MLA's W_UK for one token: 16-row blocks of short rows
+    (16, 1, 64, 256),  # and W_UV
 ])
 def test_kernel_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
     torch.manual_seed(M)
@@ -248,6 +250,21 @@ def test_kernel_small_matmul_equals_the_exact_product(dtype, G, M, N, K):
     if G == 1:  # a linear layer's form: x [..., K] · weight [N, K]ᵀ → [..., N], the same sums
         rows = x[0].reshape(M, 1, K)
         assert kernels.cpu_ops().small_matmul(rows, weight[0]).equal(got[0].view(M, 1, N))
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_small_matmul_one_row_gives_each_rows_own_sum(dtype):
+    """One input row: the weight's rows in blocks (16 at a time on AMD) give each row's sum as that row alone does, bit
+    for bit; a NaN in one row spoils only that row's value."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 1, 64).to(dtype), torch.randn(3, 37, 64).to(dtype)
+    weight[1, 20, 5] = float("nan")
+    ops = kernels.cpu_ops()
+    got = ops.small_matmul(x, weight)  # [3, 1, 37]
+    alone = torch.cat([ops.small_matmul(x, weight[:, n:n + 1]) for n in range(37)], dim=2)
+    assert got.isnan().nonzero().tolist() == [[1, 0, 20]]
+    assert torch.equal(got.nan_to_num(), alone.nan_to_num())
 
 
 @built

@@ -194,9 +194,8 @@ inline __m512 sum_each(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(h0, h1, 0x88), _mm512_shuffle_f32x4(h0, h1, 0xDD));
 }
 
-// out[m·ldo + r] = Σ_k w[r·K + k] · x[m][k] for R weight rows and M input rows; the R rows after them are prefetched
-// (unless Prefetch is false).
-template <typename Step, int R, int M, bool Prefetch = true>
+// out[m·ldo + r] = Σ_k w[r·K + k] · x[m][k] for R weight rows and M input rows; the R rows after them are prefetched.
+template <typename Step, int R, int M>
 inline void tile(const typename Step::T* w, const typename Step::T* const* x, int64_t K, typename Step::T* out,
                  int64_t ldo) {
   static_assert(R * M <= 16, "tile: at most 16 accumulators");
@@ -215,7 +214,7 @@ inline void tile(const typename Step::T* w, const typename Step::T* const* x, in
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      if constexpr (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
       wv[r] = Step::load(w + r * K + k);
       if constexpr (M > 1) __asm__("" : "+v"(wv[r]));
     }
@@ -251,10 +250,39 @@ inline void tile_split(const typename Step::T* w, const typename Step::T* const*
 // a time (R streams): on AMD (Zen 4, 2 cores) a bf16 weight streamed for one row at 20-30 GB/s that way against 13-20
 // GB/s in 4-row tiles (float32 1.05-1.4×); Intel machines keep the tiles they were tuned with. Such a stream is left
 // to the hardware prefetcher: without prefetching the next row as well, batch-1 decode steps were 1.05-1.10× faster
-// in bf16 and 1.04× in float32 there, a weight streamed 5-16% faster (same-process A/B).
+// in bf16 and 1.04× in float32 there, a weight streamed 5-16% faster (same-process A/B). See rows_in_turn.
 inline bool one_row_streams() {
   static const bool amd = __builtin_cpu_is("amd");
   return amd;
+}
+
+// Lanes [0, n) of v rounded to T and stored to out[0, n): bf16 rounds to nearest even as c10::BFloat16 does (NaN to
+// its quiet NaN; input denormals kept, which VCVTNEPS2BF16 would flush).
+inline void store_lanes(__m512 v, int n, float* out) { _mm512_mask_storeu_ps(out, (1u << n) - 1, v); }
+inline void store_lanes(__m512 v, int n, bf16* out) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(out, (1u << n) - 1, _mm512_cvtepi32_epi16(rounded));
+}
+
+// R weight rows against one input row, the rows read one after another (one sequential stream), each row's sum in
+// its own register: the R sums are reduced together (sum_each) and stored as one vector, the same sums as one row at a
+// time, bit for bit. A reduction and a scalar store per row had been most of the work of short rows: in cache, bf16
+// on 2 threads, 16 heads' [256, 64] W_UK 27 → 58 GB/s (16-row blocks), [64, 256] W_UV 51 → 80, a [1024, 352] expert
+// 63 → 84; batch-1 decode of a 14M-active-parameter model (weights in cache) 1.12× in bf16; the benchmark's model,
+// which streams its weights from memory, 1.00-1.02×.
+template <typename Step, int R>
+inline void rows_in_turn(const typename Step::T* w, const typename Step::T* x, int64_t K, typename Step::T* out) {
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += Step::values)
+      acc[r] = Step::fma(Step::load(w + r * K + k), Step::load(x + k), acc[r]);
+  }
+  store_lanes(sum_each<R>(acc), R, out);
 }
 
 // R weight rows against m ∈ [1, TILE_INPUTS] input rows.
@@ -262,8 +290,7 @@ template <typename Step, int R>
 inline void tile_any(const typename Step::T* w, const typename Step::T* const* x, int64_t m, int64_t K,
                      typename Step::T* out, int64_t ldo) {
   if (m == 1 && one_row_streams()) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) tile<Step, 1, 1, false>(w + r * K, x, K, out + r, ldo);
+    rows_in_turn<Step, R>(w, x[0], K, out);
     return;
   }
   switch (m) {

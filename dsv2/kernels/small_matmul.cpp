@@ -5,7 +5,8 @@
 // its bf16 gemv (`torch.mv`) read a 1,536 × 1,024 weight at 13-25 GB/s here, oneDNN's matmul at 8 rows no faster,
 // and a batched matmul of 16 heads × one row ran at ~4 GB/s. This kernel gives each thread a contiguous run of
 // 4-row blocks of the weight (so the hardware prefetcher streams it), keeps up to 16 float32 accumulators in registers
-// (4 rows × ≤ 4 input rows, or 2 × 5-8: up to 8 input rows per pass over a block), and prefetches the next block.
+// (4 rows × ≤ 4 input rows, or 2 × 5-8: up to 8 input rows per pass over a block), and prefetches the next block; one
+// input row on AMD takes 16-row blocks, each row read in turn (rows_in_turn, common.h).
 // bf16 multiplies pairs with AVX512-BF16 (VDPBF16PS: exact products, float32 sums), float32 with FMAs; the result is
 // rounded to the input's dtype once.
 // bf16 with 5-16 rows runs on the AMX tiles instead (`small_matmul_amx`), where the register tiles turn
@@ -33,24 +34,37 @@ void small_matmul_impl(const Product<typename Step::T>* products, int64_t count,
   using T = typename Step::T;
   constexpr int64_t MAX_PRODUCTS = 4;
   TORCH_CHECK(count >= 1 && count <= MAX_PRODUCTS, "small_matmul: 1 to 4 products at once");
+  // one input row where rows stream one at a time (AMD): blocks of 16 rows, each row's sum in its own register
+  // (rows_in_turn); otherwise 4-row register tiles
+  const bool in_turn = products[0].M == 1 && one_row_streams();
+  const int64_t block_rows = in_turn ? TILE : ROWS;
   int64_t first_task[MAX_PRODUCTS + 1] = {0}, blocks[MAX_PRODUCTS], K_max = 0;
   for (int64_t i = 0; i < count; ++i) {
     const auto& p = products[i];
-    blocks[i] = (p.N - first_row + ROWS - 1) / ROWS;  // 4-row blocks per group; the last may be short
+    TORCH_CHECK(p.M == products[0].M, "small_matmul: products of the same number of rows");
+    blocks[i] = (p.N - first_row + block_rows - 1) / block_rows;  // blocks per group; the last may be short
     first_task[i + 1] = first_task[i] + p.G * blocks[i];
     K_max = std::max(K_max, p.K);
   }
   // grain: ~64 KB of weight per task at least, so small products stay on one thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (ROWS * K_max * sizeof(T)));
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (block_rows * K_max * sizeof(T)));
   parallel_tasks(first_task[count], grain, [&](int64_t begin, int64_t end) {
     int64_t i = 0;
     for (int64_t task = begin; task < end; ++task) {
       while (task >= first_task[i + 1]) ++i;
       const auto& p = products[i];
       const int64_t M = p.M, K = p.K, N = p.N, local = task - first_task[i];
-      const int64_t g = local / blocks[i], n0 = first_row + (local % blocks[i]) * ROWS, rows = std::min(ROWS, N - n0);
+      const int64_t g = local / blocks[i], n0 = first_row + (local % blocks[i]) * block_rows;
+      const int64_t rows = std::min(block_rows, N - n0);
       const T* w = p.w + (g * N + n0) * K;
       T* o = p.out + g * M * N + n0;
+      if (in_turn) {
+        if (rows == TILE)
+          rows_in_turn<Step, TILE>(w, p.x + g * p.x_g, K, o);
+        else
+          for (int64_t r = 0; r < rows; ++r) rows_in_turn<Step, 1>(w + r * K, p.x + g * p.x_g, K, o + r);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < M; m0 += COLS) {
         const int64_t cols = std::min(COLS, M - m0);
         const T* xr[COLS];
