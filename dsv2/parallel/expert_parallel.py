@@ -25,6 +25,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.config import ModelConfig
 from dsv2.model.moe import MoE, RoutedExperts, grouped_linear
 
 
@@ -153,6 +154,16 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     """The names of the expert-parallel slices' parameters in ``model`` (none before `shard_experts`)."""
     return [f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, ExpertParallelExperts)
             for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def check_expert_split(config: ModelConfig, ranks: int, setting: str) -> None:
+    """Before any model is built: a ValueError naming ``setting`` unless ``config``'s model has routed experts
+    that split evenly over ``ranks``."""
+    if not any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        raise ValueError(f"{setting}={ranks}: the model has no MoE layers, so no routed experts to split over ranks")
+    if config.n_routed_experts % ranks:
+        raise ValueError(f"{setting}={ranks}: the model's n_routed_experts = {config.n_routed_experts} cannot be "
+                         f"split evenly over {ranks} ranks")
 
 
 def shard_experts(model: nn.Module, rank: int, world_size: int) -> list[str]:

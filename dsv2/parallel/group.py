@@ -41,7 +41,7 @@ from dsv2.engine.scheduler import Batch
 from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.parallel.process_group import end_process_group
-from dsv2.parallel.tensor_parallel import SKIP, shard_for_data_parallel, shard_model
+from dsv2.parallel.tensor_parallel import SKIP, check_split, shard_for_data_parallel, shard_model
 from dsv2.weights import load_weights
 
 log = logging.getLogger("dsv2.parallel")
@@ -171,6 +171,7 @@ class ParallelGroup:
             raise ValueError(f"{what}={world} but only {torch.cuda.device_count()} CUDA devices")
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be at least 1")
+        check_split(ModelConfig.from_pretrained(path), world, expert_parallel, data_parallel)  # before any rank starts
         self.world, self.block_size, self.data_parallel, self.closed = world, block_size, data_parallel, False
         self.broken: str | None = None  # why the ranks are out of step, after a failed step
         self.caller_threads = torch.get_num_threads()  # rank 0 takes its share of the cores until close()

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.config import ModelConfig
 from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.linear import Linear, linear
 from dsv2.model.moe import MLP, MoE, RoutedExperts
@@ -191,3 +192,16 @@ def shard_for_data_parallel(model: DeepseekV2ForCausalLM, rank: int, world: int,
         per_rank = _split(model.config.n_routed_experts or 0, world, "n_routed_experts")
         experts = dict.fromkeys(shard_experts(model, rank, world), per_rank)
     return ShardPlan(rank, world, expert_parallel, {}, experts)
+
+
+def check_split(config: ModelConfig, world: int, expert_parallel: bool, data_parallel: bool) -> None:
+    """Before any rank starts: a ValueError naming the size parameter if ``config``'s model cannot be split over
+    ``world`` ranks (heads, vocabulary, MLP widths or experts that do not divide evenly), tried on the meta device."""
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(config)
+    shard = shard_for_data_parallel if data_parallel else shard_model
+    try:
+        shard(model, 0, world, expert_parallel)
+    except ValueError as e:
+        what = "data_parallel_size" if data_parallel else "tensor_parallel_size"
+        raise ValueError(f"{what}={world}: {e}") from None

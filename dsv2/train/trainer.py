@@ -27,6 +27,7 @@ from dsv2.malloc import keep_freed_memory
 from dsv2.model import DeepseekV2ForCausalLM
 from dsv2.model.transformer import copy_whole_
 from dsv2.parallel.expert_parallel import (
+    check_expert_split,
     dropped_counts,
     expert_parameter_names,
     protected_tokens,
@@ -174,7 +175,10 @@ class Trainer:
         token_file = None if config.sft_data else TokenFile.open(config.data)
         self.tokenizer_dir = self._tokenizer_dir(token_file)
         self.dataset = self._dataset(token_file)
-        self._check_vocabulary(model_config_for(config).vocab_size)
+        model_config = model_config_for(config)
+        self._check_vocabulary(model_config.vocab_size)
+        if config.expert_parallel > 1:
+            check_expert_split(model_config, config.expert_parallel, "expert_parallel")
         fsdp = self.dist.enabled and config.data_parallel == "fsdp"
         self.model = build_model(config, self.device, self.dist.rank, self.dist.world_size,
                                  shard=fully_shard_model if fsdp else None)
@@ -257,10 +261,12 @@ class Trainer:
     def _load_weights(self, checkpoint: Path) -> None:
         """Model weights (this rank's expert slice), data position and random state of a checkpoint."""
         state = load_state(checkpoint)
-        rank_state = load_state(checkpoint, self.dist.rank)  # now: a missing or torn file is found before any work
         if state["world_size"] != self.dist.world_size or state["expert_parallel"] != self.config.expert_parallel:
             raise ValueError(f"{checkpoint} was written by {state['world_size']} rank(s) with expert_parallel="
                              f"{state['expert_parallel']}; resume it with the same layout")
+        # after the layout check (another world size: a rank's file may not exist, and is not to blame), and before
+        # any work, so that a missing or torn file is found now
+        rank_state = load_state(checkpoint, self.dist.rank)
         saved, now = state.get("config", {}), self.config.to_dict()
         changed = [name for name in RESUME_MUST_MATCH if name in saved and saved[name] != now.get(name)]
         if changed:
