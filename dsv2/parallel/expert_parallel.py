@@ -29,6 +29,13 @@ from dsv2.config import ModelConfig
 from dsv2.model.moe import MoE, RoutedExperts, grouped_linear
 
 
+def split_evenly(n: int, world: int, what: str) -> int:
+    """n // world, or a ValueError naming ``what`` where world ranks cannot share n equally."""
+    if n % world:
+        raise ValueError(f"{what} = {n} cannot be split evenly over {world} ranks")
+    return n // world
+
+
 def _all_to_all(output: torch.Tensor, sent: torch.Tensor, output_splits: list[int],
                 sent_splits: list[int]) -> torch.Tensor:
     """Rows of ``sent`` go to the ranks by ``sent_splits``, received into ``output`` by ``output_splits``;
@@ -44,10 +51,8 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: RoutedExperts, rank: int, world_size: int) -> None:
         super().__init__()
-        if experts.num_experts % world_size:
-            raise ValueError(f"{experts.num_experts} routed experts cannot be split evenly over {world_size} ranks")
         self.num_experts, self.world_size, self.rank = experts.num_experts, world_size, rank
-        self.local = experts.num_experts // world_size
+        self.local = split_evenly(experts.num_experts, world_size, "n_routed_experts")
         self.first_expert = rank * self.local  # the index of gate_proj[0] among the layer's experts
         owned = slice(self.first_expert, self.first_expert + self.local)
         self.gate_proj = nn.Parameter(experts.gate_proj.detach()[owned].clone())  # [E/world, I, H]
@@ -161,9 +166,10 @@ def check_expert_split(config: ModelConfig, ranks: int, setting: str) -> None:
     that split evenly over ``ranks``."""
     if not any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
         raise ValueError(f"{setting}={ranks}: the model has no MoE layers, so no routed experts to split over ranks")
-    if config.n_routed_experts % ranks:
-        raise ValueError(f"{setting}={ranks}: the model's n_routed_experts = {config.n_routed_experts} cannot be "
-                         f"split evenly over {ranks} ranks")
+    try:
+        split_evenly(config.n_routed_experts, ranks, "n_routed_experts")
+    except ValueError as e:
+        raise ValueError(f"{setting}={ranks}: the model's {e}") from None
 
 
 def shard_experts(model: nn.Module, rank: int, world_size: int) -> list[str]:

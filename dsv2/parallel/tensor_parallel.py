@@ -33,15 +33,9 @@ from dsv2.model.attention import MultiHeadLatentAttention
 from dsv2.model.linear import Linear, linear
 from dsv2.model.moe import MLP, MoE, RoutedExperts
 from dsv2.model.transformer import DeepseekV2ForCausalLM
-from dsv2.parallel.expert_parallel import shard_experts
+from dsv2.parallel.expert_parallel import shard_experts, split_evenly
 
 SKIP = "skip"  # a checkpoint tensor this rank does not hold (another rank's expert)
-
-
-def _split(n: int, world: int, what: str) -> int:
-    if n % world:
-        raise ValueError(f"{what} = {n} cannot be split evenly over {world} ranks")
-    return n // world
 
 
 class RowParallelLinear(nn.Linear):
@@ -131,9 +125,9 @@ def _cut(layer: nn.Linear, dim: int, world: int, cls: type[nn.Linear] = Linear) 
     """A fresh (meta) linear layer of the local shape: dim 0 = output rows, 1 = input columns."""
     out_f, in_f = layer.out_features, layer.in_features
     if dim == 0:
-        out_f = _split(out_f, world, "output features")
+        out_f = split_evenly(out_f, world, "output features")
     else:
-        in_f = _split(in_f, world, "input features")
+        in_f = split_evenly(in_f, world, "input features")
     with torch.device("meta"):
         return cls(in_f, out_f, bias=layer.bias is not None)
 
@@ -144,7 +138,7 @@ def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_para
     config = model.config
     dims: dict[str, int] = {}
     experts: dict[str, int] = {}
-    vocab = _split(config.vocab_size, world, "vocab_size")
+    vocab = split_evenly(config.vocab_size, world, "vocab_size")
     with torch.device("meta"):
         model.model.embed_tokens = VocabParallelEmbedding(vocab, config.hidden_size, rank * vocab)
         model.lm_head = VocabParallelHead(config.hidden_size, vocab, bias=False)
@@ -153,7 +147,7 @@ def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_para
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}"
         attn: MultiHeadLatentAttention = layer.self_attn
-        attn.num_heads = _split(attn.num_heads, world, "num_attention_heads")
+        attn.num_heads = split_evenly(attn.num_heads, world, "num_attention_heads")
         q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
         for name, dim, cls in ((q_name, 0, Linear), ("kv_b_proj", 0, Linear), ("o_proj", 1, RowParallelLinear)):
             setattr(attn, name, _cut(getattr(attn, name), dim, world, cls))
@@ -165,14 +159,14 @@ def shard_model(model: DeepseekV2ForCausalLM, rank: int, world: int, expert_para
                 mlps.append((f"{prefix}.mlp.shared_experts", moe.shared_experts))
             E, H, width = moe.experts.num_experts, config.hidden_size, config.moe_intermediate_size
             if expert_parallel:
-                local = _split(E, world, "n_routed_experts")
+                local = split_evenly(E, world, "n_routed_experts")
                 with torch.device("meta"):
                     moe.experts = ParallelRoutedExperts(local, H, width, rank * local, E)
                 for p in ("gate_proj", "up_proj", "down_proj"):
                     experts[f"{prefix}.mlp.experts.{p}"] = local
             else:
                 with torch.device("meta"):
-                    moe.experts = ParallelRoutedExperts(E, H, _split(width, world, "moe_intermediate_size"), 0, E)
+                    moe.experts = ParallelRoutedExperts(E, H, split_evenly(width, world, "moe_intermediate_size"), 0, E)
                 dims.update({f"{prefix}.mlp.experts.gate_proj": 0, f"{prefix}.mlp.experts.up_proj": 0,
                              f"{prefix}.mlp.experts.down_proj": 1})  # per expert tensor: [I, H] and [H, I]
         for name, mlp in mlps:
@@ -189,7 +183,7 @@ def shard_for_data_parallel(model: DeepseekV2ForCausalLM, rank: int, world: int,
     ``expert_parallel`` only E/W routed experts per MoE layer, reached by all-to-all; without, whole replicas."""
     experts: dict[str, int] = {}
     if expert_parallel:
-        per_rank = _split(model.config.n_routed_experts or 0, world, "n_routed_experts")
+        per_rank = split_evenly(model.config.n_routed_experts or 0, world, "n_routed_experts")
         experts = dict.fromkeys(shard_experts(model, rank, world), per_rank)
     return ShardPlan(rank, world, expert_parallel, {}, experts)
 
