@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from dsv2.detokenize import IncrementalDetokenizer
+from dsv2.generation_config import GenerationConfig
 from dsv2.model import DeepseekV2ForCausalLM, LatentCache
 from dsv2.model.cuda_graph import GraphedDecodeStep, graphs_apply
 from dsv2.sampling import SamplingParams, SamplingRow, greedy_tokens, plainly_greedy, sample
@@ -95,7 +96,7 @@ def decode_steps(model: DeepseekV2ForCausalLM, prompts: Sequence[Sequence[int]],
         else:
             tokens = greedy_tokens(logits, rows)  # [B, 1]
             if tokens is None:
-                tokens = sample(logits[:, -1], rows)[:, None]
+                tokens = sample(logits[:, -1], rows, min_p_first=False)[:, None]  # transformers' order
             drawn = [token for (token,) in tokens.tolist()]
         for row, token in enumerate(drawn):
             rows[row].output_ids.append(token)
@@ -161,34 +162,46 @@ def _without_grad(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, **kwarg
 
 def _settings(model: DeepseekV2ForCausalLM, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
               kwargs: dict, prompt_length: int) -> tuple[SamplingParams, list[int], int | None]:
-    """The model's generation_config overridden by the call's arguments → (params, EOS ids, pad id).
-    transformers' ``max_length`` (prompt included) becomes max_new_tokens; ``use_cache`` (always on) and
-    ``num_beams=1`` are accepted; other names that `sampling_params` lacks get an error that lists the ones it has."""
-    kwargs = dict(kwargs)
+    """The model's generation_config (or the call's ``generation_config``) overridden by the call's arguments →
+    (params, EOS ids, pad id). As in transformers, an argument of None means "not set". transformers'
+    ``max_length`` (prompt included) becomes max_new_tokens, which wins where both are set at the same level (the
+    call's arguments beat the config's); ``use_cache`` (always on)
+    and ``num_beams=1`` are accepted; other names that `sampling_params` lacks get an error that lists the ones it
+    has."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.pop("use_cache", None)
     names = list(inspect.signature(sampling_params).parameters)
     supported = (f"supported: {', '.join(names)}, max_length, eos_token_id, pad_token_id, attention_mask, tokenizer, "
-                 "streamer, use_cache, num_beams=1")
+                 "streamer, generation_config, use_cache, num_beams=1")
     num_beams = kwargs.pop("num_beams", None)
     if num_beams not in (None, 1):
         raise ValueError(f"num_beams={num_beams}: beam search is not supported, only greedy decoding or sampling "
                          f"({supported})")
-    max_length = kwargs.pop("max_length", None)
-    if max_length is not None and kwargs.get("max_new_tokens") is None:  # as in transformers, max_new_tokens wins
-        if max_length <= prompt_length:
-            raise ValueError(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt")
-        kwargs["max_new_tokens"] = max_length - prompt_length
-    unknown = sorted(set(kwargs) - set(names))
+    config = kwargs.pop("generation_config", None) or model.generation_config
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"generation_config must be a dsv2.GenerationConfig, got {type(config).__name__}")
+    unknown = sorted(set(kwargs) - set(names) - {"max_length"})
     if unknown:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)} ({supported})")
-    defaults = model.generation_config.generate_kwargs()
+    defaults = config.generate_kwargs()
     default_eos, default_pad = defaults.pop("eos_token_id", None), defaults.pop("pad_token_id", None)
     if default_eos is None:  # a generation_config.json without one: the model's own EOS still ends a reply
         default_eos = model.config.eos_token_id
     eos = default_eos if eos_token_id is None else eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     pad = default_pad if pad_token_id is None else pad_token_id
-    return sampling_params(**{**defaults, **kwargs}), eos_ids, pad
+    if "max_length" in kwargs and "max_new_tokens" not in kwargs:  # the call's length beats the config's
+        defaults.pop("max_new_tokens", None)
+    merged = {**defaults, **kwargs}
+    max_length = merged.pop("max_length", None)
+    if max_length is not None and merged.get("max_new_tokens") is None:  # as in transformers, max_new_tokens wins
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt")
+        merged["max_new_tokens"] = max_length - prompt_length
+    max_new_tokens = merged.get("max_new_tokens")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+    return sampling_params(**merged), eos_ids, pad
 
 
 @torch.no_grad()
@@ -203,8 +216,7 @@ def generate(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, attention_ma
     step's tokens [B] (rows already done: the pad id) as they are drawn, and ``end()``. Greedy steps drawn in one
     call (`GreedyChunks`) reach it together.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    _check_inputs(input_ids, attention_mask)
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[keep].tolist() for row, keep in zip(input_ids, mask, strict=True)]
     params, eos_ids, pad = _settings(model, eos_token_id, pad_token_id, kwargs, input_ids.shape[1])
@@ -229,10 +241,24 @@ def generate(model: DeepseekV2ForCausalLM, input_ids: torch.Tensor, attention_ma
     if streamer is not None:
         streamer.end()
     width = max(len(t) for t in new_tokens)
-    out = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    out = torch.full((len(prompts), width), pad, dtype=torch.long, device=input_ids.device)
     for row, tokens in enumerate(new_tokens):
-        out[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-    return torch.cat([input_ids, out], dim=1)
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return torch.cat([input_ids.long(), out], dim=1)  # int64 whatever the prompt's dtype, as in transformers
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """input_ids: an integer tensor [batch, seq]; attention_mask, where given, of the same shape."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor [batch, seq], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
 
 
 def stream(model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | torch.Tensor,

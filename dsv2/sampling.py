@@ -1,12 +1,15 @@
 """SamplingParams (vLLM's names and defaults) and a batched sampler with per-row parameters.
 
 Per row, in vLLM's order: the logit bias, repetition penalty (prompt + output tokens), presence/frequency
-penalties (output tokens), temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy. A row with a seed
-draws from its own generator, so its tokens do not depend on what else is in the batch.
+penalties (output tokens), temperature, min-p, top-k, top-p (over what min-p and top-k leave), then a draw; with
+``min_p_first=False`` (`generate`, as transformers) min-p comes last, over the top-k / top-p survivors. Temperature
+0 is greedy. A row with a seed draws from its own generator, so its tokens do not depend on what else is
+in the batch.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -127,6 +130,10 @@ class SamplingParams:
         k = self.truncate_prompt_tokens
         return list(prompt_token_ids if k is None else prompt_token_ids[-k:])
 
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's ``SamplingParams.clone``)."""
+        return copy.deepcopy(self)
+
     @property
     def greedy(self) -> bool:
         # as vLLM: a temperature this small is greedy (logits / 1e-38 overflow to inf, and softmax gives NaN)
@@ -180,10 +187,10 @@ def greedy_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     return logits.max(dim=-1).indices  # argmax's ties (the first maximum), 1.8 vs 2.6 ms for 64 × 32k
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None = None,
+           min_p_first: bool = True) -> torch.Tensor:
     """logits [B, V] → one token id per row [B], each row with its own parameters. Rows without a seed draw from
-    ``generator`` (default: torch's global one)."""
+    ``generator`` (default: torch's global one). ``min_p_first``: see `filtered_probs`."""
     assert logits.shape[0] == len(rows)
     plain = greedy_tokens(logits, rows)
     if plain is not None:
@@ -196,7 +203,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     greedy = torch.tensor([row.params.greedy for row in rows], device=device)  # [B]
     temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows],
                                device=device)[:, None]  # [B, 1]: greedy rows take `best` below
-    probs = filtered_probs(logits / temperature, rows)  # [B, V]
+    probs = filtered_probs(logits / temperature, rows, min_p_first)  # [B, V]
     # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p; a seeded row draws from its own generator.
     race = torch.empty_like(probs)
     unseeded = [i for i, row in enumerate(rows) if row.generator is None]
@@ -250,8 +257,10 @@ def penalized(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
     return logits - column("presence_penalty") * (counts > 0) - column("frequency_penalty") * counts
 
 
-def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Softmax of logits [B, V] restricted to each row's top-k, top-p nucleus and min-p floor."""
+def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow], min_p_first: bool = True) -> torch.Tensor:
+    """Softmax of logits [B, V] restricted to each row's top-k, top-p nucleus and min-p floor. ``min_p_first`` (vLLM
+    V1): the min-p floor is set on the whole distribution and the nucleus taken from what it and top-k leave;
+    otherwise (transformers) the floor is set last, on the top-k / top-p survivors."""
     V = logits.shape[1]
     if not any(0 < r.params.top_k < V or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
         return logits.softmax(dim=-1)  # nothing to filter: no need to sort the vocabulary
@@ -261,11 +270,15 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     min_p = torch.tensor([r.params.min_p for r in rows], device=device)[:, None]  # [B, 1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
     drop = torch.arange(V, device=device)[None, :] >= top_k  # [B, V] beyond top-k
+    if min_p_first and (min_p > 0).any():
+        full_probs = sorted_logits.softmax(dim=-1)
+        drop |= full_probs < min_p * full_probs[:, :1]  # below min_p × the best probability
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of all better tokens
     drop |= (mass_before >= top_p) & (top_p < 1)  # outside the nucleus (the best token always stays; top_p 1: none
     # is dropped, even where float32 sums of the tail round up to 1)
-    drop |= sorted_probs < min_p * sorted_probs[:, :1]  # below min_p × the best probability
+    if not min_p_first:  # the survivors' probabilities keep their ratios, so the best one's share sets the floor
+        drop |= sorted_probs < min_p * sorted_probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order
     return filtered.softmax(dim=-1)
@@ -277,7 +290,7 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     the chosen tokens' [B], and the k most likely ids [B, k] with their values [B, k]."""
     logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # [B, V]
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
-    values, ids = logprobs.topk(k, dim=-1)  # [B, k] each
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # [B, k] each (the whole vocabulary at most)
     return chosen, ids, values
 
 

@@ -34,6 +34,15 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# from_pretrained's keyword arguments that override tokenizer_config.json (or set an attribute), as in transformers
+OVERRIDES = frozenset({"padding_side", "truncation_side", "add_bos_token", "add_eos_token", "bos_token", "eos_token",
+                       "pad_token", "chat_template", "model_max_length", "clean_up_tokenization_spaces"})
+# transformers' hub and loading arguments of from_pretrained that mean nothing for a local folder of these files
+IGNORED_ARGUMENTS = frozenset({"trust_remote_code", "use_fast", "revision", "cache_dir", "force_download",
+                               "local_files_only", "token", "proxies", "legacy", "_from_auto", "_from_pipeline"})
+# transformers' apply_chat_template options that dsv2 does not implement, with the values that mean "off"
+UNSUPPORTED_CHAT_OPTIONS: dict[str, tuple] = {"return_assistant_tokens_mask": (False,), "tokenizer_kwargs": (None, {}),
+                                              "sanitize_control_tokens": (False,)}
 # transformers' marker for continue_final_message: appended to the final message, the rendered text is cut where it is
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # transformers' clean_up_tokenization: the spaces a WordPiece detokenization leaves before punctuation and contractions
@@ -42,16 +51,17 @@ CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 
 
 def _token_text(value: Any, file: Path, field: str) -> str | None:
-    """tokenizer_config.json writes special tokens as strings or as {"__type": "AddedToken", "content": ...}."""
+    """tokenizer_config.json writes special tokens as strings or as {"__type": "AddedToken", "content": ...}
+    (from_pretrained's arguments may also be transformers' or tokenizers' AddedToken objects)."""
     if value is None:
         return None
-    text = value.get("content") if isinstance(value, dict) else value
+    text = value.get("content") if isinstance(value, dict) else getattr(value, "content", value)
     if not isinstance(text, str):
         raise ValueError(f"{file}: {field} = {value!r}: expected a string, an AddedToken object or null")
     return text
 
 
-def _chat_template(value: Any, file: Path) -> str | None:
+def _chat_template(value: Any, file: Path | str) -> str | None:
     """tokenizer_config.json's chat_template: a string, null, or a list of {"name", "template"} (→ the default one)."""
     if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
         value = next((t["template"] for t in value if t.get("name") == "default"), None)
@@ -107,6 +117,7 @@ class Tokenizer:
         self.chat_template = chat_template or DEEPSEEK_V2_CHAT_TEMPLATE
         self.model_max_length = model_max_length
         self.padding_side = "left"  # transformers' attribute: "left" or "right"
+        self.truncation_side = "right"  # transformers' attribute: which end of a text max_length cuts
         # transformers skips the clean-up for BPE models unless tokenizer_config.json forces it (clean_up_bpe)
         self.clean_up_tokenization_spaces, self.clean_up_bpe = clean_up_tokenization_spaces, clean_up_bpe
         self._template = _compile_template(self.chat_template)
@@ -127,10 +138,18 @@ class Tokenizer:
         return token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **ignored: Any) -> Tokenizer:
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
         """Read tokenizer.json (required) and tokenizer_config.json (optional) from a checkpoint folder.
 
-        transformers-only arguments such as ``trust_remote_code`` are accepted and ignored."""
+        Keyword arguments override tokenizer_config.json, as in transformers: ``OVERRIDES`` (``padding_side``,
+        ``truncation_side``, ``add_bos_token``, ``bos_token``, ``chat_template``, ``model_max_length``, ...).
+        transformers' hub and loading arguments (``IGNORED_ARGUMENTS``: ``trust_remote_code``, ``use_fast``, ...)
+        are accepted and ignored; any other name is a TypeError."""
+        unknown = sorted(set(kwargs) - OVERRIDES - IGNORED_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"Tokenizer.from_pretrained got unsupported arguments: {', '.join(unknown)} (supported: "
+                            f"{', '.join(sorted(OVERRIDES))}; ignored: {', '.join(sorted(IGNORED_ARGUMENTS))})")
+        overrides = {k: v for k, v in kwargs.items() if k in OVERRIDES}
         folder = Path(path)
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.exists():
@@ -150,10 +169,16 @@ class Tokenizer:
                            ("clean_up_tokenization_spaces", bool), (bpe_clean_up, bool)):
             if name in config and (problem := type_mismatch(config[name], hint)):
                 raise ValueError(f"{config_file}: {name} = {config[name]!r}: {problem}")
+            if name in overrides and (problem := type_mismatch(overrides[name], hint)):
+                raise ValueError(f"Tokenizer.from_pretrained: {name}={overrides[name]!r}: {problem}")
         template, template_source = _chat_template(config.get("chat_template"), config_file), config_file
         template_file = folder / "chat_template.jinja"  # where transformers 5 saves it; it wins, as there
         if template_file.exists():
             template, template_source = read_text(template_file), template_file
+        if "chat_template" in overrides:  # the argument wins over both
+            source = "Tokenizer.from_pretrained"
+            template, template_source = _chat_template(overrides["chat_template"], source), source
+        config = {**config, **overrides}
         if template is not None:  # compiled here too, so that a syntax error names its file
             try:
                 _compile_template(template)
@@ -170,15 +195,33 @@ class Tokenizer:
             model_max_length=config.get("model_max_length"),
             clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
             clean_up_bpe=config.get(bpe_clean_up, False),
-        )
+        )._with_sides(overrides.get("padding_side", "left"), overrides.get("truncation_side", "right"))
+
+    def _with_sides(self, padding_side: str, truncation_side: str) -> Tokenizer:
+        """Set ``padding_side`` and ``truncation_side`` ("left" or "right"), checked. → self."""
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("left", "right"):
+                raise ValueError(f"{name}={side!r}: expected 'left' or 'right'")
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        return self
 
     # --------------------------------------------------------------------------------------------------- encoding
-    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None, *,
+               truncation: bool | str | None = None, return_tensors: str | None = None) -> list[int] | torch.Tensor:
         """Token ids of ``text``; with ``add_special_tokens``, BOS/EOS as tokenizer_config.json asks (no second BOS
-        when the text already starts with one). ``max_length`` truncates the text's ids on the right, keeping
-        BOS/EOS."""
+        when the text already starts with one). ``max_length`` truncates the text's ids on ``truncation_side``
+        ("right" by default), keeping BOS/EOS; ``truncation`` as in ``__call__`` (True without ``max_length``:
+        ``model_max_length``). ``return_tensors="pt"``: a [1, T] tensor, as in transformers."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if not isinstance(add_special_tokens, bool):  # transformers' second positional argument is a text pair
+            raise TypeError(f"add_special_tokens must be a bool, got {add_special_tokens!r} (text pairs are not "
+                            "supported)")
+        if truncation is not None:
+            max_length = self._truncation_length(truncation, max_length, None)
+        if return_tensors is not None:
+            _check_return_tensors(return_tensors)
+            return torch.tensor([self.encode(text, add_special_tokens, max_length)], dtype=torch.long)
         _check_unicode(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
         bos = [self.bos_token_id] if add_special_tokens and self.add_bos_token and self.bos_token_id is not None else []
@@ -186,7 +229,10 @@ class Tokenizer:
         if ids[:1] == bos:  # the text starts with BOS already
             bos = []
         if max_length is not None:
-            ids = ids[:max(0, max_length - len(bos) - len(eos))]
+            keep = max(0, max_length - len(bos) - len(eos))
+            if self.truncation_side not in ("left", "right"):
+                raise ValueError(f"truncation_side = {self.truncation_side!r}: expected 'left' or 'right'")
+            ids = ids[len(ids) - keep:] if self.truncation_side == "left" and keep < len(ids) else ids[:keep]
         return [*bos, *ids, *eos]
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
@@ -283,48 +329,57 @@ class Tokenizer:
                             tokenize: bool = True, padding: bool | str | None = None,
                             truncation: bool | str = False, max_length: int | None = None,
                             return_tensors: str | None = None, return_dict: bool = False,
+                            chat_template: str | None = None, padding_side: str | None = None,
                             **kwargs: Any) -> list[int] | list[list[int]] | str | list[str] | torch.Tensor | Encoding:
         """Token ids (or, with ``tokenize=False``, the text) of a conversation in the model's chat format, or of each
         conversation of a batch (a list of them). ``return_tensors="pt"`` gives a [B, T] tensor (B = 1 for one
         conversation), ``return_dict=True`` an Encoding (input_ids and attention_mask), as in transformers;
-        ``padding``, ``truncation`` and ``max_length`` as in ``__call__`` (but, as in transformers, ``max_length``
-        truncates only with ``truncation=True``). Other keyword arguments are the template's variables.
+        ``padding``, ``truncation``, ``max_length`` and ``padding_side`` as in ``__call__`` (but, as in transformers,
+        ``max_length`` truncates only with ``truncation=True``). ``chat_template`` (Jinja2 source) renders this call
+        instead of the tokenizer's template. Other keyword arguments are the template's variables (``tools``,
+        ``documents``, ...), except transformers' options dsv2 lacks (``UNSUPPORTED_CHAT_OPTIONS``): an error.
 
         The template writes BOS itself, so the text is tokenized without adding special tokens (no double BOS).
         """
+        for name, off in UNSUPPORTED_CHAT_OPTIONS.items():
+            if name in kwargs and kwargs[name] not in off:
+                raise ValueError(f"apply_chat_template: {name}={kwargs[name]!r} is not supported")
+            kwargs.pop(name, None)
+        renderer = self if chat_template is None else self.with_chat_template(chat_template)
         batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
-        texts = [self.render_chat(m, add_generation_prompt, continue_final_message, **kwargs)
+        texts = [renderer.render_chat(m, add_generation_prompt, continue_final_message, **kwargs)
                  for m in (messages if batched else [messages])]
         if not tokenize:
             return texts if batched else texts[0]
         encoding = self(texts if batched else texts[0], return_tensors, add_special_tokens=False, padding=padding,
-                        truncation=truncation, max_length=max_length)
+                        truncation=truncation, max_length=max_length, padding_side=padding_side)
         return encoding if return_dict else encoding["input_ids"]
 
     def __call__(self, text: str | Sequence[str], return_tensors: str | None = None, add_special_tokens: bool = True,
                  padding: bool | str | None = None, truncation: bool | str | None = None,
-                 max_length: int | None = None) -> Encoding:
+                 max_length: int | None = None, padding_side: str | None = None) -> Encoding:
         """transformers-style batch encoding: {"input_ids", "attention_mask"}.
 
         ``padding``: True or "longest" pads to the longest text, "max_length" to ``max_length``, False leaves the
         lengths as they are (texts of different lengths then cannot make a tensor); the default pads when
-        ``return_tensors`` is set. Padding uses the pad token on ``padding_side`` ("left" by default, the layout
-        `generate` expects). ``truncation`` (True, or the default when ``max_length`` is given without padding) cuts
-        each text's ids on the right to ``max_length`` (default ``model_max_length``), keeping BOS/EOS."""
+        ``return_tensors`` is set. Padding uses the pad token on ``padding_side`` (the argument, else the attribute:
+        "left" by default, the layout `generate` expects). ``truncation`` (True, or the default when ``max_length``
+        is given without padding) cuts each text's ids on ``truncation_side`` ("right" by default) to ``max_length``
+        (default ``model_max_length``), keeping BOS/EOS."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text to encode: pass a string or a non-empty list of strings")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side = {self.padding_side!r}: expected 'left' or 'right'")
+        _check_return_tensors(return_tensors)
+        padding_side = self.padding_side if padding_side is None else padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side = {padding_side!r}: expected 'left' or 'right'")
         limit = self._truncation_length(truncation, max_length, padding)
         batch = [self.encode(t, add_special_tokens, limit) for t in texts]
         width = self._padding_length(padding, max_length, batch, return_tensors)
         input_ids, masks = [], []
         for ids in batch:
             pads, ones = [self.pad_token_id or 0] * max(0, width - len(ids)), [1] * len(ids)
-            left = self.padding_side == "left"
+            left = padding_side == "left"
             input_ids.append([*pads, *ids] if left else [*ids, *pads])
             masks.append([0] * len(pads) + ones if left else ones + [0] * len(pads))
         if return_tensors:
@@ -364,6 +419,11 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _check_return_tensors(return_tensors: str | None) -> None:
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
 
 
 def _check_unicode(text: str, what: str = "text") -> None:

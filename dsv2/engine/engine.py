@@ -254,7 +254,8 @@ class LLMEngine:
             seq.first_token_time = seq.first_token_time or now
             if seq.logprobs is not None:
                 k = seq.params.logprobs
-                seq.logprobs.append(self._logprob_entry(token, chosen[n], ranks[n], top_ids[n][:k], top_values[n][:k]))
+                seq.logprobs.append(self._logprob_entry(token, chosen[n], ranks[n], top_ids[n][:k], top_values[n][:k],
+                                                        seq.params.detokenize))
                 seq.cumulative_logprob += chosen[n]
             if seq.detokenizer is not None and not (self._is_stop_token(seq, token)
                                                     and not seq.params.include_stop_str_in_output):
@@ -270,19 +271,19 @@ class LLMEngine:
         ranks = token_ranks(logits, targets).tolist()
         for n, p in enumerate(positions):
             seq.prompt_logprobs[p + 1] = self._logprob_entry(seq.token_ids[p + 1], chosen[n], ranks[n], top_ids[n],
-                                                             top_values[n])
+                                                             top_values[n], seq.params.detokenize)
 
-    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int],
-                       top_values: list[float]) -> dict[int, Logprob]:
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int], top_values: list[float],
+                       detokenize: bool = True) -> dict[int, Logprob]:
         """One position's logprobs as vLLM reports them: the token's (first, with its true rank), then the most
-        likely ones not already in."""
-        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        likely ones not already in; their decoded_token is None with ``detokenize`` False, as in vLLM."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token, detokenize))}
         for top_rank, (tid, value) in enumerate(zip(top_ids, top_values, strict=True), start=1):
-            entry.setdefault(tid, Logprob(value, top_rank, self._decode_one(tid)))
+            entry.setdefault(tid, Logprob(value, top_rank, self._decode_one(tid, detokenize)))
         return entry
 
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
+    def _decode_one(self, token: int, detokenize: bool = True) -> str | None:
+        return None if self.tokenizer is None or not detokenize else self.tokenizer.decode([token])
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         """Whether ``token`` ends the sequence as a stop token id or EOS (its text is then left out, as vLLM does,
