@@ -1,5 +1,8 @@
 """Bad parallel settings give one clear error naming the setting, before any rank starts or any work is done."""
 
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -53,3 +56,18 @@ def test_resuming_on_another_number_of_ranks_names_the_layout_not_a_missing_file
         with pytest.raises(ValueError, match=r"written by 1 rank\(s\) with expert_parallel=1; resume it with the same "
                                              "layout"):
             Trainer(config(corpus, tmp_path / "run", steps=4), Distributed(rank=rank, world_size=2, local_rank=rank))
+
+
+def test_a_parallel_llm_left_open_stops_its_workers_cleanly_at_exit(checkpoint, tmp_path):
+    """Workers of an LLM still open at exit get the stop message before multiprocessing terminates them: terminated,
+    a worker ran no finalizers, and Python reported its semaphores (tqdm's lock) leaked."""
+    script = tmp_path / "left_open.py"
+    script.write_text("from dsv2 import LLM, SamplingParams\n"
+                      "if __name__ == '__main__':\n"
+                      f"    llm = LLM(model={str(checkpoint)!r}, tensor_parallel_size=2, kv_cache_memory=4_000_000,"
+                      " dtype='float32')\n"
+                      "    out = llm.generate({'prompt_token_ids': [1, 2, 3]}, SamplingParams(max_tokens=2))\n"
+                      "    print(len(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr
+    assert "leaked" not in done.stderr, done.stderr

@@ -236,6 +236,25 @@ def test_balance_loss_in_training(seq_aux):
     assert moe.experts.gate_proj.grad.abs().sum() > 0 and moe.shared_experts.up_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_balance_loss_over_masked_tokens_is_that_of_the_tokens_alone(seq_aux):
+    """With ``balance_mask``, the loss is the reference formula over the marked tokens alone: each row's first
+    tokens (SFT's rows without their padding), or all of them (the unmasked loss)."""
+    moe = moe_layer(TINY_V2, seq_aux=seq_aux, aux_loss_alpha=0.003).train()
+    x = torch.randn(2, 10, 64)
+    moe.balance_mask = torch.ones(2, 10, dtype=torch.bool)
+    torch.testing.assert_close(moe(x)[1].balance_loss, reference_balance_loss(moe, x, seq_aux))
+    lengths = [10, 6] if seq_aux else [6, 6]  # the reference takes one T for the whole batch
+    moe.balance_mask = torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]  # [2, 10]
+    masked = moe(x)[1].balance_loss
+    moe.balance_mask = None
+    if seq_aux:  # per sequence: the mean of each row's loss over its own tokens
+        alone = [reference_balance_loss(moe, x[b:b + 1, :n], seq_aux) for b, n in enumerate(lengths)]
+        torch.testing.assert_close(masked, torch.stack(alone).mean())
+    else:
+        torch.testing.assert_close(masked, reference_balance_loss(moe, x[:, :6].contiguous(), seq_aux))
+
+
 def test_balance_loss_is_minimal_for_uniform_routing():
     """With identical scores for all experts, f·P sums to exactly 1 per sequence: the loss's floor, α·1."""
     moe = moe_layer(aux_loss_alpha=0.5).train()

@@ -303,6 +303,8 @@ class MoE(nn.Module):
         )
         # training may add losses computed from the routing (expert-parallel device balance): (routing, B, T) → loss
         self.extra_balance_loss: Callable[[Routing, int, int], torch.Tensor] | None = None
+        # [B, T] bool: the tokens the expert-level balance loss counts (None: all; SFT leaves its padding out)
+        self.balance_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
         """x [B, T, H] → y [B, T, H] and this layer's balance loss (training only, else 0) and expert load (None
@@ -362,9 +364,12 @@ class MoE(nn.Module):
     def balance_loss(self, routing: Routing, load: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Expert-level balance loss α·Σ_e f_e·P_e, per sequence and averaged (seq_aux) or over the whole batch.
 
-        f_e = (tokens routed to e) / (T·k / E), P_e = mean routing probability of e.
+        f_e = (tokens routed to e) / (T·k / E), P_e = mean routing probability of e. With ``balance_mask``, T and
+        the means count only the marked tokens, so that padding does not enter the loss.
         """
         E, k = self.gate.num_experts, self.top_k
+        if self.balance_mask is not None:
+            return self._masked_balance_loss(routing, self.balance_mask, B, T)
         if self.seq_aux:
             ids = routing.expert_ids.view(B, T * k)  # [B, T·k]
             f = torch.zeros(B, E, device=ids.device).scatter_add_(1, ids, torch.ones(B, T * k, device=ids.device))
@@ -374,3 +379,18 @@ class MoE(nn.Module):
         f = load / (B * T * k / E)  # [E]
         P = routing.scores.mean(dim=0)  # [E]
         return (f * P).sum() * self.aux_loss_alpha
+
+    def _masked_balance_loss(self, routing: Routing, mask: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """`balance_loss` over the tokens that ``mask`` [B, T] marks."""
+        E, k = self.gate.num_experts, self.top_k
+        valid = mask.reshape(B, T).to(routing.scores.dtype)  # [B, T]
+        per_choice = valid.repeat_interleave(k, dim=1)  # [B, T·k]: expert_ids hold each token's k choices in a row
+        ids = routing.expert_ids.view(B, T * k)  # [B, T·k]
+        scores = routing.scores.view(B, T, E) * valid[..., None]  # [B, T, E]
+        if self.seq_aux:
+            n = valid.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]: each sequence's counted tokens
+            f = torch.zeros(B, E, device=ids.device, dtype=valid.dtype).scatter_add_(1, ids, per_choice)  # [B, E]
+            return (f / (n * k / E) * scores.sum(dim=1) / n).sum(dim=1).mean() * self.aux_loss_alpha
+        n = valid.sum().clamp(min=1)
+        f = torch.zeros(E, device=ids.device, dtype=valid.dtype).scatter_add_(0, ids.flatten(), per_choice.flatten())
+        return (f / (n * k / E) * scores.sum(dim=(0, 1)) / n).sum() * self.aux_loss_alpha

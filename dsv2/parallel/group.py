@@ -19,6 +19,7 @@ later step raises `ParallelGroupError`: restart the engine.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -176,6 +177,9 @@ class ParallelGroup:
         self.broken: str | None = None  # why the ranks are out of step, after a failed step
         self.caller_threads = torch.get_num_threads()  # rank 0 takes its share of the cores until close()
         self.workers, self.steps = [], []
+        # At exit, before multiprocessing's own handler terminates the (daemonic) workers: stopped that way, a worker
+        # runs none of its finalizers, and the semaphores it made (tqdm's lock) are reported leaked.
+        atexit.register(self.close)
         try:
             self._start(path, expert_parallel, dtype, device, num_blocks_for, start_timeout)
         except BaseException:
@@ -272,6 +276,7 @@ class ParallelGroup:
         if self.closed:
             return
         self.closed = True
+        atexit.unregister(self.close)
         self.send(None)
         for worker in self.workers:
             if worker.pid is None:  # never started

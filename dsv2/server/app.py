@@ -117,6 +117,15 @@ class AuthAndLog:
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
 
+def _param_path(loc: Iterable[Any]) -> str | None:
+    """A validation error's location as OpenAI names a field: ("body", "messages", 0, "role") → messages[0].role."""
+    path = ""
+    for part in loc:
+        if part != "body":
+            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
+
+
 def _answer(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error JSON for ``error``, with its status."""
     return SafeJSONResponse(error.body(), status_code=error.status, headers=headers)
@@ -133,6 +142,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
     metrics = Metrics()
     max_model_len = engine.engine.config.max_model_len
     created = int(time.time())
+    token_bytes = token_bytes_of(tokenizer)
 
     # ------------------------------------------------------------------------------------ errors, auth, logging
     @app.exception_handler(APIError)
@@ -144,7 +154,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
             return _answer(APIError(400, f"malformed JSON body: {first.get('msg')}"))
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        param = _param_path(first.get("loc", ()))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return _answer(APIError(400, message, param=param, code="invalid_value"))
 
@@ -239,11 +249,11 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_k
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(_chat_chunks(outputs, head, req.n, include_usage, len(prompt_ids),
-                                                    req.logprob_count())),
+                                                    req.logprob_count(), token_bytes)),
                                      media_type="text/event-stream")
         [final] = await _finals([outputs], request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c.logprobs, req.logprob_count()) if req.logprobs else None,
+                    "logprobs": _chat_logprobs(c.logprobs, req.logprob_count(), token_bytes) if req.logprobs else None,
                     "finish_reason": _finish(c)} for c in final.outputs]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), final)}
 
@@ -313,25 +323,58 @@ def _usage(prompt_tokens: int, final: RequestOutput) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _token_entry(text: str | None, logprob: float) -> dict[str, Any]:
+TokenBytes = Callable[[int, str], list[int]]  # a token's id and text → its UTF-8 bytes
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (which tokenizers' ByteLevel uses): each byte → the character that stands for it
+    in the vocabulary's token strings."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def token_bytes_of(tokenizer: Tokenizer) -> TokenBytes:
+    """The bytes of a token as OpenAI's chat logprobs report them: the token's own bytes, which for a token holding
+    part of a character are not the UTF-8 of its text (a replacement character), so that a client can join the bytes
+    of consecutive tokens into the characters. Added (special) tokens and non-byte-level vocabularies: their text's."""
+    backend = tokenizer.backend
+    if type(backend.decoder).__name__ != "ByteLevel":
+        return lambda token, text: list(text.encode("utf-8"))
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    added = set(backend.get_added_tokens_decoder())
+
+    def token_bytes(token: int, text: str) -> list[int]:
+        piece = None if token in added else backend.id_to_token(token)
+        if piece is None or any(c not in byte_of for c in piece):
+            return list(text.encode("utf-8"))
+        return [byte_of[c] for c in piece]
+
+    return token_bytes
+
+
+def _token_entry(token: int, text: str | None, logprob: float, token_bytes: TokenBytes) -> dict[str, Any]:
     text = text or ""
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": token_bytes(token, text)}
 
 
 def _top(entry: dict, k: int) -> list:
-    """The k most likely of an engine's logprob entry (the sampled token first, with its rank, then the top k)."""
-    return sorted((lp for lp in entry.values() if lp.rank <= k), key=lambda lp: lp.rank)
+    """The k most likely of an engine's logprob entry (the sampled token first, with its rank, then the top k), as
+    (token id, its Logprob) pairs."""
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank <= k), key=lambda pair: pair[1].rank)
 
 
-def _chat_logprobs(logprobs: list[dict] | None, k: int, start: int = 0) -> dict[str, Any] | None:
+def _chat_logprobs(logprobs: list[dict] | None, k: int, token_bytes: TokenBytes,
+                   start: int = 0) -> dict[str, Any] | None:
     if logprobs is None:
         return None
     content = []
     for token_id, entry in ((next(iter(e)), e) for e in logprobs[start:]):
         chosen = entry[token_id]
         top = _top(entry, k)
-        content.append({**_token_entry(chosen.decoded_token, chosen.logprob),
-                        "top_logprobs": [_token_entry(lp.decoded_token, lp.logprob) for lp in top]})
+        content.append({**_token_entry(token_id, chosen.decoded_token, chosen.logprob, token_bytes),
+                        "top_logprobs": [_token_entry(t, lp.decoded_token, lp.logprob, token_bytes)
+                                         for t, lp in top]})
     return {"content": content}
 
 
@@ -359,7 +402,7 @@ def _echo_logprobs(prompt_ids: list[int], output: RequestOutput, k: int | None,
 
 def _likeliest(entry: dict, k: int) -> dict[str, float]:
     """The legacy API's top_logprobs of one position: the k likeliest tokens' texts → their log-probabilities."""
-    return {(lp.decoded_token or ""): lp.logprob for lp in _top(entry, k)}
+    return {(lp.decoded_token or ""): lp.logprob for _, lp in _top(entry, k)}
 
 
 def _legacy_logprobs(entries: Iterable[tuple[str, float | None, dict[str, float] | None]],
@@ -390,7 +433,7 @@ def _joined(first: dict[str, list], then: dict[str, list] | None) -> dict[str, l
 
 
 async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int, include_usage: bool,
-                       prompt_tokens: int, top_logprobs: int | None) -> AsyncIterator[dict]:
+                       prompt_tokens: int, top_logprobs: int | None, token_bytes: TokenBytes) -> AsyncIterator[dict]:
     chunk = {**head, "object": "chat.completion.chunk"}
     for index in range(n):
         yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -405,7 +448,7 @@ async def _chat_chunks(outputs: AsyncIterator[RequestOutput], head: dict, n: int
             finished = c.finish_reason is not None
             if delta or finished:  # tokens whose text is held back (a partial character, a possible stop string)
                 # send their logprobs with the next chunk that has text
-                new_logprobs = _chat_logprobs(c.logprobs, top_logprobs, sent_tokens[c.index])
+                new_logprobs = _chat_logprobs(c.logprobs, top_logprobs, token_bytes, sent_tokens[c.index])
                 sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
                 yield {**chunk, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
                                              "logprobs": new_logprobs, "finish_reason": _finish(c)}]}

@@ -1,8 +1,10 @@
 """The OpenAI API's request bodies (pydantic), checked strictly, and its error format.
 
 Fields that OpenAI defines but dsv2 cannot honour (tools, response formats, images) are rejected with a 400 that
-names them, rather than silently ignored. vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output, skip_special_tokens) are accepted.
+names them, rather than silently ignored; so are vLLM's fields that dsv2 does not implement and unknown fields (a
+typo such as "max_token" would otherwise silently change the answer), as OpenAI answers them. vLLM's extra sampling
+fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output,
+skip_special_tokens) are accepted. OpenAI's nullable fields take null as "the default".
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dsv2.sampling import SamplingParams
 
@@ -61,6 +72,16 @@ class _Sampling(BaseModel):
     user: str | None = None
     logit_bias: dict[str, StrictFloat | StrictInt] | None = None  # token id (digits) → bias; no "5" or true
 
+    # OpenAI's API takes null for these as "not given" (clients send "n": null); so does vLLM's server
+    NULLABLE: ClassVar[tuple[str, ...]] = ("n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.NULLABLE)}
+        return data
+
     @field_validator("n")
     @classmethod
     def _n_limit(cls, n: int) -> int:
@@ -86,21 +107,38 @@ class _Sampling(BaseModel):
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
         "tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls", "audio",
-        "modalities", "prediction", "web_search_options",
+        "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity",  # reasoning models'
         # vLLM's constrained decoding: ignoring it would return unconstrained text
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-        "structured_outputs")
-    # values of those fields that ask for nothing beyond plain text
+        "structured_outputs",
+        # vLLM's other fields that change the prompt or the answer
+        "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs", "echo",
+        "use_beam_search", "length_penalty", "prompt_logprobs", "allowed_token_ids", "bad_words",
+        "truncate_prompt_tokens", "return_tokens_as_token_ids", "logits_processors", "documents", "add_special_tokens")
+    # values of those fields that ask for nothing beyond what dsv2 does (the default ones)
     HARMLESS: ClassVar[dict[str, tuple]] = {"tool_choice": ("none",), "response_format": ({"type": "text"},),
-                                            "modalities": (["text"],), "parallel_tool_calls": (True,)}
+                                            "modalities": (["text"],), "parallel_tool_calls": (True,),
+                                            "add_generation_prompt": (True,), "length_penalty": (1.0,)}
+    # OpenAI's fields that change nothing in the answer (stored completions, billing, caching, abuse tracking)
+    IGNORED: ClassVar[tuple[str, ...]] = ("metadata", "store", "service_tier", "prompt_cache_key",
+                                          "safety_identifier")
 
     def unsupported(self) -> APIError | None:
-        """A 400 for the first field whose meaning dsv2 cannot honour."""
+        """A 400 for the first field whose meaning dsv2 cannot honour, or that neither OpenAI nor vLLM defines."""
+        extra = self.model_extra or {}
         for name in self.UNSUPPORTED:
-            value = (self.model_extra or {}).get(name)
-            if value not in (None, [], {}, False) and value not in self.HARMLESS.get(name, ()):
+            value = extra.get(name)
+            harmless = self.HARMLESS.get(name, (None, [], {}, False))
+            if name in extra and value is not None and value not in harmless:
                 return APIError(400, f"'{name}' is not supported by this server", param=name,
                                 code="unsupported_parameter")
+        for name in extra:
+            if name not in self.UNSUPPORTED and name not in self.IGNORED:
+                return APIError(400, f"Unrecognized request argument supplied: '{name}'", param=name,
+                                code="unknown_parameter")
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            return APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                            code="invalid_value")
         return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -138,8 +176,15 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
+    TOOL_FIELDS: ClassVar[tuple[str, ...]] = ("tool_calls", "function_call")
+
     def text(self, index: int) -> str:
-        """The message's text; a list of content parts may hold text parts only."""
+        """The message's text; a list of content parts may hold text parts only. An assistant's tool calls are
+        refused (the chat template has no place for them: they would silently vanish from the prompt)."""
+        for name in self.TOOL_FIELDS:
+            if (self.model_extra or {}).get(name) not in (None, []):
+                raise APIError(400, f"messages[{index}].{name}: tool calls are not supported by this server",
+                               param=f"messages[{index}].{name}", code="unsupported_parameter")
         if isinstance(self.content, str):
             return self.content
         if self.content is None:
@@ -200,6 +245,9 @@ class CompletionRequest(_Sampling):
             return prompt
         raise ValueError("must be a string, a list of strings, a list of token ids (integers) or a list of lists of "
                          "token ids")
+
+    # the prompt's text is encoded with its special tokens (BOS), as vLLM's completions default
+    HARMLESS: ClassVar[dict[str, tuple]] = {**_Sampling.HARMLESS, "add_special_tokens": (True,)}
 
     def unsupported(self) -> APIError | None:
         if self.suffix:

@@ -24,29 +24,37 @@ from dsv2.json_files import read_json, read_text, type_mismatch
 from dsv2.tokenizer import Tokenizer
 
 DTYPE = np.uint32
+BOM = "\ufeff"
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, a leading byte-order mark dropped; bytes that are not UTF-8 raise a
+    ValueError naming the file and line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e})") from None
+            yield n, line
 
 
 def read_documents(path: Path) -> Iterator[str]:
     """A .txt file is one document; a .jsonl file holds one {"text": ...} document per line. Text that is not UTF-8
-    raises a ValueError naming the file."""
+    raises a ValueError naming the file; a leading byte-order mark is dropped."""
     if path.suffix == ".jsonl":
-        with path.open("rb") as f:  # decoded line by line, so that an error names its line
-            for n, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not UTF-8 text ({e})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
-                yield record["text"]
+        for n, line in read_lines(path):  # decoded line by line, so that an error names its line
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
+            yield record["text"]
     elif path.suffix in (".txt", ".md", ""):
-        yield read_text(path)
+        yield read_text(path).removeprefix(BOM)  # a byte-order mark (Windows editors write one) is not text
     else:
         raise ValueError(f"{path}: unsupported input ({path.suffix}); use .txt files or .jsonl with a 'text' field")
 

@@ -9,7 +9,9 @@ both are averaged over the sequences of the batch, like the expert-level loss wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -61,3 +63,20 @@ def limit_devices(model: nn.Module, devices: int, device_limit: int) -> None:
             if gate.top_k > device_limit * (gate.num_experts // devices):
                 raise ValueError(f"{gate.top_k} experts per token do not fit on {device_limit} devices")
             gate.topk_method, gate.n_group, gate.topk_group = "group_limited_greedy", devices, device_limit
+
+
+@contextlib.contextmanager
+def balance_over(model: nn.Module, valid: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, every MoE layer's expert-level balance loss counts only the input tokens marked in
+    ``valid`` ([B, T] bool; None or all True: every token, the layers' own loss). SFT rows are padded to the
+    longest in their micro-batch: without this, the padding would enter the loss, which would then depend on how a
+    batch is split into micro-batches."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)] if valid is not None and not bool(valid.all()) \
+        else []
+    for layer in layers:
+        layer.balance_mask = valid
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.balance_mask = None

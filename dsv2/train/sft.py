@@ -10,13 +10,16 @@ fall at inference.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from dsv2.tokenizer import Tokenizer, validate_messages
-from dsv2.train.data import EpochOrder, unigram_entropy
+from dsv2.train.data import EpochOrder, read_lines, unigram_entropy
+
+log = logging.getLogger("dsv2.train")
 
 
 def render_segments(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -86,16 +89,23 @@ class ChatDataset:
             raise ValueError("SFT needs a tokenizer (the model folder's, or tokenizer=...)")
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
         conversations = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    conversations.append(encode_conversation(tokenizer, record["messages"]))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a chat record {{\"messages\": [...]}} ({e})") from None
-        dataset = cls(conversations, seq_len, tokenizer.pad_token_id or 0, val_fraction, seed)
+        for n, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                conversations.append(encode_conversation(tokenizer, record["messages"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: not a chat record {{\"messages\": [...]}} ({e})") from None
+        if not conversations:
+            raise ValueError(f"{path}: no conversations (the file is empty or blank): nothing to train on")
+        try:
+            dataset = cls(conversations, seq_len, tokenizer.pad_token_id or 0, val_fraction, seed)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if dropped := len(conversations) - dataset.num_train - dataset.num_val:
+            log.warning("%s: %d of %d conversations left out: no assistant token within seq_len + 1 = %d tokens",
+                        path, dropped, len(conversations), seq_len + 1)
         dataset.tokenizer_vocab_size = tokenizer.vocab_size
         return dataset
 

@@ -47,7 +47,7 @@ from dsv2.train.checkpoint import (
 )
 from dsv2.train.config import TrainConfig
 from dsv2.train.data import PackedDataset, TokenFile, index_path
-from dsv2.train.losses import add_device_balance_losses, limit_devices
+from dsv2.train.losses import add_device_balance_losses, balance_over, limit_devices
 from dsv2.train.metrics import MetricsLog, plot_metrics
 from dsv2.train.optim import learning_rate, make_optimizer
 from dsv2.train.parallel import Distributed, gather_experts, init_distributed
@@ -116,10 +116,11 @@ def build_model(config: TrainConfig, device: torch.device, rank: int = 0, world_
         model = _load_for_training(config.model, config.expert_parallel, device, rank, world_size)
         if shard is not None:
             shard(model)
-        if config.aux_loss_alpha is not None:
+        if config.aux_loss_alpha is not None:  # the layers' and the saved config.json's
             for module in model.modules():
                 if hasattr(module, "aux_loss_alpha"):
                     module.aux_loss_alpha = config.aux_loss_alpha
+            model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
     return model.train()
 
 
@@ -406,7 +407,7 @@ class Trainer:
                 self.train_model, nn.parallel.DistributedDataParallel) else self.train_model.no_sync()
             with context:
                 # weighted so that the average over ranks of the summed micro-batch gradients is the global mean
-                with self._autocast(), protected_tokens(self.model, protected):
+                with self._autocast(), protected_tokens(self.model, protected), balance_over(self.model, counted(m)):
                     out = self.train_model(x[:, :-1], targets=x[:, 1:], target_weights=m * (ranks / targets_total),
                                            return_aux=True)
                 if dropping:
@@ -541,6 +542,12 @@ class Trainer:
             full.save_pretrained(target, dtype=parse_dtype(self.config.export_dtype))
             copy_tokenizer(self.tokenizer_dir, target)
         self.dist.barrier()
+
+
+def counted(mask: torch.Tensor) -> torch.Tensor:
+    """[b, L] bool: the input positions of a micro-batch that the balance loss counts: up to each row's last target
+    (a row trimmed on its own would end there), not the padding after it."""
+    return mask.flip(1).cummax(1).values.flip(1)
 
 
 def _local_tensors(state):
