@@ -268,6 +268,25 @@ def test_kernel_small_matmul_one_row_gives_each_rows_own_sum(dtype):
 
 
 @built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_small_matmul_same_sums_from_an_aligned_weight_and_an_unaligned_one(dtype):
+    """A 64-byte-aligned weight streams through non-temporal loads, any other through plain ones: the same sums, bit
+    for bit (a weight 16 bytes past an aligned address takes the plain loads)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 1, 96).to(dtype), torch.randn(2, 40, 96).to(dtype)
+
+    def placed(offset: int) -> torch.Tensor:  # the weight ``offset`` bytes past a 64-byte boundary
+        buffer = torch.empty(weight.numel() + 64, dtype=dtype)
+        start = (-buffer.data_ptr() % 64 + offset) // dtype.itemsize
+        return buffer[start:start + weight.numel()].view_as(weight).copy_(weight)
+
+    aligned, shifted = placed(0), placed(16)
+    assert aligned.data_ptr() % 64 == 0 and shifted.data_ptr() % 64 == 16
+    ops = kernels.cpu_ops()
+    assert torch.equal(ops.small_matmul(x, aligned), ops.small_matmul(x, shifted))
+
+
+@built
 def test_kernel_small_matmul_rejects_what_it_cannot_take():
     ops = kernels.cpu_ops()
     with pytest.raises(RuntimeError, match="multiple of 32"):
