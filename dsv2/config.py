@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsv2.json_files import read_json, type_mismatch
+from dsv2.json_files import read_json_object, type_mismatch
 
 MODEL_TYPE = "deepseek_v2"
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -235,11 +235,9 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            data = read_json(path, ConfigError)
+            data = read_json_object(path, ConfigError)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such file (a checkpoint folder needs a config.json)") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         try:
             return cls.from_dict(data)
         except TypeError as e:  # a field of the wrong kind, e.g. a string where a number belongs

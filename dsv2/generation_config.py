@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv2.json_files import read_json, type_mismatch
+from dsv2.json_files import read_json_object, type_mismatch
 
 # transformers' generation_config.json fields that change what generate returns but that dsv2 does not implement,
 # with the value that means "off": another value is ignored with a warning that names it.
@@ -68,11 +68,8 @@ class GenerationConfig:
                             f"(fields: {', '.join(hints)})")
         file = folder / "generation_config.json"
         data: dict[str, Any] = {}
-        if file.exists():
-            data = read_json(file)
-            if not isinstance(data, dict):
-                raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-            data = {k: v for k, v in data.items() if v is not None}  # null: unset, the default (as transformers)
+        if file.exists():  # null: unset, the default (as transformers reads it)
+            data = {k: v for k, v in read_json_object(file).items() if v is not None}
             _warn_unsupported(data, file)
         for name, value in {**data, **overrides}.items():
             if name in hints and value is not None and (problem := type_mismatch(value, hints[name])):

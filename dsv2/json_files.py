@@ -48,6 +48,14 @@ def read_json(path: Path, error: type[ValueError] = ValueError) -> Any:
         raise error(f"{path}: not valid JSON ({e})") from None
 
 
+def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object; anything else raises ``error`` naming the file."""
+    data = read_json(path, error)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def type_mismatch(value: Any, hint: Any) -> str | None:
     """None if ``value`` (as parsed from JSON) fits the type ``hint``, else what was expected and what came, e.g.
     "expected a number, got str". An int fits a float; a bool is no int nor float."""

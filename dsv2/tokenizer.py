@@ -21,7 +21,7 @@ import jinja2.sandbox
 import tokenizers
 import torch
 
-from dsv2.json_files import read_json, read_text, type_mismatch
+from dsv2.json_files import read_json_object, read_text, type_mismatch
 
 BOS_TOKEN, EOS_TOKEN = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 ROLES = ("system", "user", "assistant")
@@ -159,11 +159,7 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
             raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
         config_file = folder / "tokenizer_config.json"
-        config: dict[str, Any] = {}
-        if config_file.exists():
-            config = read_json(config_file)
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        config: dict[str, Any] = read_json_object(config_file) if config_file.exists() else {}
         bpe_clean_up = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
         for name, hint in (("add_bos_token", bool), ("add_eos_token", bool), ("model_max_length", float | None),
                            ("clean_up_tokenization_spaces", bool), (bpe_clean_up, bool)):

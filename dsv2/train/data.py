@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv2.json_files import read_json, read_text, type_mismatch
+from dsv2.json_files import read_json_object, read_text, type_mismatch
 from dsv2.tokenizer import Tokenizer
 
 DTYPE = np.uint32
@@ -185,11 +185,9 @@ class TokenFile:
             raise FileNotFoundError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} token file (make "
                                     "one with `dsv2 tokenize`)")
         try:
-            index = read_json(index_path(path))
+            index = read_json_object(index_path(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"{index_path(path)}: the index of {path} is missing") from None
-        if not isinstance(index, dict):
-            raise ValueError(f"{index_path(path)}: expected a JSON object, got {type(index).__name__}")
         for key, hint in INDEX_FIELDS.items():
             if (key in index or key in REQUIRED_INDEX_FIELDS) and (problem := type_mismatch(index.get(key), hint)):
                 raise ValueError(f"{index_path(path)}: field {key!r} = {index.get(key)!r}: {problem}")
