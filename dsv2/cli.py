@@ -32,10 +32,13 @@ def load_model(args: argparse.Namespace):
     from dsv2.model import DeepseekV2ForCausalLM
 
     path = resolve_model(args.model)
+    if path.is_dir() and not (path / "tokenizer.json").is_file():  # before reading gigabytes of weights
+        raise SystemExit(f"dsv2 {args.command}: {path} has no tokenizer.json (copy the checkpoint's tokenizer.json "
+                         "and tokenizer_config.json into it)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=parse_dtype(args.dtype), device=device)
     if model.tokenizer is None:
-        raise SystemExit(f"dsv2: {path} has no tokenizer.json")
+        raise SystemExit(f"dsv2 {args.command}: {path} has no tokenizer.json")
     return model
 
 
@@ -43,9 +46,14 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
     """Sampling flags that were given; the rest comes from the checkpoint's generation_config.json."""
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "ignore_eos")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if kwargs.get("temperature"):  # a temperature given on the command line samples, whatever the config's do_sample
+    # a temperature > 0, or a flag that only matters when sampling, samples, whatever the config's do_sample (a base
+    # model's generation_config.json has none: greedy); --temperature 0 stays greedy
+    if kwargs.get("temperature") or (kwargs.get("temperature") is None and SAMPLING_ONLY_FLAGS & kwargs.keys()):
         kwargs["do_sample"] = True
     return kwargs
+
+
+SAMPLING_ONLY_FLAGS = frozenset({"top_p", "top_k", "min_p", "seed"})
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -387,12 +395,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 is greedy (default: generation_config.json's; greedy when it does not sample)")
+    parser.add_argument("--top-p", type=float, default=None, help="samples (unless --temperature 0)")
+    parser.add_argument("--top-k", type=int, default=None, help="samples (unless --temperature 0)")
+    parser.add_argument("--min-p", type=float, default=None, help="samples (unless --temperature 0)")
     parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seeds the sampling; samples (unless --temperature 0)")
     parser.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence")
 
 

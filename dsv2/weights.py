@@ -316,11 +316,31 @@ def save_weights(model: nn.Module, folder: str | Path, max_shard_size: int | str
             (staging / GENERATION_CONFIG).write_text(
                 json.dumps(_non_default_fields(generation_config), indent=2) + "\n", encoding="utf-8")
             written.append(GENERATION_CONFIG)
-        stale = [p for p in folder.glob("model*.safetensors*") if p.name not in written]
+        stale = [p.name for p in folder.glob("model*.safetensors*") if p.name not in written]
+        _swap_in(staging, folder, written, stale)
+
+
+def _swap_in(staging: Path, folder: Path, written: list[str], stale: list[str]) -> None:
+    """Move the ``written`` files from ``staging`` into ``folder`` and drop the ``stale`` ones (weight files of the
+    checkpoint this one replaces). The previous files are moved aside first and put back if any move fails (or is
+    interrupted), so the folder never holds a mix of old and new shards under one index."""
+    previous = staging / ".previous"
+    previous.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in [*written, *stale]:
+            if (folder / name).exists():
+                os.replace(folder / name, previous / name)
+                moved_aside.append(name)
         for name in written:
             os.replace(staging / name, folder / name)
-        for path in stale:  # weight files of the checkpoint this one replaced
-            path.unlink()
+            moved_in.append(name)
+    except BaseException:
+        for name in moved_in:
+            (folder / name).unlink(missing_ok=True)
+        for name in moved_aside:
+            os.replace(previous / name, folder / name)
+        raise
 
 
 def _non_default_fields(generation_config: object) -> dict:

@@ -84,6 +84,22 @@ class DSV2LM(LM):
             raise ValueError("the dsv2 lm-eval model needs the checkpoint's tokenizer.json")
         self.tokenizer = self.llm.tokenizer
         self.max_length = self.llm.engine.config.max_model_len
+        self.pretrained = str(pretrained or "dsv2-bundled")
+
+    @property
+    def tokenizer_name(self) -> str:
+        """lm-eval's name for the chat format (keys its request cache under --apply_chat_template)."""
+        return self.pretrained.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The checkpoint's chat template (recorded in lm-eval's results) when lm-eval applies one, else ""."""
+        return self.tokenizer.chat_template if chat_template else ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template: the conversation as the checkpoint's chat format renders it, BOS written
+        by the template (and so not added a second time when the text is encoded)."""
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
 
     @property
     def bos(self) -> int:

@@ -162,8 +162,9 @@ def evaluate(model: str | Path | None, tasks: list[str], data_dir: str | Path, o
              shots: int | None = None, **engine_args: Any) -> list[TaskResult]:
     """`dsv2 eval`: every task in turn through one engine; writes OUT/results.md and OUT/results.json after each
     task, so that a task that fails (a malformed file, an interrupt) leaves the finished ones on disk. Unknown tasks
-    and a ``shots`` count that a task does not allow are refused before the model is loaded."""
-    check_tasks(tasks, shots)
+    and a ``shots`` count that a task does not allow (or a ``limit`` under 1) are refused before the model is
+    loaded."""
+    check_tasks(tasks, shots, limit)
     llm = LLM(model=model, max_num_seqs=batch_size, **engine_args)
     evaluator = Evaluator(EngineBackend(llm, use_tqdm), chat=chat)
     settings = {"tasks": tasks, "limit": limit, "chat": chat, "shots": shots}

@@ -1,12 +1,16 @@
 """Answer extraction and checking for the model card's benchmarks.
 
 GSM8K: the number after "The answer is" (else the last number), compared numerically. MATH: the last \\boxed{...}
-(else the text after "The answer is"), normalized as in the MATH release's equivalence check. BBH: the text after
-"So the answer is", compared exactly (case-insensitive, surrounding punctuation ignored).
+(else the text after "The answer is"), normalized as in the MATH release's equivalence check, then compared by value
+where both sides are numbers or simple fractions (\\frac{3}{4} = 0.75 = 3/4, -\\frac{1}{2} = \\frac{-1}{2}). BBH: the
+text after "So the answer is", compared exactly (case-insensitive, surrounding punctuation and markdown emphasis
+ignored; a multiple-choice target "(A)" also accepts "A" and "(A) <the option's text>"). A Unicode minus sign (U+2212)
+is a minus.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -33,6 +37,7 @@ def gsm8k_reference(answer: str) -> str:
 
 def extract_number(completion: str) -> str | None:
     """The model's final answer: after "The answer is", else the last number in the text."""
+    completion = completion.replace("\u2212", "-")
     match = re.search(r"[Tt]he (?:final )?answer is[:\s]*\$?(-?[\d,]*\.?\d+)", completion)
     if match:
         return match.group(1).replace(",", "")
@@ -99,7 +104,7 @@ def _fix_sqrt(s: str) -> str:
 
 def normalize_math(s: str) -> str:
     """The MATH release's answer normalization (its ``strip_string``), for exact comparison."""
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("\n", "").replace("\\!", "").replace("\u2212", "-").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
     if "\\text{ " in s:  # units after a value, as the release removes them: "5 \text{ cm}" → "5"
@@ -127,17 +132,44 @@ def math_equal(predicted: str | None, reference: str) -> bool:
     if a == b:
         return True
     x, y = _to_number(a), _to_number(b)
-    return x is not None and y is not None and abs(x - y) < 1e-6
+    if x is not None and y is not None:
+        return abs(x - y) < 1e-6
+    x, y = _value(a), _value(b)  # a fraction on one side at least: equal values only, not a rounded decimal
+    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+
+
+FRACTION = re.compile(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}")
+
+
+def _value(normalized: str) -> float | None:
+    """The value of a normalized answer that is a number or a fraction of numbers ("-\\frac{1}{2}"), else None."""
+    number = _to_number(normalized)
+    if number is not None:
+        return number
+    match = FRACTION.fullmatch(normalized)
+    if not match or float(match.group(3)) == 0:
+        return None
+    return (-1 if match.group(1) else 1) * float(match.group(2)) / float(match.group(3))
 
 
 def extract_bbh_answer(completion: str) -> str:
-    match = re.search(r"[Ss]o the answer is\s*(.+?)(?:\.\s|\.?$|\n)", completion)
+    match = re.search(r"[Ss]o the answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", completion)
     answer = match.group(1) if match else completion.strip().split("\n")[0]
-    return answer.strip().strip(".").strip()
+    return answer.strip().strip("*").strip().strip(".").strip().replace("\u2212", "-")
+
+
+OPTION = re.compile(r"\(([A-R])\)")  # BBH's multiple-choice targets: "(A)" to "(R)"
 
 
 def bbh_equal(predicted: str, reference: str) -> bool:
     def norm(s: str) -> str:
-        return s.strip().strip(".").strip().lower()
+        return s.strip().strip("*").strip().strip(".").strip().lower()
 
-    return norm(predicted) == norm(reference)
+    if norm(predicted) == norm(reference):
+        return True
+    option = OPTION.fullmatch(reference.strip())
+    if option is None:
+        return False
+    # "A", "A)" or "(A) <the option's text>" name option (A); "A man ..." does not
+    chosen = re.fullmatch(r"\(?([A-R])\)?|\(([A-R])\)\s.*", predicted.strip().strip("*").strip(), flags=re.DOTALL)
+    return chosen is not None and (chosen.group(1) or chosen.group(2)) == option.group(1)

@@ -133,13 +133,33 @@ def _shot_count(name: str, shots: int | None) -> int:
     return shots
 
 
-def check_tasks(tasks: list[str], shots: int | None = None) -> None:
-    """Before any task runs: every name in ``tasks`` is a benchmark, and every one allows ``shots`` examples (None:
-    each protocol's count); else one ValueError that names every unknown task, or every task that refuses
-    ``shots`` with the counts it allows."""
+def check_limit(limit: int | None) -> None:
+    """``limit`` (questions per task) is None (every question) or a positive integer: 0 is not "no limit", and a
+    negative count is not "all but the last"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit {limit} is not allowed: it is the number of questions per task, at least 1 "
+                         "(leave --limit out for every question)")
+
+
+def _limited(items: list[Item], limit: int | None) -> list[Item]:
+    check_limit(limit)
+    return items if limit is None else items[:limit]
+
+
+def check_tasks(tasks: list[str], shots: int | None = None, limit: int | None = None) -> None:
+    """Before any task runs: ``tasks`` names at least one benchmark, each once; every name is a benchmark, and
+    every one allows ``shots`` examples (None: each protocol's count); ``limit`` is None or at least 1; else one
+    ValueError that names every unknown or repeated task, or every task that refuses ``shots`` with the counts it
+    allows."""
+    if not tasks:
+        raise ValueError(f"no task selected: --tasks takes a comma-separated list of {', '.join(BENCHMARKS)}")
     unknown = [t for t in tasks if t not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    repeated = [t for t in dict.fromkeys(tasks) if tasks.count(t) > 1]
+    if repeated:
+        raise ValueError(f"task(s) {', '.join(repeated)} named more than once in --tasks; name each once")
+    check_limit(limit)
     if shots is None:
         return
     refusing = [BENCHMARKS[t] for t in dict.fromkeys(tasks) if shots not in BENCHMARKS[t].allowed_shots]
@@ -198,7 +218,7 @@ def _mc_items(name: str, subjects: list[tuple[str, list[list[str]], list[list[st
         for n, row in enumerate(test):
             prompt = _choice_prompt(header(subject), examples, row[0], row[1:5], answer_word)
             items.append(Item(f"{name}/{subject}/{n}", prompt, row[5], choices=[f" {c}" for c in LETTERS]))
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 def _csv_rows(path: Path, header: bool, columns: list[str] | None = None) -> list[list[str]]:
@@ -207,7 +227,7 @@ def _csv_rows(path: Path, header: bool, columns: list[str] | None = None) -> lis
     expected = (f"a header with {', '.join(columns)}" if header else "rows of question, A, B, C, D, answer") + \
         ", the answer one of A, B, C, D"
     rows = []
-    with _reading(path, expected), path.open(encoding="utf-8", newline="") as f:
+    with _reading(path, expected), path.open(encoding="utf-8-sig", newline="") as f:  # a BOM is no text
         reader = csv.reader(f)
         if header:
             names = next(reader, None)
@@ -294,7 +314,7 @@ def load_bbh(data: Path, limit: int | None, shots: int | None = None) -> list[It
                 prompt = f"{cot}Q: {example['input']}\nA: Let's think step by step."
                 items.append(Item(f"bbh/{path.stem}/{n}", prompt, example["target"], stop=["\n\nQ:"],
                                   max_tokens=384))
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 def load_gsm8k(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
@@ -326,7 +346,7 @@ def load_gsm8k(data: Path, limit: int | None, shots: int | None = None) -> list[
     items = [Item(f"gsm8k/{n}", f"{examples}Question: {ex['question']}\nAnswer:",
                   scoring.gsm8k_reference(ex["answer"]), stop=["\n\nQuestion:", "\nQuestion:"], max_tokens=384)
              for n, ex in enumerate(test)]
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 def load_math(data: Path, limit: int | None, shots: int | None = None) -> list[Item]:
@@ -355,7 +375,7 @@ def load_math(data: Path, limit: int | None, shots: int | None = None) -> list[I
             continue
         items.append(Item(f"math/{ex['id']}", f"{shots}Problem:\n{ex['problem']}\n\nSolution:\n", answer,
                           stop=["\n\nProblem:"], max_tokens=512))
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 # ------------------------------------------------------------------------------------------------------- code
@@ -378,7 +398,7 @@ def load_humaneval(data: Path, limit: int | None, shots: int | None = None) -> l
             _fields(ex, path, where, expected, ("task_id", "prompt", "test", "entry_point"))
             items.append(Item(ex["task_id"], ex["prompt"], ex["test"], stop=CODE_STOP, max_tokens=512,
                               program=program))
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 def _mbpp_block(task: dict, with_code: bool) -> str:
@@ -416,7 +436,7 @@ def load_mbpp(data: Path, limit: int | None, shots: int | None = None) -> list[I
 
         items.append(Item(f"mbpp/{task_id}", shots + _mbpp_block(task, False), "\n".join(task["test_list"]),
                           stop=["[DONE]"], max_tokens=512, program=program))
-    return items[:limit] if limit else items
+    return _limited(items, limit)
 
 
 def _check_number(completion: str, reference: str) -> tuple[str | None, bool]:

@@ -297,7 +297,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         """Load an official checkpoint folder (config.json + safetensors, single file or shards with an index).
 
         Tensors are read one at a time from memory-mapped files straight into the target ``dtype`` (default: the
-        checkpoint's ``torch_dtype``; ``torch_dtype`` is accepted as transformers' name for it) and ``device``.
+        checkpoint's ``torch_dtype``; ``torch_dtype`` is accepted as transformers' name for it, and the two
+        must agree when both are given) and ``device``.
         Pickled ``.bin`` weights are read only with ``allow_pickle``. The folder's tokenizer.json and
         generation_config.json, when present, become ``model.tokenizer`` and ``model.generation_config``.
         ``device_map`` (transformers' name) may name one device: "cpu", "cuda", "cuda:1", an index, a torch.device,
@@ -319,7 +320,7 @@ class DeepseekV2ForCausalLM(nn.Module):
                                  "disagree: pass one")
             device = mapped
         config = ModelConfig.from_pretrained(path)
-        model = cls.empty(config, parse_dtype(dtype or torch_dtype) or config.dtype, device)
+        model = cls.empty(config, _requested_dtype(dtype, torch_dtype) or config.dtype, device)
         load_weights(model, path, progress=progress, allow_pickle=allow_pickle)
         if (Path(path) / "tokenizer.json").exists():
             from dsv2.tokenizer import Tokenizer
@@ -467,6 +468,16 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _requested_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """from_pretrained's ``dtype`` or its transformers spelling ``torch_dtype`` (None / "auto": the checkpoint's);
+    given both, they must agree."""
+    parsed, parsed_torch = parse_dtype(dtype), parse_dtype(torch_dtype)
+    if parsed is not None and parsed_torch is not None and parsed != parsed_torch:
+        raise ValueError(f"from_pretrained got dtype={dtype!r} and torch_dtype={torch_dtype!r}, which disagree: "
+                         "pass one")
+    return parsed or parsed_torch
 
 
 def _seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str, first_expert: int | None) -> None:
