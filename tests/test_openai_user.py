@@ -134,3 +134,17 @@ def test_logprob_bytes_are_the_tokens_own_bytes(client, server, stream):
     text = tokenizer.decode([ascii_token])
     entries = client.chat.completions.create(**{**kwargs, "logit_bias": {str(ascii_token): 100}}).choices[0]
     assert [e.bytes for e in entries.logprobs.content] == [list(text.encode())] * 3
+
+
+def test_text_parts_join_as_llm_chat_joins_them(http):
+    """A message's text parts were joined with nothing between them ("Hithere"), where `LLM.chat` and vLLM's server
+    put a newline between parts: the same messages made different prompts offline and served."""
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+
+    def prompt_tokens(content) -> int:
+        r = http.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": content}],
+                                                    "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(parts) == prompt_tokens("Hi\nthere") != prompt_tokens("Hithere")

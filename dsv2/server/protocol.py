@@ -179,8 +179,9 @@ class ChatMessage(BaseModel):
     TOOL_FIELDS: ClassVar[tuple[str, ...]] = ("tool_calls", "function_call")
 
     def text(self, index: int) -> str:
-        """The message's text; a list of content parts may hold text parts only. An assistant's tool calls are
-        refused (the chat template has no place for them: they would silently vanish from the prompt)."""
+        """The message's text; a list of content parts may hold text parts only, joined by newlines (as vLLM's
+        server and `LLM.chat` join them). An assistant's tool calls are refused (the chat template has no place for
+        them: they would silently vanish from the prompt)."""
         for name in self.TOOL_FIELDS:
             if (self.model_extra or {}).get(name) not in (None, []):
                 raise APIError(400, f"messages[{index}].{name}: tool calls are not supported by this server",
@@ -200,7 +201,7 @@ class ChatMessage(BaseModel):
             except ValidationError:
                 raise APIError(400, f"messages[{index}] has a text part without a string 'text'",
                                param=f"messages[{index}].content") from None
-        return "".join(texts)
+        return "\n".join(texts)
 
 
 class ChatCompletionRequest(_Sampling):
