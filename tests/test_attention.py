@@ -87,7 +87,8 @@ def test_bf16_prefill_attention_matches_the_fused_kernel(monkeypatch):
     n_h, d, d_R, r = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                       config.kv_lora_rank)
     gen = torch.Generator().manual_seed(0)
-    B, T, S = 2, 130, 200  # more than one block of queries
+    B, T = 2, (attention_module.MATMUL_ATTENTION_BLOCK or 128) + 2  # more than one block of queries
+    S = T + 70
 
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(torch.bfloat16)

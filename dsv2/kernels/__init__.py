@@ -56,6 +56,12 @@ def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
 
 
+def cpu_family() -> int:
+    """The CPU's family number as Linux reports it (0 elsewhere): on AMD, 25 is Zen 3/4, 26 Zen 5."""
+    family = _cpuinfo_field("cpu family")
+    return int(family) if family.isdigit() else 0
+
+
 def kernels_enabled() -> bool:
     return os.environ.get("DSV2_CPU_KERNELS", "1") != "0"
 

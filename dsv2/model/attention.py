@@ -254,8 +254,12 @@ def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # AMX (AVX-512 bf16 dot products: a 2-core EPYC, Zen 4), 16 heads of 96, bf16: forward over 512 tokens 4.3 ms in
 # blocks of 128, 11.5 ms unblocked, 11.2 ms the flash kernel; 2,048 tokens 64 / 159 / 97 ms; 4,096 tokens 292 ms
 # blocked, 353 ms flash; forward + backward of 8 × 512 tokens 152 / 206 / 299 ms. With AMX (Intel Xeon) one block:
-# there the blocks' smaller, strided products ran at half the rate (an attention core 156 vs 124 ms).
-MATMUL_ATTENTION_BLOCK = None if "amx_bf16" in kernels.cpu_flags() else 128
+# there the blocks' smaller, strided products ran at half the rate (an attention core 156 vs 124 ms). On Zen 5 (AMD
+# family 26, full-width AVX-512) blocks of 256: forward + backward of 8 × 512 tokens 64 ms vs 82 in blocks of 128 (72
+# unblocked), 4 × 1,024 132 vs 208, 2 × 2,048 250 vs 350; forward over 2,048 tokens 32.7 vs 37.6 ms, 4,096 120 vs 145;
+# a training step of the benchmark's model 1.02-1.03× (same-process A/B).
+MATMUL_ATTENTION_BLOCK = (None if "amx_bf16" in kernels.cpu_flags()
+                          else 256 if kernels.cpu_vendor() == "AuthenticAMD" and kernels.cpu_family() >= 26 else 128)
 # Training (16-bit, with gradients): the keys up to which the matmul path's forward + backward beat the flash kernel's.
 # With AMX, unblocked: up to 512. In blocks (no AMX), forward + backward of the attention core over 16 heads of 96,
 # bf16: 4 × 1,024 tokens 279 vs 359 ms flash, 2 × 2,048 529 vs 579 ms, 1 × 4,096 1,060 vs 1,045 ms; a whole training
